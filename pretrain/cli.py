@@ -1,0 +1,166 @@
+"""The ``pretrain`` command: one subcommand per pipeline stage.
+
+Every stage command takes the same configuration arguments: ``--config FILE`` (repeatable;
+later files win), a few shorthand flags for its most used fields, and ``key=value``
+overrides, merged as dataclass defaults <- YAML files <- flags <- ``key=value``. The whole
+configuration is validated before any work starts; ``--print-config`` shows the result and
+exits. Stages register here as they land; there are no placeholder commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from pretrain import __version__
+from pretrain.config import ConfigError, describe, load_config, to_yaml
+from pretrain.utils import PretrainError
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A shorthand option for one config field: ``--out DIR`` means ``out=DIR``."""
+
+    option: str
+    field: str
+    type: Callable[[str], Any]
+    help: str
+
+
+@dataclass(frozen=True)
+class Stage:
+    group: str
+    name: str
+    help: str
+    schema: Callable[[], type]
+    """Returns the config dataclass (imported lazily so ``--help`` stays fast)."""
+    run: Callable[[Any, list[str], bool], int]
+    """``run(cfg, argv, progress) -> exit code``."""
+    flags: tuple[Flag, ...] = field(default_factory=tuple)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def _corpus_schema() -> type:
+    from pretrain.config.corpus import CorpusSynthConfig
+
+    return CorpusSynthConfig
+
+
+def _corpus_run(cfg: Any, argv: list[str], progress: bool) -> int:
+    from pretrain.corpus.synth import synthesize_corpus
+
+    summary = synthesize_corpus(cfg, progress=progress, argv=argv)
+    print(f"wrote {summary['utterances']} utterances ({summary['seconds'] / 3600:.3f} h) from "
+          f"{len(summary['voices'])} voices to {cfg.out}; {summary['failed']} failed")
+    return 0 if summary["utterances"] > 0 else 1
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        group="corpus",
+        name="synth",
+        help="synthesize a multi-voice English speech corpus with phone alignments (TTS)",
+        schema=_corpus_schema,
+        run=_corpus_run,
+        flags=(
+            Flag("--out", "out", str, "output directory"),
+            Flag("--count", "count", int, "number of utterances"),
+            Flag("--hours", "hours", float, "hours of audio (instead of --count)"),
+            Flag("--seed", "seed", int, "corpus seed"),
+            Flag("--jobs", "jobs", int, "worker processes (0: all cores)"),
+        ),
+    ),
+)
+
+GROUP_HELP = {
+    "corpus": "speech corpora for tests and the demo",
+}
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pretrain",
+        description="Distributed self-supervised pretraining of HuBERT-style speech models.",
+    )
+    parser.add_argument("--version", action="version", version=f"pretrain {__version__}")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging verbosity")
+    groups = parser.add_subparsers(dest="group", metavar="STAGE", required=True)
+    group_parsers: dict[str, argparse._SubParsersAction] = {}
+    for stage in STAGES:
+        if stage.group not in group_parsers:
+            group = groups.add_parser(stage.group, help=GROUP_HELP[stage.group],
+                                      description=GROUP_HELP[stage.group])
+            group_parsers[stage.group] = group.add_subparsers(dest="command", metavar="COMMAND",
+                                                              required=True)
+        sub = group_parsers[stage.group].add_parser(
+            stage.name, help=stage.help, description=stage.help,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog=_epilog(stage),
+        )
+        sub.set_defaults(stage=stage)
+        sub.add_argument("overrides", nargs="*", metavar="key=value",
+                         help="config overrides, applied last (dotted keys for nested fields)")
+        sub.add_argument("--config", action="append", default=[], metavar="FILE",
+                         help="YAML config file; repeat to layer several (later files win)")
+        sub.add_argument("--print-config", action="store_true",
+                         help="print the resolved config and exit without running")
+        sub.add_argument("--no-progress", action="store_true", help="hide progress bars")
+        for flag in stage.flags:
+            sub.add_argument(flag.option, dest=f"flag_{flag.field}", type=flag.type,
+                             metavar=flag.field.upper(),
+                             default=None, help=f"{flag.help} (same as {flag.field}=...)")
+    return parser
+
+
+def _epilog(stage: Stage) -> str:
+    try:
+        fields = describe(stage.schema())
+    except Exception as e:  # --help must work even if a heavy import is broken
+        fields = f"  (config fields unavailable: {e})"
+    return ("configuration fields (set in a YAML file given with --config, or as key=value):\n"
+            + fields)
+
+
+def _as_override(name: str, value: Any) -> str:
+    # Quoted so that a path such as "a: b" or "null" stays the string the user typed.
+    if isinstance(value, str):
+        return f"{name}='" + value.replace("'", "''") + "'"
+    return f"{name}={value}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stage: Stage = args.stage
+    prog = f"pretrain {stage.group} {stage.name}"
+    flag_overrides = [_as_override(flag.field, getattr(args, "flag_" + flag.field))
+                      for flag in stage.flags if getattr(args, "flag_" + flag.field) is not None]
+    try:
+        cfg = load_config(stage.schema(), args.config, flag_overrides + list(args.overrides))
+    except ConfigError as e:
+        print(f"{prog}: config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    try:
+        return stage.run(cfg, ["pretrain", *argv], not args.no_progress)
+    except (PretrainError, FileExistsError, FileNotFoundError) as e:
+        logging.getLogger("pretrain").debug("stage failed", exc_info=True)
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""Typed configuration: dataclass defaults <- YAML files <- ``key=value`` overrides.
+
+Every stage has one dataclass schema. ``load_config`` merges the three layers with OmegaConf
+in struct mode, so an unknown key or a value of the wrong type fails while merging, before any
+work starts, with an error that names the source (file or command line) and the dotted field.
+After the merge each dataclass in the tree may define ``validate()`` for checks on values
+(ranges, choices, relations between fields); its ``ConfigError`` is re-raised with the full
+dotted path of the field.
+
+Field documentation is the string literal written directly below a field (the attribute
+docstring convention). ``field_docs`` reads it from the source, so ``--help``, the dumped
+``config.yaml`` and the tests all see the same text.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import getpass
+import inspect
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator, Sequence, TypeVar
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import (
+    ConfigKeyError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+)
+
+from pretrain import __version__
+from pretrain.utils import atomic_write_json, atomic_write_text
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, raised before any work starts.
+
+    ``field`` is the dotted path of the offending field (or ``None`` for file-level problems),
+    ``source`` the YAML file or ``"command line"`` the value came from, when known.
+    """
+
+    def __init__(self, message: str, field: str | None = None, source: str | None = None):
+        self.message = message
+        self.field = field
+        self.source = source
+        where = []
+        if source:
+            where.append(str(source))
+        if field:
+            where.append(f"field '{field}'")
+        super().__init__(f"{': '.join(where)}: {message}" if where else message)
+
+    def with_prefix(self, prefix: str) -> "ConfigError":
+        field = f"{prefix}.{self.field}" if self.field else prefix
+        return ConfigError(self.message, field=field, source=self.source)
+
+
+# --------------------------------------------------------------------------- field docs
+
+
+@lru_cache(maxsize=None)
+def field_docs(schema: type) -> dict[str, str]:
+    """Map each field of the dataclass ``schema`` to the docstring written below it."""
+    if not dataclasses.is_dataclass(schema):
+        raise TypeError(f"{schema!r} is not a dataclass")
+    docs: dict[str, str] = {}
+    for klass in reversed(schema.__mro__):
+        if not dataclasses.is_dataclass(klass) or klass is object:
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
+        for stmt, nxt in zip(body, body[1:] + [None]):
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[stmt.target.id] = inspect.cleandoc(nxt.value.value)
+    return docs
+
+
+def iter_fields(schema: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, str]]:
+    """Yield ``(dotted_path, field, doc)`` for every leaf and nested field of ``schema``."""
+    docs = field_docs(schema)
+    for f in dataclasses.fields(schema):
+        path = f"{prefix}{f.name}"
+        yield path, f, docs.get(f.name, "")
+        sub = _dataclass_type(f.type, schema)
+        if sub is not None:
+            yield from iter_fields(sub, prefix=f"{path}.")
+
+
+def _dataclass_type(annotation: Any, owner: type) -> type | None:
+    if isinstance(annotation, str):
+        module = sys.modules[owner.__module__]
+        try:
+            annotation = eval(annotation, vars(module))  # noqa: S307 - our own annotations
+        except Exception:
+            return None
+    return annotation if dataclasses.is_dataclass(annotation) else None
+
+
+def describe(schema: type) -> str:
+    """Human-readable list of the fields of ``schema`` with defaults and docs (for ``--help``)."""
+    defaults = OmegaConf.structured(schema)
+    lines = []
+    for path, f, doc in iter_fields(schema):
+        value = OmegaConf.select(defaults, path, throw_on_missing=False)
+        if isinstance(value, DictConfig):
+            lines.append(f"  {path}:")
+        else:
+            shown = "(required)" if OmegaConf.is_missing(defaults, path) else _yaml_scalar(value)
+            lines.append(f"  {path} = {shown}")
+        for doc_line in textwrap.wrap(doc, width=88):
+            lines.append(f"      {doc_line}")
+    return "\n".join(lines)
+
+
+def _yaml_scalar(value: Any) -> str:
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value)
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(
+    schema: type[T], files: Sequence[str | os.PathLike] = (), overrides: Sequence[str] = ()
+) -> T:
+    """Build a validated ``schema`` instance from defaults, YAML ``files`` and ``overrides``.
+
+    Later layers win: each YAML file in order, then the ``key=value`` overrides in order.
+    Raises ``ConfigError`` naming the source and the field on any problem.
+    """
+    cfg = OmegaConf.structured(schema)
+    for path in files:
+        cfg = _merge(cfg, _read_yaml(path), source=str(path))
+    cfg = _merge(cfg, _parse_dotlist(overrides), source="command line")
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as e:
+        raise ConfigError(
+            "is required but has no value; set it in a YAML file or as key=value",
+            field=_full_key(e),
+        ) from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(_first_line(e), field=_full_key(e)) from None
+    validate(obj)
+    return obj  # type: ignore[return-value]
+
+
+def validate(obj: Any, prefix: str = "") -> None:
+    """Run ``validate()`` on ``obj`` and every nested dataclass, children first."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value, prefix=f"{prefix}{f.name}.")
+    check = getattr(obj, "validate", None)
+    if check is None:
+        return
+    try:
+        check()
+    except ConfigError as e:
+        raise (e.with_prefix(prefix.rstrip(".")) if prefix else e) from None
+
+
+def _read_yaml(path: str | os.PathLike) -> DictConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("config file not found", source=str(path))
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"not valid YAML: {e}", source=str(path)) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"must hold a mapping of field names to values, not {type(data).__name__}",
+            source=str(path),
+        )
+    return OmegaConf.create(data)
+
+
+def _parse_dotlist(items: Sequence[str]) -> DictConfig:
+    for item in items:
+        key = item.split("=", 1)[0]
+        if "=" not in item or not key.strip():
+            raise ConfigError(
+                f"override '{item}' is not of the form key=value", source="command line"
+            )
+    try:
+        return OmegaConf.from_dotlist(list(items))
+    except OmegaConfBaseException as e:
+        raise ConfigError(_first_line(e), source="command line") from None
+
+
+def _merge(cfg: DictConfig, layer: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(cfg, layer)  # type: ignore[return-value]
+    except ConfigKeyError as e:
+        key = _full_key(e)
+        raise ConfigError(_unknown_key_message(cfg, key), field=key, source=source) from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(_first_line(e), field=_full_key(e), source=source) from None
+
+
+def _unknown_key_message(cfg: DictConfig, key: str) -> str:
+    parent_path, _, name = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_path) if parent_path else cfg
+    valid = list(parent.keys()) if isinstance(parent, DictConfig) else []
+    message = "unknown field"
+    close = difflib.get_close_matches(name, [str(v) for v in valid], n=1, cutoff=0.6)
+    if close:
+        suggestion = f"{parent_path}.{close[0]}" if parent_path else close[0]
+        message += f"; did you mean '{suggestion}'?"
+    elif valid:
+        message += f"; valid fields here: {', '.join(str(v) for v in valid)}"
+    return message
+
+
+def _full_key(e: OmegaConfBaseException) -> str | None:
+    key = getattr(e, "full_key", None)
+    return str(key) if key not in (None, "") else None
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+# --------------------------------------------------------------------------- run records
+
+
+def to_yaml(cfg: Any) -> str:
+    """Resolved config as YAML, with each field's docstring as a comment above it."""
+    container = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+    lines = [f"# Resolved configuration ({type(cfg).__name__}), written by pretrain {__version__}."]
+    _emit_yaml(type(cfg), container, 0, lines)
+    return "\n".join(lines) + "\n"
+
+
+def _emit_yaml(schema: type, values: dict, depth: int, lines: list[str]) -> None:
+    docs = field_docs(schema)
+    pad = "  " * depth
+    for f in dataclasses.fields(schema):
+        for doc_line in textwrap.wrap(docs.get(f.name, ""), width=96 - len(pad)):
+            lines.append(f"{pad}# {doc_line}")
+        sub = _dataclass_type(f.type, schema)
+        if sub is not None:
+            lines.append(f"{pad}{f.name}:")
+            _emit_yaml(sub, values[f.name], depth + 1, lines)
+        else:
+            dumped = yaml.safe_dump(values[f.name], default_flow_style=True, width=10**6)
+            dumped = dumped.strip().removesuffix("...").strip()
+            lines.append(f"{pad}{f.name}: {dumped}")
+
+
+def write_run_record(run_dir: str | os.PathLike, cfg: Any, argv: Sequence[str] | None = None) -> None:
+    """Write ``config.yaml`` (resolved) and ``run.json`` (version, command line, host) to ``run_dir``.
+
+    Together they let anyone re-run exactly this job: ``--config run_dir/config.yaml``.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    argv = list(sys.argv if argv is None else argv)
+    record = {
+        "pretrain_version": __version__,
+        "git_commit": _git_commit(),
+        "command": argv,
+        "cwd": os.getcwd(),
+        "schema": f"{type(cfg).__module__}.{type(cfg).__qualname__}",
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": socket.gethostname(),
+        "user": _user(),
+        "python": platform.python_version(),
+    }
+    atomic_write_json(run_dir / "run.json", record)
+
+
+def _git_commit() -> str | None:
+    """Commit of the source tree this package runs from, with ``-dirty`` for local edits."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def _user() -> str | None:
+    try:
+        return getpass.getuser()
+    except Exception:  # no passwd entry inside some containers
+        return None

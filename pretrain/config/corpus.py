@@ -1,0 +1,92 @@
+"""Configuration of ``pretrain corpus synth``: the synthetic multi-voice speech corpus."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from omegaconf import MISSING
+
+from pretrain.config.core import ConfigError
+
+from pretrain.corpus.engines import VOICES
+
+ALL_VOICES = tuple(VOICES)
+
+
+@dataclass
+class CorpusSynthConfig:
+    out: str = MISSING
+    """Directory the corpus is written to (created). It must be absent or empty unless
+    ``overwrite`` is set."""
+
+    count: Optional[int] = None
+    """Number of utterances to synthesize (indices 0..count-1). Set exactly one of ``count``
+    and ``hours``."""
+
+    hours: Optional[float] = None
+    """Amount of audio to synthesize: the corpus is the shortest prefix of the utterance
+    sequence whose total duration reaches it, so the result does not depend on ``jobs``."""
+
+    seed: int = 0
+    """Seed of the whole corpus: texts, voices' speaking rates, edge silences and dither of
+    utterance i come from a generator seeded with (seed, i)."""
+
+    jobs: int = 0
+    """Worker processes; 0 uses every core."""
+
+    voices: list[str] = field(default_factory=lambda: list(ALL_VOICES))
+    """Voices to use, assigned round-robin by utterance index. Choose from festival-kal,
+    festival-ked, festival-slt, flite-awb, flite-rms, flite-slt, flite-kal16, espeak-m3,
+    espeak-f2, espeak-f4, espeak-klatt (all by default)."""
+
+    max_clauses: int = 3
+    """Sentences have 1..max_clauses clauses (about 1.5 s per clause)."""
+
+    rate_jitter: float = 0.1
+    """Each utterance's durations are stretched by a factor drawn from
+    U(1 - rate_jitter, 1 + rate_jitter)."""
+
+    edge_silence: list[float] = field(default_factory=lambda: [0.1, 0.3])
+    """Range in seconds of the silence added before and after each utterance (drawn
+    independently for each end), so that every utterance begins and ends in silence."""
+
+    dither: float = 1e-4
+    """Standard deviation of the Gaussian noise added to every sample (full scale is 1.0), so
+    that silences are not digital zeros (log-energy features of zeros are -inf)."""
+
+    chunk_size: int = 16
+    """Utterances per worker task. Each task runs in a fresh process because espeak-ng keeps
+    state between utterances; changing it can change espeak-ng's output bit-for-bit."""
+
+    overwrite: bool = False
+    """Delete an existing corpus in ``out`` before writing."""
+
+    def validate(self) -> None:
+        if (self.count is None) == (self.hours is None):
+            raise ConfigError("set exactly one of 'count' and 'hours'", field="count")
+        if self.count is not None and self.count < 1:
+            raise ConfigError(f"must be >= 1, got {self.count}", field="count")
+        if self.hours is not None and not self.hours > 0:
+            raise ConfigError(f"must be > 0, got {self.hours}", field="hours")
+        if self.jobs < 0:
+            raise ConfigError(f"must be >= 0, got {self.jobs}", field="jobs")
+        if not self.voices:
+            raise ConfigError("needs at least one voice", field="voices")
+        for name in self.voices:
+            if name not in ALL_VOICES:
+                raise ConfigError(f"unknown voice '{name}'; choose from {', '.join(ALL_VOICES)}",
+                                  field="voices")
+        if len(set(self.voices)) != len(self.voices):
+            raise ConfigError("lists a voice twice", field="voices")
+        if self.max_clauses < 1:
+            raise ConfigError(f"must be >= 1, got {self.max_clauses}", field="max_clauses")
+        if not 0 <= self.rate_jitter < 0.5:
+            raise ConfigError(f"must be in [0, 0.5), got {self.rate_jitter}", field="rate_jitter")
+        if len(self.edge_silence) != 2 or not 0 < self.edge_silence[0] <= self.edge_silence[1]:
+            raise ConfigError(f"must be [min, max] with 0 < min <= max, got {list(self.edge_silence)}",
+                              field="edge_silence")
+        if not 0 <= self.dither < 0.01:
+            raise ConfigError(f"must be in [0, 0.01), got {self.dither}", field="dither")
+        if self.chunk_size < 1:
+            raise ConfigError(f"must be >= 1, got {self.chunk_size}", field="chunk_size")

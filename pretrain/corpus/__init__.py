@@ -1,0 +1,1 @@
+"""Synthetic speech corpus: TTS engines, phone inventory, sentence grammar, corpus writer."""
