@@ -166,11 +166,13 @@ def synth_festival(requests: list[Request]) -> dict[int, RawUtterance | Synthesi
         return {}
     with tempfile.TemporaryDirectory(prefix="pretrain-festival-") as tmp:
         results = _festival_batch(requests, Path(tmp))
-    if all(isinstance(r, SynthesisError) for r in results.values()) and len(requests) > 1:
-        results = {}
+    if len(requests) > 1:
+        # festival stops at the first error, so everything after a bad utterance is lost too:
+        # retry those alone, which leaves only the truly bad ones failed.
         for request in requests:
-            with tempfile.TemporaryDirectory(prefix="pretrain-festival-") as tmp:
-                results.update(_festival_batch([request], Path(tmp)))
+            if isinstance(results[request.index], SynthesisError):
+                with tempfile.TemporaryDirectory(prefix="pretrain-festival-") as tmp:
+                    results.update(_festival_batch([request], Path(tmp)))
     return results
 
 

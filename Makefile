@@ -1,0 +1,17 @@
+# The two commands of the README. Both run scripts/setup.sh first, which installs what a fresh
+# machine lacks (Debian TTS packages, .venv with a CPU torch and this package) and is a no-op
+# afterwards.
+VENV ?= .venv
+DEMO_DIR ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	$(VENV)/bin/pretrain corpus synth --config configs/corpus/demo.yaml --out $(DEMO_DIR)/corpus overwrite=true
+
+test: setup
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

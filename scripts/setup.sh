@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One-time (and idempotent) set-up of a fresh Debian machine for pretrain:
+#   - the Debian packages of the TTS engines behind the synthetic corpus,
+#   - a virtual environment in .venv with a CPU torch installed *before* everything else,
+#     so that deepspeed's resolution never pulls a CUDA torch plus its nvidia wheels,
+#   - the package itself, editable, with its dev extras.
+# Re-running it is cheap: every step checks whether it is already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts flite espeak-ng
+              libespeak-ng1 libsndfile1 make)
+TORCH_SPEC="${PRETRAIN_TORCH_SPEC:-torch==2.13.0}"
+VENV="${PRETRAIN_VENV:-.venv}"
+PYTHON="${PYTHON:-python3}"
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  sudo_cmd=()
+  [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+  "${sudo_cmd[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends \
+    "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating virtual environment $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+
+pip_install() {
+  # pip prints a harmless warning per ignored local index location; keep its log for failures.
+  local log
+  log="$(mktemp)"
+  if ! "$VENV/bin/python" -m pip install -q "$@" >"$log" 2>&1; then
+    grep -v "^WARNING: Location" "$log" >&2
+    echo "setup: pip install $* failed" >&2
+    exit 1
+  fi
+  rm -f "$log"
+}
+
+# Reinstall only when the declared dependencies change.
+stamp="$VENV/.pretrain-installed"
+want="$(cat setup.cfg pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "setup: installing Python packages into $VENV (torch first: $TORCH_SPEC)"
+  pip_install "$TORCH_SPEC"
+  pip_install -e ".[dev]"
+  "$VENV/bin/python" -c "import torch, deepspeed, webdataset, wandb, omegaconf, numba, faiss, soundfile" \
+    || { echo "setup: Python packages failed to import" >&2; exit 1; }
+  echo "$want" > "$stamp"
+fi

@@ -1,0 +1,33 @@
+"""Shared fixtures: the tiny synthetic corpus (one utterance per voice) and marker handling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """configs/corpus/tiny.yaml synthesized once per test session: 11 utterances, 11 voices."""
+    from pretrain.config import load_config
+    from pretrain.config.corpus import CorpusSynthConfig
+    from pretrain.corpus.synth import synthesize_corpus
+
+    out = tmp_path_factory.mktemp("tiny_corpus")
+    cfg = load_config(CorpusSynthConfig, [REPO / "configs/corpus/tiny.yaml"], [f"out={out}", "jobs=2"])
+    synthesize_corpus(cfg, progress=False, argv=["test"])
+    return out
