@@ -200,7 +200,9 @@ def _festival_batch(requests: list[Request], tmp: Path) -> dict[int, RawUtteranc
     for r in requests:
         wav = tmp / f"{r.index}.wav"
         if r.index not in segments or not wav.exists():
-            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            lines = proc.stderr.strip().splitlines()
+            errors = [line for line in lines if "ERROR" in line] or lines[-1:] or ["no output"]
+            tail = errors[0]
             results[r.index] = SynthesisError(f"festival failed (exit {proc.returncode}): {tail}")
             continue
         try:

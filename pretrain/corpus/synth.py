@@ -15,6 +15,7 @@ Layout of ``out``::
     failures.jsonl                       utterances that could not be synthesized, with reasons
     corpus.json                          format version, phone inventory, voices, totals
     config.yaml, run.json                resolved config and provenance (written first)
+    overview.png                         one spectrogram per engine with its phones; durations
 
 ``corpus.json`` is written last, atomically: its presence marks a complete corpus.
 """
@@ -43,6 +44,7 @@ from pretrain.config.corpus import CorpusSynthConfig
 from pretrain.corpus import engines
 from pretrain.corpus.engines import VOICES, RawUtterance, Request, SynthesisError
 from pretrain.corpus.phones import PHONE_ID, PHONES, SILENCE
+from pretrain.corpus.plot import plot_overview
 from pretrain.corpus.text import sentence
 from pretrain.frames import SAMPLE_RATE, segment_frame_labels
 from pretrain.utils import PretrainError, atomic_write_json, atomic_write_text
@@ -50,6 +52,7 @@ from pretrain.utils import PretrainError, atomic_write_json, atomic_write_text
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+_PRIOR_SECONDS_PER_UTTERANCE = 7.0  # mean of the default grammar (3 clauses) over the voices
 LABEL_RATES = (100, 50)
 
 
@@ -222,7 +225,8 @@ def _prepare_out(cfg: CorpusSynthConfig) -> Path:
                 f"corpus output {out} is not empty; choose another 'out' or set overwrite=true")
         for name in ("audio", "align"):
             shutil.rmtree(out / name, ignore_errors=True)
-        for name in ("utterances.jsonl", "failures.jsonl", "corpus.json", "config.yaml", "run.json"):
+        for name in ("utterances.jsonl", "failures.jsonl", "corpus.json", "config.yaml", "run.json",
+                     "overview.png"):
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     return out
@@ -245,8 +249,10 @@ def synthesize_corpus(cfg: CorpusSynthConfig, progress: bool = True,
     ok: list[dict] = []
     failed: list[dict] = []
     total_seconds = 0.0
-    bar = tqdm(total=cfg.count if cfg.count else round(target), unit="utt" if cfg.count else "audio-s",
-               desc="synthesizing", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=cfg.count if cfg.count else target, unit="utt" if cfg.count else "audio-s",
+               desc="synthesizing", disable=not progress, dynamic_ncols=True,
+               bar_format=None if cfg.count else
+               "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} audio-s [{elapsed}<{remaining}]")
     # A fresh process per chunk (max_tasks_per_child=1) is what makes espeak-ng reproducible.
     context = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=context, max_tasks_per_child=1) as pool:
@@ -256,6 +262,12 @@ def synthesize_corpus(cfg: CorpusSynthConfig, progress: bool = True,
 
         def refill() -> None:
             while len(pending) < 2 * jobs:
+                if target is not None:
+                    # Submit only what the target still needs (by the mean duration so far),
+                    # or an --hours run synthesizes up to 2 * jobs chunks it then throws away.
+                    mean = total_seconds / len(ok) if ok else _PRIOR_SECONDS_PER_UTTERANCE
+                    if total_seconds + len(pending) * cfg.chunk_size * mean >= target and pending:
+                        return
                 indices = next(chunks, None)
                 if indices is None:
                     return
@@ -288,6 +300,8 @@ def synthesize_corpus(cfg: CorpusSynthConfig, progress: bool = True,
     elapsed = time.monotonic() - started
 
     summary = _write_manifests(cfg, out, ok, failed)
+    if ok:
+        plot_overview(out, ok, out / "overview.png")
     log.info(
         "corpus %s: %d utterances, %.2f h of audio, %d failed, %.1f s (%.0f audio-s per wall-s with %d jobs)",
         out, len(ok), total_seconds / 3600, len(failed), elapsed, total_seconds / max(elapsed, 1e-9), jobs,

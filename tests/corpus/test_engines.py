@@ -70,7 +70,7 @@ def test_festival_batch_isolates_a_failing_utterance():
                 Request(2, VOICES["festival-ked"], "Good morning.", 1.0)]
     results = engines.synth_festival(requests)
     assert isinstance(results[1], engines.SynthesisError)
-    assert "festival failed" in str(results[1])
+    assert "festival failed" in str(results[1]) and "no_such_voice_diphone" in str(results[1])
     assert not isinstance(results[0], Exception) and not isinstance(results[2], Exception)
 
 
