@@ -3,7 +3,8 @@
 #   - the Debian packages of the TTS engines behind the synthetic corpus,
 #   - a virtual environment in .venv with a CPU torch installed *before* everything else,
 #     so that deepspeed's resolution never pulls a CUDA torch plus its nvidia wheels,
-#   - the package itself, editable, with its dev extras.
+#   - the package itself, editable, with the cpu (faiss-cpu) and dev extras; set
+#     PRETRAIN_EXTRAS=gpu,dev on a GPU machine for faiss-gpu instead.
 # Re-running it is cheap: every step checks whether it is already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,11 +47,12 @@ pip_install() {
 
 # Reinstall only when the declared dependencies change.
 stamp="$VENV/.pretrain-installed"
-want="$(cat setup.cfg pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
+want="$( (cat setup.cfg pyproject.toml scripts/setup.sh; echo "$TORCH_SPEC ${PRETRAIN_EXTRAS:-}") \
+        | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing Python packages into $VENV (torch first: $TORCH_SPEC)"
   pip_install "$TORCH_SPEC"
-  pip_install -e ".[dev]"
+  pip_install -e ".[${PRETRAIN_EXTRAS:-cpu,dev}]"
   "$VENV/bin/python" -c "import torch, deepspeed, webdataset, wandb, omegaconf, numba, faiss, soundfile" \
     || { echo "setup: Python packages failed to import" >&2; exit 1; }
   echo "$want" > "$stamp"
