@@ -40,6 +40,8 @@ class Stage:
     run: Callable[[Any, list[str], bool], int]
     """``run(cfg, argv, progress) -> exit code``."""
     flags: tuple[Flag, ...] = field(default_factory=tuple)
+    positional: str | None = None
+    """A config field that may also be given as the first positional argument."""
 
 
 # --------------------------------------------------------------------------- stages
@@ -60,6 +62,44 @@ def _corpus_run(cfg: Any, argv: list[str], progress: bool) -> int:
     return 0 if summary["utterances"] > 0 else 1
 
 
+def _shards_build_schema() -> type:
+    from pretrain.config.shards import ShardsBuildConfig
+
+    return ShardsBuildConfig
+
+
+def _shards_build_run(cfg: Any, argv: list[str], progress: bool) -> int:
+    from pretrain.data.shards import build_shards
+
+    manifest = build_shards(cfg, progress=progress, argv=argv)
+    totals = manifest["totals"]
+    print(f"wrote {totals['shards']} shards with {totals['utterances']} utterances "
+          f"({totals['seconds'] / 3600:.3f} h, {totals['bytes'] / 1e6:.1f} MB) to {cfg.out}; "
+          f"skipped {totals['skipped']} (see {cfg.out}/skipped.jsonl)")
+    return 0
+
+
+def _shards_verify_schema() -> type:
+    from pretrain.config.shards import ShardsVerifyConfig
+
+    return ShardsVerifyConfig
+
+
+def _shards_verify_run(cfg: Any, argv: list[str], progress: bool) -> int:
+    from pretrain.data.shards import read_manifest, verify_shards
+
+    problems = verify_shards(cfg.dir, jobs=cfg.jobs, progress=progress)
+    totals = read_manifest(cfg.dir)["totals"]
+    for problem in problems:
+        print(f"BAD {problem}", file=sys.stderr)
+    if problems:
+        print(f"{len(problems)} problems in {cfg.dir}", file=sys.stderr)
+        return 1
+    print(f"ok: {totals['shards']} shards, {totals['utterances']} utterances, checksums match "
+          "and every sample decodes")
+    return 0
+
+
 STAGES: tuple[Stage, ...] = (
     Stage(
         group="corpus",
@@ -77,8 +117,36 @@ STAGES: tuple[Stage, ...] = (
     ),
 )
 
+STAGES += (
+    Stage(
+        group="shards",
+        name="build",
+        help="pack a corpus (folder, TSV or JSONL manifest) into WebDataset tar shards",
+        schema=_shards_build_schema,
+        run=_shards_build_run,
+        flags=(
+            Flag("--input", "input", str, "corpus folder or manifest"),
+            Flag("--out", "out", str, "shard directory"),
+            Flag("--per-shard", "per_shard", int, "utterances per shard"),
+            Flag("--target-size", "target_size", str, "shard size bound such as 1GB"),
+            Flag("--jobs", "jobs", int, "worker processes (0: all cores)"),
+            Flag("--audio-format", "audio_format", str, "flac or wav"),
+        ),
+    ),
+    Stage(
+        group="shards",
+        name="verify",
+        help="check every shard's sha256 and decode every sample; non-zero exit on problems",
+        schema=_shards_verify_schema,
+        run=_shards_verify_run,
+        flags=(Flag("--jobs", "jobs", int, "worker processes (0: all cores)"),),
+        positional="dir",
+    ),
+)
+
 GROUP_HELP = {
     "corpus": "speech corpora for tests and the demo",
+    "shards": "WebDataset tar shards: build from a corpus, verify",
 }
 
 
@@ -107,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
             epilog=_epilog(stage),
         )
         sub.set_defaults(stage=stage)
+        if stage.positional:
+            sub.add_argument(f"flag_{stage.positional}", metavar=stage.positional.upper(), nargs="?",
+                             default=None, help=f"same as {stage.positional}=...")
         sub.add_argument("overrides", nargs="*", metavar="key=value",
                          help="config overrides, applied last (dotted keys for nested fields)")
         sub.add_argument("--config", action="append", default=[], metavar="FILE",
@@ -144,10 +215,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stage: Stage = args.stage
     prog = f"pretrain {stage.group} {stage.name}"
+    overrides = list(args.overrides)
+    if stage.positional:
+        value = getattr(args, "flag_" + stage.positional)
+        if value is not None and "=" in value:  # argparse took an override for the positional
+            overrides.insert(0, value)
+        elif value is not None:
+            overrides.insert(0, _as_override(stage.positional, value))
     flag_overrides = [_as_override(flag.field, getattr(args, "flag_" + flag.field))
                       for flag in stage.flags if getattr(args, "flag_" + flag.field) is not None]
     try:
-        cfg = load_config(stage.schema(), args.config, flag_overrides + list(args.overrides))
+        cfg = load_config(stage.schema(), args.config, flag_overrides + overrides)
     except ConfigError as e:
         print(f"{prog}: config error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,117 @@
+"""Frame-label sidecars: ``<shards>/labels/<name>/``, keyed by utterance key, never by position.
+
+Layout of a label set::
+
+    labels/<name>/meta.json          format_version, name, label_rate (50 or 100 Hz),
+                                     num_classes, provenance (free-form: who made it and how),
+                                     shards: {shard name: {"utterances": n, "sha256": ...}}
+    labels/<name>/<shard>.npz        keys (unicode array), offsets (int64, n + 1),
+                                     labels (int32, concatenated); utterance keys[i] has
+                                     labels[offsets[i]:offsets[i + 1]]
+
+Audio shards are never rewritten: a label set is added, replaced or deleted on its own. Each
+file is written atomically; ``meta.json`` is written last and lists the shard files it covers,
+so a half-written label set is never mistaken for a complete one.
+
+The reader checks every utterance's label count against the frame count its audio implies at
+the label rate (``pretrain.frames``): one frame of difference is tolerated (the last frame is
+cut or repeated, as fairseq does for rounding differences between front ends); more is an
+error naming the shard, the key and both lengths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from pretrain.frames import num_frames
+from pretrain.utils import PretrainError, atomic_write_bytes, atomic_write_json
+
+FORMAT_VERSION = 1
+LENGTH_TOLERANCE = 1
+
+
+class LabelError(PretrainError):
+    """A label set does not fit the audio: a missing key or a wrong frame count."""
+
+
+def label_dir(shard_dir: str | Path, name: str) -> Path:
+    return Path(shard_dir) / "labels" / name
+
+
+def write_label_shard(shard_dir: str | Path, name: str, shard: str,
+                      labels: Mapping[str, np.ndarray]) -> dict:
+    """Write the labels of one audio shard; returns its entry for ``meta.json``."""
+    keys = list(labels)
+    arrays = [np.asarray(labels[k], dtype=np.int32).reshape(-1) for k in keys]
+    offsets = np.zeros(len(keys) + 1, dtype=np.int64)
+    np.cumsum([len(a) for a in arrays], out=offsets[1:])
+    buf = io.BytesIO()
+    np.savez(buf, keys=np.array(keys, dtype=str), offsets=offsets,
+             labels=np.concatenate(arrays) if arrays else np.zeros(0, np.int32))
+    data = buf.getvalue()
+    atomic_write_bytes(label_dir(shard_dir, name) / f"{shard}.npz", data)
+    return {"utterances": len(keys), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def write_label_meta(shard_dir: str | Path, name: str, label_rate: int, num_classes: int,
+                     shards: Mapping[str, dict], provenance: Mapping) -> None:
+    if label_rate not in (50, 100):
+        raise ValueError(f"label_rate must be 50 or 100 Hz, not {label_rate}")
+    atomic_write_json(label_dir(shard_dir, name) / "meta.json", {
+        "format_version": FORMAT_VERSION, "name": name, "label_rate": label_rate,
+        "num_classes": num_classes, "provenance": dict(provenance), "shards": dict(shards),
+    })
+
+
+class LabelSet:
+    """A complete label set, opened for reading."""
+
+    def __init__(self, shard_dir: str | Path, name: str):
+        self.dir = label_dir(shard_dir, name)
+        meta_path = self.dir / "meta.json"
+        if not meta_path.is_file():
+            raise LabelError(f"label set '{name}' not found: {meta_path} does not exist")
+        self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("format_version") != FORMAT_VERSION:
+            raise LabelError(f"{meta_path}: format_version {self.meta.get('format_version')} "
+                             f"is not {FORMAT_VERSION}")
+        self.name = name
+        self.label_rate: int = self.meta["label_rate"]
+        self.num_classes: int = self.meta["num_classes"]
+
+    def load_shard(self, shard: str) -> dict[str, np.ndarray]:
+        if shard not in self.meta["shards"]:
+            raise LabelError(f"label set '{self.name}' has no labels for shard {shard}")
+        path = self.dir / f"{shard}.npz"
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                keys, offsets, labels = z["keys"], z["offsets"], z["labels"]
+        except (OSError, ValueError, KeyError) as e:
+            raise LabelError(f"label set '{self.name}': {path} unreadable: {e}") from None
+        return {str(k): labels[offsets[i]:offsets[i + 1]] for i, k in enumerate(keys)}
+
+    def fit(self, labels: Mapping[str, np.ndarray], shard: str, key: str, num_samples: int) -> np.ndarray:
+        """The labels of ``key`` with exactly the frame count of its audio, or ``LabelError``."""
+        if key not in labels:
+            raise LabelError(f"label set '{self.name}', shard {shard}: no labels for key '{key}'")
+        return fit_length(labels[key], num_samples, self.label_rate, self.name, shard, key)
+
+
+def fit_length(labels: np.ndarray, num_samples: int, rate: int, name: str, shard: str, key: str) -> np.ndarray:
+    expected = num_frames(num_samples, rate)
+    got = len(labels)
+    if abs(got - expected) > LENGTH_TOLERANCE or (got == 0 and expected > 0):
+        raise LabelError(
+            f"label set '{name}', shard {shard}, key '{key}': {got} labels, but {num_samples} "
+            f"samples give {expected} frames at {rate} Hz")
+    if got > expected:
+        return labels[:expected]
+    if got < expected:
+        return np.concatenate([labels, np.repeat(labels[-1:], expected - got)])
+    return labels

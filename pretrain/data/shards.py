@@ -1,0 +1,317 @@
+"""``pretrain shards build`` and ``pretrain shards verify``: corpus -> WebDataset tar shards.
+
+Each utterance is stored as tar members sharing its key: ``<key>.flac`` (or ``.wav``), 16 kHz
+mono 16-bit audio; ``<key>.json``, its metadata (``num_samples``, ``duration``, ``source``,
+``source_sample_rate``, ``source_channels``, and ``speaker``/``text`` where the corpus has
+them); ``<key>.align.json``, the source's phone alignment verbatim where it has one (its sample
+positions are at ``source_sample_rate``).
+
+Build steps: read the sources and their durations (``scan``), cut the ordered list into
+shards (``plan``, a pure function of the sources and the config), encode each shard in a worker
+into ``shard-NNNNNN.tar.tmp`` and rename it, record its statistics in
+``.build/shard-NNNNNN.json``, and finally write ``skipped.jsonl`` and ``manifest.json``
+(atomically, last). A re-run with the same plan keeps every shard whose statistics exist.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import tarfile
+from dataclasses import asdict
+from pathlib import Path
+
+import soundfile as sf
+import webdataset as wds
+from tqdm import tqdm
+
+from pretrain import __version__
+from pretrain.config import write_run_record
+from pretrain.config.shards import ShardsBuildConfig, parse_size
+from pretrain.data.audio import EXTENSIONS, BadAudio, decode, encode, load_mono_16k
+from pretrain.data.sources import SourceItem, read_sources
+from pretrain.frames import SAMPLE_RATE
+from pretrain.utils import PretrainError, atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+BUILD_DIR = ".build"
+# A fixed member mtime makes a shard's bytes, hence its sha256, a function of its content.
+TAR_MTIME = 0.0
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _pool(jobs: int) -> cf.ProcessPoolExecutor:
+    # spawn: the parent may hold threads (torch, tqdm) that make fork unsafe.
+    return cf.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+
+
+# --------------------------------------------------------------------------- build
+
+
+def _scan_one(item: SourceItem) -> tuple[float | None, str | None]:
+    """Duration in seconds from the header, or the reason the file is unreadable."""
+    try:
+        info = sf.info(item.path)
+    except Exception as e:  # noqa: BLE001
+        return None, f"unreadable: {e}"
+    return info.frames / info.samplerate, None
+
+
+def plan_shards(items: list[SourceItem], durations: list[float], cfg: ShardsBuildConfig) -> list[list[int]]:
+    """Cut the ordered items into shards by count or by 16-bit PCM size; indices into ``items``."""
+    shards: list[list[int]] = [[]]
+    if cfg.per_shard is not None:
+        for i in range(len(items)):
+            if len(shards[-1]) == cfg.per_shard:
+                shards.append([])
+            shards[-1].append(i)
+    else:
+        limit = parse_size(cfg.target_size)
+        size = 0
+        for i, seconds in enumerate(durations):
+            nbytes = int(seconds * SAMPLE_RATE) * 2
+            if shards[-1] and size + nbytes > limit:
+                shards.append([])
+                size = 0
+            shards[-1].append(i)
+            size += nbytes
+    return [s for s in shards if s]
+
+
+def build_shard(out: str, index: int, items: list[SourceItem], audio_format: str,
+                min_duration: float) -> dict:
+    """Encode one shard; returns (and records in .build/) its statistics and skipped items."""
+    out_dir = Path(out)
+    name = shard_name(index)
+    tmp = out_dir / f"{name}.tmp"
+    skipped, utterances, seconds = [], 0, 0.0
+    with open(tmp, "wb") as f:
+        writer = wds.TarWriter(f, mtime=TAR_MTIME)
+        for item in items:
+            try:
+                audio, source_sr, channels = load_mono_16k(item.path, min_duration)
+            except BadAudio as e:
+                skipped.append({"source": item.source, "key": item.key, "reason": str(e)})
+                continue
+            meta = {"key": item.key, "num_samples": len(audio), "duration": len(audio) / SAMPLE_RATE,
+                    "sample_rate": SAMPLE_RATE, "source": item.source,
+                    "source_sample_rate": source_sr, "source_channels": channels}
+            for field in ("speaker", "text"):
+                if field in item.extra:
+                    meta[field] = item.extra[field]
+            sample = {"__key__": item.key, audio_format: encode(audio, audio_format),
+                      "json": json.dumps(meta).encode()}
+            if "align" in item.extra:
+                try:
+                    sample["align.json"] = Path(item.extra["align"]).read_bytes()
+                except OSError as e:
+                    skipped.append({"source": item.source, "key": item.key,
+                                    "reason": f"alignment file unreadable: {e}"})
+                    continue
+            writer.write(sample)
+            utterances += 1
+            seconds += len(audio) / SAMPLE_RATE
+        writer.close()
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out_dir / name)
+    stats = {"name": name, "utterances": utterances, "seconds": round(seconds, 6),
+             "bytes": (out_dir / name).stat().st_size, "sha256": sha256_file(out_dir / name),
+             "skipped": skipped}
+    atomic_write_json(out_dir / BUILD_DIR / f"{name}.json", stats)
+    return stats
+
+
+def build_shards(cfg: ShardsBuildConfig, progress: bool = True, argv: list[str] | None = None) -> dict:
+    """Build (or resume building) the shards of ``cfg.input`` in ``cfg.out``; returns the manifest."""
+    out = Path(cfg.out)
+    items = read_sources(cfg.input)
+    jobs = cfg.jobs or os.cpu_count() or 1
+
+    skipped: list[dict] = []
+    durations = [0.0] * len(items)
+    if cfg.per_shard is None:
+        with _pool(jobs) as pool:
+            scanned = list(tqdm(pool.map(_scan_one, items, chunksize=64), total=len(items),
+                                desc="scanning", unit="file", disable=not progress, dynamic_ncols=True))
+        keep = []
+        for item, (seconds, reason) in zip(items, scanned):
+            if reason is None:
+                keep.append((item, seconds))
+            else:
+                skipped.append({"source": item.source, "key": item.key, "reason": reason})
+        items, durations = [i for i, _ in keep], [d for _, d in keep]
+    plan = plan_shards(items, durations, cfg)
+    plan_record = {
+        "format_version": FORMAT_VERSION,
+        "audio_format": cfg.audio_format,
+        "min_duration": cfg.min_duration,
+        "shards": [[items[i].key for i in shard] for shard in plan],
+    }
+    _prepare_out(out, plan_record, cfg.overwrite)
+    write_run_record(out, cfg, argv)
+
+    stats: dict[int, dict] = {}
+    todo = []
+    for index, shard in enumerate(plan):
+        done = out / BUILD_DIR / f"{shard_name(index)}.json"
+        if done.is_file() and (out / shard_name(index)).is_file():
+            stats[index] = json.loads(done.read_text())
+        else:
+            todo.append(index)
+    if stats:
+        log.info("resuming: %d of %d shards already built", len(stats), len(plan))
+    bar = tqdm(total=len(plan), initial=len(stats), desc="building shards", unit="shard",
+               disable=not progress, dynamic_ncols=True)
+    with _pool(min(jobs, max(1, len(todo)))) as pool:
+        futures = {pool.submit(build_shard, str(out), index, [items[i] for i in plan[index]],
+                               cfg.audio_format, cfg.min_duration): index for index in todo}
+        for future in cf.as_completed(futures):
+            stats[futures[future]] = future.result()
+            bar.update(1)
+    bar.close()
+
+    for index in range(len(plan)):
+        skipped.extend(stats[index]["skipped"])
+    atomic_write_text(out / "skipped.jsonl", "".join(json.dumps(s) + "\n" for s in skipped))
+    shards = [{k: v for k, v in stats[i].items() if k != "skipped"} for i in range(len(plan))]
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "created_by": f"pretrain {__version__}",
+        "sample_rate": SAMPLE_RATE,
+        "audio_format": cfg.audio_format,
+        "shards": shards,
+        "totals": {
+            "shards": len(shards),
+            "utterances": sum(s["utterances"] for s in shards),
+            "seconds": round(sum(s["seconds"] for s in shards), 3),
+            "bytes": sum(s["bytes"] for s in shards),
+            "skipped": len(skipped),
+        },
+    }
+    atomic_write_json(out / MANIFEST, manifest)
+    reasons: dict[str, int] = {}
+    for s in skipped:
+        kind = s["reason"].split(":")[0]
+        reasons[kind] = reasons.get(kind, 0) + 1
+    log.info("built %d shards: %d utterances, %.2f h; skipped %d %s", len(shards),
+             manifest["totals"]["utterances"], manifest["totals"]["seconds"] / 3600, len(skipped),
+             reasons or "")
+    return manifest
+
+
+def _prepare_out(out: Path, plan_record: dict, overwrite: bool) -> None:
+    plan_path = out / BUILD_DIR / "plan.json"
+    if plan_path.is_file():
+        if json.loads(plan_path.read_text()) == plan_record:
+            return  # same build: resume
+        if not overwrite:
+            raise PretrainError(
+                f"{out} holds shards of a different build (other input or settings); "
+                "choose another 'out' or set overwrite=true")
+        _clear(out)
+    elif out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise PretrainError(f"shard output {out} is not empty; choose another 'out' or set overwrite=true")
+        _clear(out)
+    (out / BUILD_DIR).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(plan_path, plan_record)
+
+
+def _clear(out: Path) -> None:
+    for path in out.iterdir():
+        if path.is_dir() and path.name in (BUILD_DIR, "labels"):
+            shutil.rmtree(path)
+        elif path.is_file() and (path.name.startswith("shard-") or path.name in
+                                 (MANIFEST, "skipped.jsonl", "config.yaml", "run.json")):
+            path.unlink()
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_manifest(shard_dir: str | Path) -> dict:
+    path = Path(shard_dir) / MANIFEST
+    if not path.is_file():
+        raise PretrainError(f"{shard_dir} has no {MANIFEST}: not a finished shard directory")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise PretrainError(f"{path}: format_version {manifest.get('format_version')} is not "
+                            f"{FORMAT_VERSION}, the one this version of pretrain reads")
+    return manifest
+
+
+def iter_shard(path: str | Path):
+    """Samples of one shard as WebDataset groups them: dicts of ``__key__`` and member bytes."""
+    with open(path, "rb") as stream:
+        files = wds.tariterators.tar_file_expander([{"url": str(path), "stream": stream}])
+        yield from wds.tariterators.group_by_keys(files)
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def verify_shard(shard_dir: str, entry: dict) -> list[str]:
+    """Problems with one shard: checksum, then every sample decoded and checked."""
+    path = Path(shard_dir) / entry["name"]
+    name = entry["name"]
+    if not path.is_file():
+        return [f"{name}: missing"]
+    problems = []
+    digest = sha256_file(path)
+    if digest != entry["sha256"]:
+        problems.append(f"{name}: sha256 {digest} does not match the manifest's {entry['sha256']}")
+    count = 0
+    try:
+        for sample in iter_shard(path):
+            key = sample["__key__"]
+            count += 1
+            audio_ext = next((e for e in EXTENSIONS if e in sample), None)
+            if audio_ext is None or "json" not in sample:
+                problems.append(f"{name} key {key}: missing audio or json member")
+                continue
+            try:
+                meta = json.loads(sample["json"])
+                audio = decode(sample[audio_ext])
+                if len(audio) != meta["num_samples"]:
+                    problems.append(f"{name} key {key}: decoded {len(audio)} samples, metadata says "
+                                    f"{meta['num_samples']}")
+            except Exception as e:  # noqa: BLE001 - any failure is a problem to name
+                problems.append(f"{name} key {key}: {type(e).__name__}: {e}")
+    except (tarfile.TarError, OSError, ValueError) as e:
+        problems.append(f"{name}: unreadable after {count} samples: {type(e).__name__}: {e}")
+    if count != entry["utterances"]:
+        problems.append(f"{name}: {count} samples, the manifest says {entry['utterances']}")
+    return problems
+
+
+def verify_shards(shard_dir: str, jobs: int = 0, progress: bool = True) -> list[str]:
+    """Every problem found in the shards of ``shard_dir`` (empty when all is well)."""
+    manifest = read_manifest(shard_dir)
+    jobs = jobs or os.cpu_count() or 1
+    problems: list[str] = []
+    with _pool(jobs) as pool:
+        futures = [pool.submit(verify_shard, str(shard_dir), entry) for entry in manifest["shards"]]
+        for future in tqdm(futures, desc="verifying", unit="shard", disable=not progress,
+                           dynamic_ncols=True):
+            problems.extend(future.result())
+    return problems
