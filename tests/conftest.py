@@ -31,3 +31,29 @@ def tiny_corpus(tmp_path_factory) -> Path:
     cfg = load_config(CorpusSynthConfig, [REPO / "configs/corpus/tiny.yaml"], [f"out={out}", "jobs=2"])
     synthesize_corpus(cfg, progress=False, argv=["test"])
     return out
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """40 utterances of 1-2 clauses from all voices (about 2.5 minutes)."""
+    from pretrain.config import load_config
+    from pretrain.config.corpus import CorpusSynthConfig
+    from pretrain.corpus.synth import synthesize_corpus
+
+    out = tmp_path_factory.mktemp("small_corpus")
+    cfg = load_config(CorpusSynthConfig, [], [f"out={out}", "count=40", "max_clauses=2", "seed=3", "jobs=2"])
+    synthesize_corpus(cfg, progress=False, argv=["test"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_shards(small_corpus, tmp_path_factory) -> Path:
+    """small_corpus in 10 shards of 4 utterances, with the gold phones50/phones100 label sets."""
+    from pretrain.config import load_config
+    from pretrain.config.shards import ShardsBuildConfig
+    from pretrain.data.shards import build_shards
+
+    out = tmp_path_factory.mktemp("small_shards")
+    cfg = load_config(ShardsBuildConfig, [], [f"input={small_corpus}", f"out={out}", "per_shard=4", "jobs=2"])
+    build_shards(cfg, progress=False, argv=["test"])
+    return out

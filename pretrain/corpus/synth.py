@@ -135,7 +135,7 @@ def finalize(raw: RawUtterance, plan: Plan, dither: float) -> tuple[np.ndarray, 
     padded = np.zeros(total, dtype=np.float64)
     padded[lead:lead + n] = audio
     padded += np.random.default_rng(plan.noise_seed).normal(0.0, dither, size=total)
-    pcm = np.clip(np.round(padded * 32767.0), -32768, 32767).astype(np.int16)
+    pcm = np.clip(np.round(padded * 32768.0), -32768, 32767).astype(np.int16)
     return pcm, [(p, int(s), int(e)) for p, s, e in shifted]
 
 

@@ -46,7 +46,8 @@ def load_mono_16k(path: str, min_duration: float) -> tuple[np.ndarray, int, int]
 
 def encode(audio: np.ndarray, fmt: str) -> bytes:
     """16-bit FLAC or WAV bytes of float audio in [-1, 1] (clipped)."""
-    pcm = np.clip(np.round(audio * 32767.0), -32768, 32767).astype(np.int16)
+    # x 32768 inverts soundfile's int16 -> float scaling exactly, so re-encoding is lossless.
+    pcm = np.clip(np.round(audio * 32768.0), -32768, 32767).astype(np.int16)
     buf = io.BytesIO()
     sf.write(buf, pcm, SAMPLE_RATE, format=fmt.upper(), subtype="PCM_16")
     return buf.getvalue()

@@ -5,7 +5,7 @@ Layout of a label set::
     labels/<name>/meta.json          format_version, name, label_rate (50 or 100 Hz),
                                      num_classes, provenance (free-form: who made it and how),
                                      shards: {shard name: {"utterances": n, "sha256": ...}}
-    labels/<name>/<shard>.npz        keys (unicode array), offsets (int64, n + 1),
+    labels/<name>/shard-NNNNNN.npz   keys (unicode array), offsets (int64, n + 1),
                                      labels (int32, concatenated); utterance keys[i] has
                                      labels[offsets[i]:offsets[i + 1]]
 
@@ -40,6 +40,10 @@ class LabelError(PretrainError):
     """A label set does not fit the audio: a missing key or a wrong frame count."""
 
 
+def _shard_file(shard: str) -> str:
+    return shard.removesuffix(".tar") + ".npz"
+
+
 def label_dir(shard_dir: str | Path, name: str) -> Path:
     return Path(shard_dir) / "labels" / name
 
@@ -55,7 +59,7 @@ def write_label_shard(shard_dir: str | Path, name: str, shard: str,
     np.savez(buf, keys=np.array(keys, dtype=str), offsets=offsets,
              labels=np.concatenate(arrays) if arrays else np.zeros(0, np.int32))
     data = buf.getvalue()
-    atomic_write_bytes(label_dir(shard_dir, name) / f"{shard}.npz", data)
+    atomic_write_bytes(label_dir(shard_dir, name) / _shard_file(shard), data)
     return {"utterances": len(keys), "sha256": hashlib.sha256(data).hexdigest()}
 
 
@@ -88,7 +92,7 @@ class LabelSet:
     def load_shard(self, shard: str) -> dict[str, np.ndarray]:
         if shard not in self.meta["shards"]:
             raise LabelError(f"label set '{self.name}' has no labels for shard {shard}")
-        path = self.dir / f"{shard}.npz"
+        path = self.dir / _shard_file(shard)
         try:
             with np.load(path, allow_pickle=False) as z:
                 keys, offsets, labels = z["keys"], z["offsets"], z["labels"]
@@ -115,3 +119,15 @@ def fit_length(labels: np.ndarray, num_samples: int, rate: int, name: str, shard
     if got < expected:
         return np.concatenate([labels, np.repeat(labels[-1:], expected - got)])
     return labels
+
+
+def alignment_frame_labels(align: dict, num_samples: int, source_rate: int, rate: int,
+                           phone_ids: Mapping[str, int]) -> np.ndarray:
+    """Frame labels at ``rate`` from a synthetic corpus alignment (segments in source samples)."""
+    from pretrain.frames import segment_frame_labels
+
+    scale = 16000 / source_rate
+    ends = np.array([int(round(e * scale)) for _, _, e in align["segments"]], dtype=np.int64)
+    ends[-1] = num_samples  # resampling may round the length differently
+    ids = np.array([phone_ids[p] for p, _, _ in align["segments"]])
+    return segment_frame_labels(np.maximum.accumulate(ends), ids, num_samples, rate)

@@ -306,7 +306,7 @@ class SlotStream:
             samples.close()
 
     def _collate(self, items: list[_Item], counts: dict[str, int]) -> dict | None:
-        audios, keys, labels = [], [], {ls.name: [] for ls in self.label_sets}
+        audios, keys, offsets, labels = [], [], [], {ls.name: [] for ls in self.label_sets}
         for item in items:
             try:
                 audio = decode(item.audio)
@@ -322,6 +322,7 @@ class SlotStream:
             offset, length = self._crop(item)
             audios.append(audio[offset:offset + length])
             keys.append(item.key)
+            offsets.append(offset)
             for ls in self.label_sets:
                 hop = 16000 // ls.label_rate
                 first = offset // hop
@@ -338,6 +339,7 @@ class SlotStream:
             "audio": audio,
             "padding_mask": torch.arange(audio.shape[1])[None, :] >= lengths[:, None],
             "lengths": lengths,
+            "offsets": torch.tensor(offsets, dtype=torch.long),
             "labels": {},
         }
         for name, seqs in labels.items():
@@ -391,7 +393,12 @@ class ShardLoader:
         self._reset_slots(0)
 
     def _reset_slots(self, epoch: int) -> None:
+        # Counters carry over from epoch to epoch; positions start afresh.
+        old = getattr(self, "slots", {})
         self.slots = {w: SlotState(pool_start=(epoch, 0, 0)) for w in range(self.workers_per_rank)}
+        for w, state in old.items():
+            self.slots[w].read_counts = _copy_counts(state.read_counts)
+            self.slots[w].yield_counts = dict(state.yield_counts)
         self.last_slot = -1
 
     def slot_stream(self, logical: int, epoch: int | None) -> SlotStream:

@@ -23,7 +23,6 @@ import multiprocessing
 import os
 import shutil
 import tarfile
-from dataclasses import asdict
 from pathlib import Path
 
 import soundfile as sf
@@ -33,7 +32,9 @@ from tqdm import tqdm
 from pretrain import __version__
 from pretrain.config import write_run_record
 from pretrain.config.shards import ShardsBuildConfig, parse_size
+from pretrain.corpus.phones import PHONE_ID, PHONES
 from pretrain.data.audio import EXTENSIONS, BadAudio, decode, encode, load_mono_16k
+from pretrain.data.labels import alignment_frame_labels, write_label_meta, write_label_shard
 from pretrain.data.sources import SourceItem, read_sources
 from pretrain.frames import SAMPLE_RATE
 from pretrain.utils import PretrainError, atomic_write_json, atomic_write_text
@@ -45,6 +46,7 @@ MANIFEST = "manifest.json"
 BUILD_DIR = ".build"
 # A fixed member mtime makes a shard's bytes, hence its sha256, a function of its content.
 TAR_MTIME = 0.0
+PHONE_LABEL_RATES = (50, 100)
 
 
 def shard_name(index: int) -> str:
@@ -104,6 +106,7 @@ def build_shard(out: str, index: int, items: list[SourceItem], audio_format: str
     name = shard_name(index)
     tmp = out_dir / f"{name}.tmp"
     skipped, utterances, seconds = [], 0, 0.0
+    phone_labels: dict[int, dict] = {rate: {} for rate in PHONE_LABEL_RATES}
     with open(tmp, "wb") as f:
         writer = wds.TarWriter(f, mtime=TAR_MTIME)
         for item in items:
@@ -123,9 +126,13 @@ def build_shard(out: str, index: int, items: list[SourceItem], audio_format: str
             if "align" in item.extra:
                 try:
                     sample["align.json"] = Path(item.extra["align"]).read_bytes()
-                except OSError as e:
+                    align = json.loads(sample["align.json"])
+                    for rate in PHONE_LABEL_RATES:
+                        phone_labels[rate][item.key] = alignment_frame_labels(
+                            align, len(audio), source_sr, rate, PHONE_ID)
+                except (OSError, ValueError, KeyError) as e:
                     skipped.append({"source": item.source, "key": item.key,
-                                    "reason": f"alignment file unreadable: {e}"})
+                                    "reason": f"alignment unusable: {type(e).__name__}: {e}"})
                     continue
             writer.write(sample)
             utterances += 1
@@ -134,9 +141,15 @@ def build_shard(out: str, index: int, items: list[SourceItem], audio_format: str
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, out_dir / name)
+    # Gold phone labels of a synthetic corpus, as a label set like any other (written before
+    # the shard's statistics, which mark the shard done).
+    label_entries = {}
+    if phone_labels[PHONE_LABEL_RATES[0]] and len(phone_labels[PHONE_LABEL_RATES[0]]) == utterances:
+        for rate in PHONE_LABEL_RATES:
+            label_entries[f"phones{rate}"] = write_label_shard(out_dir, f"phones{rate}", name, phone_labels[rate])
     stats = {"name": name, "utterances": utterances, "seconds": round(seconds, 6),
              "bytes": (out_dir / name).stat().st_size, "sha256": sha256_file(out_dir / name),
-             "skipped": skipped}
+             "skipped": skipped, "labels": label_entries}
     atomic_write_json(out_dir / BUILD_DIR / f"{name}.json", stats)
     return stats
 
@@ -193,7 +206,9 @@ def build_shards(cfg: ShardsBuildConfig, progress: bool = True, argv: list[str] 
     for index in range(len(plan)):
         skipped.extend(stats[index]["skipped"])
     atomic_write_text(out / "skipped.jsonl", "".join(json.dumps(s) + "\n" for s in skipped))
-    shards = [{k: v for k, v in stats[i].items() if k != "skipped"} for i in range(len(plan))]
+    _write_phone_label_meta(out, [stats[i] for i in range(len(plan))])
+    shards = [{k: v for k, v in stats[i].items() if k not in ("skipped", "labels")}
+              for i in range(len(plan))]
     manifest = {
         "format_version": FORMAT_VERSION,
         "created_by": f"pretrain {__version__}",
@@ -217,6 +232,16 @@ def build_shards(cfg: ShardsBuildConfig, progress: bool = True, argv: list[str] 
              manifest["totals"]["utterances"], manifest["totals"]["seconds"] / 3600, len(skipped),
              reasons or "")
     return manifest
+
+
+def _write_phone_label_meta(out: Path, stats: list[dict]) -> None:
+    for rate in PHONE_LABEL_RATES:
+        name = f"phones{rate}"
+        if not all(name in s["labels"] for s in stats):
+            continue  # not every shard has alignments: no gold label set
+        write_label_meta(out, name, rate, len(PHONES), {s["name"]: s["labels"][name] for s in stats},
+                         {"kind": "alignment", "phones": list(PHONES),
+                          "note": "phone at each frame centre, from the source's alignments"})
 
 
 def _prepare_out(out: Path, plan_record: dict, overwrite: bool) -> None:
