@@ -273,7 +273,7 @@ class SlotStream:
                 batches.append([item])
         return batches
 
-    def batches(self, state: SlotState) -> Iterator[tuple[dict, SlotState]]:
+    def batches(self, state: SlotState) -> Iterator[tuple[dict | None, SlotState]]:
         read_counts = _copy_counts(state.read_counts)
         yield_counts = dict(state.yield_counts)
         pos = tuple(state.pool_start)
@@ -291,7 +291,7 @@ class SlotStream:
             else:
                 exhausted = True
             if not pool:
-                return
+                break
             batches = self._make_batches(pool)
             order = (np.random.default_rng([self.cfg.seed, self.slot, *pool_start]).permutation(len(batches))
                      if self.cfg.shuffle else np.arange(len(batches)))
@@ -304,6 +304,9 @@ class SlotStream:
                     yield batch, out_state
             skip = 0
             samples.close()
+        # The stream's end, as a state without a batch: it carries the last pool's read
+        # counters (skipped, too short), which no batch state includes.
+        yield None, SlotState(pos, 0, read_counts, dict(yield_counts))
 
     def _collate(self, items: list[_Item], counts: dict[str, int]) -> dict | None:
         audios, keys, offsets, labels = [], [], [], {ls.name: [] for ls in self.label_sets}
@@ -413,6 +416,8 @@ class ShardLoader:
                             persistent_workers=False, prefetch_factor=4 if self.cfg.num_workers else None)
         for logical, batch, state in loader:
             self.slots[logical] = SlotState.from_dict(state)
+            if batch is None:  # a slot's end-of-stream state
+                continue
             self.last_slot = logical
             yield batch
         if not self.cfg.infinite:
