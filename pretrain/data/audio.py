@@ -55,7 +55,29 @@ def encode(audio: np.ndarray, fmt: str) -> bytes:
 
 def decode(data: bytes) -> np.ndarray:
     """float32 mono samples of FLAC/WAV bytes as stored in the shards."""
-    audio, sr = sf.read(io.BytesIO(data), dtype="float32")
+    return decode_int16(data).astype(np.float32) / 32768.0
+
+
+def decode_int16(data: bytes, start: int = 0, frames: int = -1) -> np.ndarray:
+    """int16 mono samples ``[start, start + frames)`` of FLAC/WAV bytes as stored in the shards.
+
+    The cheapest decode: a crop is decoded alone (FLAC seeks), and the pipeline converts whole
+    padded batches to float at once.
+    """
+    audio, sr = sf.read(io.BytesIO(data), dtype="int16", start=start, frames=frames)
     if sr != SAMPLE_RATE or audio.ndim != 1:
         raise ValueError(f"expected 16 kHz mono, got {sr} Hz with shape {audio.shape}")
     return audio
+
+
+def decode_into(data: bytes, start: int, out: np.ndarray) -> None:
+    """Decode samples ``[start, start + len(out))`` of FLAC/WAV bytes straight into the int16
+    row ``out`` (a row of the padded batch: no intermediate array, no copy)."""
+    with sf.SoundFile(io.BytesIO(data)) as f:
+        if f.samplerate != SAMPLE_RATE or f.channels != 1:
+            raise ValueError(f"expected 16 kHz mono, got {f.samplerate} Hz with {f.channels} channels")
+        if start:
+            f.seek(start)
+        got = len(f.read(len(out), dtype="int16", out=out))
+    if got != len(out):
+        raise ValueError(f"decoded {got} samples from {start}, expected {len(out)}")

@@ -44,7 +44,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pretrain.config.data import DataConfig
-from pretrain.data.audio import EXTENSIONS, decode
+from pretrain.data.audio import EXTENSIONS, decode_into
 from pretrain.data.labels import LabelSet, fit_length
 from pretrain.data.shards import iter_shard, read_manifest
 from pretrain.frames import num_frames
@@ -309,12 +309,13 @@ class SlotStream:
         yield None, SlotState(pos, 0, read_counts, dict(yield_counts))
 
     def _collate(self, items: list[_Item], counts: dict[str, int]) -> dict | None:
-        audios, keys, offsets, labels = [], [], [], {ls.name: [] for ls in self.label_sets}
-        for item in items:
+        crops = [self._crop(item) for item in items]
+        # Lengths are known from the metadata, so each utterance decodes straight into its row.
+        pcm = np.zeros((len(items), max(length for _, length in crops)), dtype=np.int16)
+        good = []
+        for i, (item, (offset, length)) in enumerate(zip(items, crops)):
             try:
-                audio = decode(item.audio)
-                if len(audio) != item.num_samples:
-                    raise ValueError(f"decoded {len(audio)} samples, metadata says {item.num_samples}")
+                decode_into(item.audio, offset, pcm[i, :length])
             except Exception as e:  # noqa: BLE001
                 message = f"shard {item.shard}, key '{item.key}': audio does not decode ({e})"
                 if self.cfg.on_error == "raise":
@@ -322,34 +323,31 @@ class SlotStream:
                 counts["decode_errors"] += 1
                 log.warning("skipping %s", message)
                 continue
-            offset, length = self._crop(item)
-            audios.append(audio[offset:offset + length])
-            keys.append(item.key)
-            offsets.append(offset)
-            for ls in self.label_sets:
-                hop = 16000 // ls.label_rate
-                first = offset // hop
-                labels[ls.name].append(item.labels[ls.name][first:first + num_frames(length, ls.label_rate)])
-        if not audios:
+            good.append(i)
+        if not good:
             return None
-        counts["samples"] += len(audios)
-        lengths = torch.tensor([len(a) for a in audios], dtype=torch.long)
-        audio = torch.zeros(len(audios), int(lengths.max()))
-        for i, a in enumerate(audios):
-            audio[i, : len(a)] = torch.from_numpy(a)
+        if len(good) < len(items):
+            items, crops = [items[i] for i in good], [crops[i] for i in good]
+            pcm = pcm[good, : max(length for _, length in crops)]
+        counts["samples"] += len(items)
+        lengths = torch.tensor([length for _, length in crops], dtype=torch.long)
         batch: dict[str, Any] = {
-            "keys": keys,
-            "audio": audio,
-            "padding_mask": torch.arange(audio.shape[1])[None, :] >= lengths[:, None],
+            "keys": [item.key for item in items],
+            # The same scale soundfile uses for float reads, on the whole batch at once.
+            "audio": torch.from_numpy(pcm).float().mul_(1.0 / 32768.0),
+            "padding_mask": torch.arange(pcm.shape[1])[None, :] >= lengths[:, None],
             "lengths": lengths,
-            "offsets": torch.tensor(offsets, dtype=torch.long),
+            "offsets": torch.tensor([offset for offset, _ in crops], dtype=torch.long),
             "labels": {},
         }
-        for name, seqs in labels.items():
-            out = torch.full((len(seqs), max(len(s) for s in seqs)), LABEL_PAD, dtype=torch.long)
-            for i, s in enumerate(seqs):
-                out[i, : len(s)] = torch.from_numpy(np.asarray(s, dtype=np.int64))
-            batch["labels"][name] = out
+        for ls in self.label_sets:
+            hop = 16000 // ls.label_rate
+            seqs = [item.labels[ls.name][offset // hop: offset // hop + num_frames(length, ls.label_rate)]
+                    for item, (offset, length) in zip(items, crops)]
+            out = torch.full((len(seqs), max(len(q) for q in seqs)), LABEL_PAD, dtype=torch.long)
+            for i, q in enumerate(seqs):
+                out[i, : len(q)] = torch.from_numpy(np.asarray(q, dtype=np.int64))
+            batch["labels"][ls.name] = out
         return batch
 
 

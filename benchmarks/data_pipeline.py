@@ -1,0 +1,161 @@
+"""Data pipeline throughput vs a per-file loader, side by side in one run.
+
+(a) ``pretrain.data.pipeline.ShardLoader`` in the main process (``num_workers=0``, so one
+    core does everything): tar read, FLAC decode, random crop, length-bucketed padded batches.
+(b) A plain per-file loader as fairseq's ``FileAudioDataset`` works: ``soundfile.read`` of each
+    FLAC file of the same corpus, the same crop rule, batches of the same token budget over a
+    length-sorted order, padded the same way.
+
+Both are run on FLAC (shards built with ``audio_format=flac``, the per-file loader reading the
+corpus's FLAC files) and on 16-bit WAV (``audio_format=wav`` shards, WAV copies of the files).
+Both deliver the same audio; each is timed by process CPU time, in interleaved repeats, and the
+median is reported. Prints audio-seconds delivered per CPU-core-second and the ratios, and ends
+with one JSON line holding ``realtime_per_core`` and ``ratio_vs_per_file`` (FLAC, the default
+format) and the same for WAV.
+
+Usage: python benchmarks/data_pipeline.py [--seconds 300] [--epochs 2] [--repeats 5] [--corpus DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from pretrain.config import load_config
+from pretrain.config.corpus import CorpusSynthConfig
+from pretrain.config.data import DataConfig
+from pretrain.config.shards import ShardsBuildConfig
+from pretrain.corpus.synth import synthesize_corpus
+from pretrain.data.pipeline import ShardLoader
+from pretrain.data.shards import build_shards
+
+MAX_TOKENS = 1_400_000
+MAX_SAMPLE_SIZE = 250_000
+
+
+def pipeline_epochs(shards: Path, epochs: int) -> tuple[float, float]:
+    cfg = load_config(DataConfig, [], [f"shards={shards}", "num_workers=0", "min_sample_size=0",
+                                       f"max_tokens={MAX_TOKENS}", f"max_sample_size={MAX_SAMPLE_SIZE}"])
+    loader = ShardLoader(cfg)
+    delivered = 0
+    cpu0 = time.process_time()
+    for _ in range(epochs):
+        for batch in loader:
+            delivered += int(batch["lengths"].sum())
+    return delivered / 16000, time.process_time() - cpu0
+
+
+def per_file_epochs(corpus: Path, epochs: int, suffix: str = ".flac") -> tuple[float, float]:
+    records = [json.loads(line) for line in (corpus / "utterances.jsonl").read_text().splitlines()]
+    delivered = 0
+    cpu0 = time.process_time()
+    for epoch in range(epochs):
+        rng = np.random.default_rng(epoch)
+        # fairseq orders by size (with a random tie-break) and batches by token budget.
+        order = sorted(rng.permutation(len(records)), key=lambda i: min(records[i]["num_samples"], MAX_SAMPLE_SIZE))
+        batches, current = [], []
+        for i in order:
+            length = min(records[i]["num_samples"], MAX_SAMPLE_SIZE)
+            if current and (len(current) + 1) * length > MAX_TOKENS:
+                batches.append(current)
+                current = []
+            current.append(i)
+        batches.append(current)
+        for b in rng.permutation(len(batches)):
+            audios = []
+            for i in batches[b]:
+                path = (corpus / records[i]["audio"]).with_suffix(suffix)
+                audio, _ = sf.read(path, dtype="float32")
+                if len(audio) > MAX_SAMPLE_SIZE:
+                    start = int(rng.integers((len(audio) - MAX_SAMPLE_SIZE) // 320 + 1)) * 320
+                    audio = audio[start:start + MAX_SAMPLE_SIZE]
+                audios.append(audio)
+            lengths = torch.tensor([len(a) for a in audios])
+            padded = torch.zeros(len(audios), int(lengths.max()))
+            for j, a in enumerate(audios):
+                padded[j, : len(a)] = torch.from_numpy(a)
+            mask = torch.arange(padded.shape[1])[None, :] >= lengths[:, None]
+            delivered += int(lengths.sum())
+            del mask
+    return delivered / 16000, time.process_time() - cpu0
+
+
+def copy_as_wav(corpus: Path, dst: Path) -> Path:
+    """The corpus with a .wav beside each .flac (16-bit PCM), for the per-file WAV baseline."""
+    import shutil
+
+    shutil.copytree(corpus, dst)
+    for flac in dst.glob("audio/*/*.flac"):
+        audio, sr = sf.read(flac, dtype="int16")
+        sf.write(flac.with_suffix(".wav"), audio, sr, subtype="PCM_16")
+    return dst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=300.0, help="audio in the synthetic corpus")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per timed run")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each loader, interleaved")
+    parser.add_argument("--corpus", type=Path, help="an existing synthetic corpus to use")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = args.corpus
+        if corpus is None:
+            corpus = Path(tmp) / "corpus"
+            synthesize_corpus(load_config(CorpusSynthConfig, [], [f"out={corpus}", f"hours={args.seconds / 3600}"]),
+                              progress=False, argv=["benchmark"])
+        corpus = copy_as_wav(corpus, Path(tmp) / "corpus_wav")
+        shards = {}
+        for fmt in ("flac", "wav"):
+            shards[fmt] = Path(tmp) / f"shards_{fmt}"
+            build_shards(load_config(ShardsBuildConfig, [], [f"input={corpus}", f"out={shards[fmt]}",
+                                                              "per_shard=16", f"audio_format={fmt}"]),
+                         progress=False, argv=["benchmark"])
+        runs = {
+            "pipeline_flac": lambda: pipeline_epochs(shards["flac"], args.epochs),
+            "per_file_flac": lambda: per_file_epochs(corpus, args.epochs, ".flac"),
+            "pipeline_wav": lambda: pipeline_epochs(shards["wav"], args.epochs),
+            "per_file_wav": lambda: per_file_epochs(corpus, args.epochs, ".wav"),
+        }
+        for run in runs.values():  # warm the page cache and imports for every loader alike
+            run()
+        rates: dict[str, list[float]] = {name: [] for name in runs}
+        audio_s = {}
+        # Interleaved repeats: a slow spell of this shared machine hits every loader alike.
+        for _ in range(args.repeats):
+            for name, run in runs.items():
+                audio_s[name], cpu_s = run()
+                rates[name].append(audio_s[name] / cpu_s)
+    medians = {name: float(np.median(r)) for name, r in rates.items()}
+    for name in runs:
+        print(json.dumps({"bench": "data", "loader": name, "audio_s_per_run": round(audio_s[name], 1),
+                          "repeats": args.repeats, "realtime_per_core_median": round(medians[name], 1),
+                          "min": round(min(rates[name]), 1), "max": round(max(rates[name]), 1)}), flush=True)
+    flac_ratio = medians["pipeline_flac"] / medians["per_file_flac"]
+    wav_ratio = medians["pipeline_wav"] / medians["per_file_wav"]
+    print(f"\nreal time per CPU core (median of {args.repeats}):")
+    print(f"  FLAC: pipeline {medians['pipeline_flac']:7.0f}x   per-file {medians['per_file_flac']:7.0f}x   "
+          f"ratio {flac_ratio:.2f}")
+    print(f"  WAV:  pipeline {medians['pipeline_wav']:7.0f}x   per-file {medians['per_file_wav']:7.0f}x   "
+          f"ratio {wav_ratio:.2f}")
+    print(f"  WAV shards vs the per-file FLAC loader (fairseq's usual set-up): "
+          f"{medians['pipeline_wav'] / medians['per_file_flac']:.2f}")
+    print(json.dumps({"bench": "data_pipeline", "format": "flac",
+                      "realtime_per_core": round(medians["pipeline_flac"], 1),
+                      "ratio_vs_per_file": round(flac_ratio, 3),
+                      "wav_realtime_per_core": round(medians["pipeline_wav"], 1),
+                      "wav_ratio_vs_per_file": round(wav_ratio, 3),
+                      "target_realtime_per_core": 5000, "target_ratio": 1.0}))
+
+
+if __name__ == "__main__":
+    main()
