@@ -12,6 +12,8 @@ setup:
 
 demo: setup
 	$(VENV)/bin/pretrain corpus synth --config configs/corpus/demo.yaml --out $(DEMO_DIR)/corpus overwrite=true
+	$(VENV)/bin/pretrain shards build --input $(DEMO_DIR)/corpus --out $(DEMO_DIR)/shards --per-shard 16 overwrite=true
+	$(VENV)/bin/pretrain shards verify $(DEMO_DIR)/shards
 
 test: setup
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

@@ -249,10 +249,8 @@ def synthesize_corpus(cfg: CorpusSynthConfig, progress: bool = True,
     ok: list[dict] = []
     failed: list[dict] = []
     total_seconds = 0.0
-    bar = tqdm(total=cfg.count if cfg.count else target, unit="utt" if cfg.count else "audio-s",
-               desc="synthesizing", disable=not progress, dynamic_ncols=True,
-               bar_format=None if cfg.count else
-               "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} audio-s [{elapsed}<{remaining}]")
+    bar = tqdm(total=cfg.count if cfg.count else int(round(target)), unit="utt" if cfg.count else "audio-s",
+               desc="synthesizing", disable=not progress, dynamic_ncols=True)
     # A fresh process per chunk (max_tasks_per_child=1) is what makes espeak-ng reproducible.
     context = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=context, max_tasks_per_child=1) as pool:
@@ -283,7 +281,8 @@ def synthesize_corpus(cfg: CorpusSynthConfig, progress: bool = True,
                 if record["ok"]:
                     ok.append(record)
                     total_seconds += record["duration"]
-                    bar.update(1 if cfg.count else record["duration"])
+                    # Whole audio-seconds keep the bar readable in --hours runs.
+                    bar.update(1 if cfg.count else int(total_seconds) - bar.n)
                 else:
                     failed.append(record)
                     log.warning("utterance %s (%s) failed: %s", record["utt_id"], record["voice"], record["reason"])

@@ -92,7 +92,7 @@ def test_seed_changes_the_corpus():
 def test_hours_gives_the_shortest_prefix_reaching_the_target(tmp_path):
     target_s = 40.0
     out = tmp_path / "h"
-    synthesize_corpus(corpus_cfg(out, f"hours={target_s / 3600}", "chunk_size=4", "jobs=2"), progress=False)
+    synthesize_corpus(corpus_cfg(out, f"hours={target_s / 3600}", "chunk_size=4", "jobs=2"), progress=True)
     recs = records(out)
     durations = [r["duration"] for r in recs]
     assert [r["index"] for r in recs] == list(range(len(recs)))

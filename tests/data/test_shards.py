@@ -188,3 +188,19 @@ def test_verify_names_flipped_and_truncated_shards(small_shards, tmp_path):
     assert "shard-000007.tar: sha256" in text
     assert "shard-000007.tar:" in text and ("unreadable" in text or "samples, the manifest says 4" in text)
     assert not any("shard-000001" in p for p in problems)
+
+
+def test_cli_verify_exit_codes_and_scripts(small_shards, tmp_path):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    ok = subprocess.run([sys.executable, str(repo / "shards/verify.py"), str(small_shards), "--no-progress"],
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0 and "ok: 10 shards, 40 utterances" in ok.stdout
+    bad = corrupt_copy(small_shards, tmp_path / "bad")
+    flip_flac_magic(bad / "shard-000004.tar")
+    proc = subprocess.run([sys.executable, "-m", "pretrain.cli", "shards", "verify", str(bad), "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "BAD shard-000004.tar: sha256" in proc.stderr and "problems in" in proc.stderr
