@@ -115,9 +115,6 @@ STAGES: tuple[Stage, ...] = (
             Flag("--jobs", "jobs", int, "worker processes (0: all cores)"),
         ),
     ),
-)
-
-STAGES += (
     Stage(
         group="shards",
         name="build",

@@ -194,7 +194,7 @@ class SlotStream:
                 raw = None
                 message = f"shard {name}: unreadable after {read} samples: {type(e).__name__}: {e}"
                 if self.cfg.on_error == "raise":
-                    raise DataError(message + " (set data.on_error=skip to skip it)") from e
+                    raise DataError(f"{message} (set on_error=skip to skip such shards)") from e
                 # Marked by (epoch, shard), so re-reading the shard after a resume or for the next
                 # pool does not count the same damage twice.
                 mark = [epoch, shard_index]
@@ -238,11 +238,8 @@ class SlotStream:
             audio = next(sample[ext] for ext in EXTENSIONS if ext in sample)
             n = int(meta["num_samples"])
         except Exception as e:  # noqa: BLE001
-            message = f"shard {shard}, key '{key}': bad sample ({type(e).__name__}: {e})"
-            if self.cfg.on_error == "raise":
-                raise DataError(message) from None
-            counts["read_errors"] += 1
-            log.warning("skipping %s", message)
+            self._skip_or_raise(f"shard {shard}, key '{key}': bad sample ({type(e).__name__}: {e})",
+                                counts, "read_errors")
             return None
         if n < self.cfg.min_sample_size:
             counts["too_short"] += 1
@@ -251,6 +248,12 @@ class SlotStream:
         for ls in self.label_sets:
             item.labels[ls.name] = ls.fit(labels[ls.name], shard, key, n)
         return item
+
+    def _skip_or_raise(self, message: str, counts: dict, counter: str) -> None:
+        if self.cfg.on_error == "raise":
+            raise DataError(f"{message} (set on_error=skip to skip such samples)")
+        counts[counter] += 1
+        log.warning("skipping %s", message)
 
     # ---- batching
 
@@ -317,11 +320,8 @@ class SlotStream:
             try:
                 decode_into(item.audio, offset, pcm[i, :length])
             except Exception as e:  # noqa: BLE001
-                message = f"shard {item.shard}, key '{item.key}': audio does not decode ({e})"
-                if self.cfg.on_error == "raise":
-                    raise DataError(message) from None
-                counts["decode_errors"] += 1
-                log.warning("skipping %s", message)
+                self._skip_or_raise(f"shard {item.shard}, key '{item.key}': audio does not decode ({e})",
+                                    counts, "decode_errors")
                 continue
             good.append(i)
         if not good:

@@ -1,0 +1,119 @@
+"""Configuration of the HuBERT model (``pretrain.model``). Defaults are HuBERT BASE
+(fairseq ``hubert_base_librispeech.yaml`` and the model's defaults; see
+../shared/notes/hubert-recipe.md); ``configs/model/*.yaml`` hold the other sizes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pretrain.config.core import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    extractor_mode: str = "group_norm"
+    """Waveform encoder normalization: ``group_norm`` (one GroupNorm after the first conv, BASE)
+    or ``layer_norm`` (a LayerNorm after every conv, LARGE)."""
+
+    conv_bias: bool = False
+    """Bias in the waveform encoder's convolutions (HuBERT: none)."""
+
+    encoder_layers: int = 12
+    """Transformer layers."""
+
+    encoder_embed_dim: int = 768
+    """Transformer width."""
+
+    encoder_ffn_embed_dim: int = 3072
+    """Transformer feed-forward width."""
+
+    encoder_attention_heads: int = 12
+    """Attention heads (the paper's table says 8 for BASE; fairseq's config and the released
+    checkpoints use 12)."""
+
+    layer_norm_first: bool = False
+    """Pre-LN Transformer (LARGE) instead of post-LN (BASE)."""
+
+    conv_pos: int = 128
+    """Kernel of the convolutional relative positional embedding."""
+
+    conv_pos_groups: int = 16
+    """Groups of the convolutional relative positional embedding."""
+
+    dropout: float = 0.1
+    """Dropout in the Transformer (residual branches)."""
+
+    attention_dropout: float = 0.1
+    """Dropout on attention weights."""
+
+    activation_dropout: float = 0.0
+    """Dropout after the feed-forward activation."""
+
+    encoder_layerdrop: float = 0.05
+    """Probability of skipping a whole Transformer layer in training."""
+
+    dropout_input: float = 0.1
+    """Dropout on the projected features before masking."""
+
+    dropout_features: float = 0.1
+    """Dropout on the unmasked features (kept for parity with fairseq; unused by the loss)."""
+
+    feature_grad_mult: float = 0.1
+    """Gradient scale into the waveform encoder (0 freezes it)."""
+
+    normalize_waveform: bool = False
+    """Normalize each waveform to zero mean and unit variance over its valid samples (LARGE,
+    with ``layer_norm`` extraction)."""
+
+    mask_prob: float = 0.8
+    """Span-start probability times span length: ``mask_prob * T / mask_length`` spans start
+    per utterance (about 57 % of frames masked)."""
+
+    mask_length: int = 10
+    """Frames per masked span."""
+
+    mask_min_spans: int = 2
+    """At least this many spans per utterance."""
+
+    final_dim: int = 256
+    """Dimension of the projection and label embeddings compared by cosine similarity."""
+
+    untie_final_proj: bool = True
+    """One projection slice per label set instead of a shared one."""
+
+    logit_temp: float = 0.1
+    """Temperature of the cosine-similarity logits."""
+
+    pred_masked_weight: float = 1.0
+    """Weight of the cross-entropy on masked frames."""
+
+    pred_nomask_weight: float = 0.0
+    """Weight of the cross-entropy on unmasked frames."""
+
+    feature_pen_weight: float = 10.0
+    """Weight of the L2 penalty on the waveform encoder's output."""
+
+    def validate(self) -> None:
+        if self.extractor_mode not in ("group_norm", "layer_norm"):
+            raise ConfigError(f"must be 'group_norm' or 'layer_norm', got '{self.extractor_mode}'",
+                              field="extractor_mode")
+        for name in ("encoder_layers", "encoder_embed_dim", "encoder_ffn_embed_dim",
+                     "encoder_attention_heads", "conv_pos", "conv_pos_groups", "mask_length", "final_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"must be >= 1, got {getattr(self, name)}", field=name)
+        if self.encoder_embed_dim % self.encoder_attention_heads:
+            raise ConfigError(f"{self.encoder_embed_dim} is not divisible by encoder_attention_heads "
+                              f"{self.encoder_attention_heads}", field="encoder_embed_dim")
+        if self.encoder_embed_dim % self.conv_pos_groups:
+            raise ConfigError(f"encoder_embed_dim {self.encoder_embed_dim} is not divisible by it",
+                              field="conv_pos_groups")
+        for name in ("dropout", "attention_dropout", "activation_dropout", "encoder_layerdrop",
+                     "dropout_input", "dropout_features", "mask_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"must be in [0, 1), got {getattr(self, name)}", field=name)
+        if self.feature_grad_mult < 0:
+            raise ConfigError(f"must be >= 0, got {self.feature_grad_mult}", field="feature_grad_mult")
+        if self.logit_temp <= 0:
+            raise ConfigError(f"must be > 0, got {self.logit_temp}", field="logit_temp")
+        if self.mask_min_spans < 0:
+            raise ConfigError(f"must be >= 0, got {self.mask_min_spans}", field="mask_min_spans")

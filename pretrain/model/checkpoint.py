@@ -1,0 +1,64 @@
+"""The model file: consolidated weights with everything needed to rebuild the model.
+
+``model.pt`` = ``torch.save({"format": "pretrain-model", "version": 1, "model_config": {...},
+"labels": [{"name", "num_classes", "rate"}, ...], "state_dict": {...}})``, written atomically.
+The trainer writes one into every checkpoint; export and feature dumping read it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from pretrain.config.model import ModelConfig
+from pretrain.model.hubert import HubertPretrain, LabelSpec
+from pretrain.utils import PretrainError, atomic_write_bytes
+
+FORMAT = "pretrain-model"
+VERSION = 1
+MODEL_FILE = "model.pt"
+
+
+def save_model(path: str | Path, model: HubertPretrain) -> None:
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model_config": dataclasses.asdict(model.cfg),
+        "labels": [dataclasses.asdict(spec) for spec in model.labels],
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def resolve_model_file(path: str | Path) -> Path:
+    """A model file, or a checkpoint directory holding ``model.pt``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    if not path.is_file():
+        raise PretrainError(f"no model file at {path} (expected a {MODEL_FILE} or a folder holding one)")
+    return path
+
+
+def load_model(path: str | Path, map_location: str = "cpu") -> HubertPretrain:
+    path = resolve_model_file(path)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+        raise PretrainError(f"{path} is not a readable model file: {e}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise PretrainError(f"{path} is not a pretrain model file")
+    if payload.get("version") != VERSION:
+        raise PretrainError(f"{path}: model file version {payload.get('version')} is not {VERSION}")
+    # Through OmegaConf so that a file from an older version with a missing field gets the
+    # default and a removed one is an error naming it.
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), payload["model_config"]))
+    model = HubertPretrain(cfg, [LabelSpec(**spec) for spec in payload["labels"]])
+    model.load_state_dict(payload["state_dict"], strict=True)
+    return model

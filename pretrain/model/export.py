@@ -1,0 +1,71 @@
+"""Export to ``transformers.HubertModel``: the backbone's weights under their own names (ours
+follow transformers'), a ``HubertConfig`` that rebuilds the same network, and a
+``preprocessor_config.json`` saying whether waveforms are normalized."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pretrain.config.model import ModelConfig
+from pretrain.frames import CONV_LAYERS
+from pretrain.model.checkpoint import load_model
+from pretrain.model.encoder import CONV_CHANNELS
+from pretrain.utils import PretrainError
+
+
+def hf_config(cfg: ModelConfig):
+    from transformers import HubertConfig
+
+    return HubertConfig(
+        hidden_size=cfg.encoder_embed_dim,
+        num_hidden_layers=cfg.encoder_layers,
+        num_attention_heads=cfg.encoder_attention_heads,
+        intermediate_size=cfg.encoder_ffn_embed_dim,
+        hidden_act="gelu",
+        hidden_dropout=cfg.dropout,
+        activation_dropout=cfg.activation_dropout,
+        attention_dropout=cfg.attention_dropout,
+        feat_proj_layer_norm=True,
+        feat_proj_dropout=cfg.dropout_input,
+        layerdrop=cfg.encoder_layerdrop,
+        layer_norm_eps=1e-5,
+        feat_extract_norm="layer" if cfg.extractor_mode == "layer_norm" else "group",
+        feat_extract_activation="gelu",
+        conv_dim=[CONV_CHANNELS] * len(CONV_LAYERS),
+        conv_kernel=[k for k, _ in CONV_LAYERS],
+        conv_stride=[s for _, s in CONV_LAYERS],
+        conv_bias=cfg.conv_bias,
+        num_conv_pos_embeddings=cfg.conv_pos,
+        num_conv_pos_embedding_groups=cfg.conv_pos_groups,
+        do_stable_layer_norm=cfg.layer_norm_first,
+        architectures=["HubertModel"],
+    )
+
+
+def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """Write a ``transformers`` HubertModel directory for the model in ``checkpoint``."""
+    try:
+        from transformers import HubertModel, Wav2Vec2FeatureExtractor
+    except ImportError as e:
+        raise PretrainError(f"export needs transformers (pip install transformers): {e}") from None
+    model = load_model(checkpoint)
+    hf = HubertModel(hf_config(model.cfg))
+    state = model.backbone.state_dict()
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise PretrainError(f"parameter names differ from transformers': missing {missing}, "
+                            f"unexpected {unexpected}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(out)
+    Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=16000, padding_value=0.0,
+        do_normalize=model.cfg.normalize_waveform,
+        # group-norm models must see unpadded audio; layer-norm ones take an attention mask
+        return_attention_mask=model.cfg.extractor_mode == "layer_norm",
+    ).save_pretrained(out)
+    (out / "pretrain_export.json").write_text(json.dumps({
+        "source": str(checkpoint), "labels": [s.__dict__ for s in model.labels],
+        "note": "backbone only: final_proj and label embeddings are pretraining heads"}, indent=2) + "\n")
+    return out

@@ -1,0 +1,203 @@
+"""HuBERT pretraining model: backbone plus the masked-prediction objective.
+
+Loss contract (what the trainer relies on): ``forward`` returns ``loss_sum``, a *sum* over
+frames — cross-entropy summed over masked frames (times ``pred_masked_weight``) and over unmasked
+frames (times ``pred_nomask_weight``), for every label set — plus the feature penalty times
+``feature_pen_weight`` times ``sample_size``, where ``sample_size`` is this batch's number of
+masked frames (fairseq's convention, so that the penalty keeps its weight after
+normalization). The trainer divides by the *global* ``sample_size`` (summed over ranks and
+accumulation steps), which makes the gradient independent of how a batch is split over ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain.config.model import ModelConfig
+from pretrain.frames import conv_num_frames
+from pretrain.model.encoder import Encoder, FeatureExtractor, FeatureProjection
+from pretrain.model.masking import compute_span_mask
+
+FRAME_RATE = 50
+
+
+class _GradMultiply(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def frame_padding_mask(lengths: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """(B, T) True at 50 Hz frames that lie past an utterance's samples."""
+    valid = torch.tensor([conv_num_frames(int(n)) for n in lengths], device=lengths.device)
+    return torch.arange(num_frames, device=lengths.device)[None, :] >= valid[:, None]
+
+
+@dataclass
+class LabelSpec:
+    """A label set the model predicts: its name, number of classes and label rate (Hz)."""
+
+    name: str
+    num_classes: int
+    rate: int
+
+
+class HubertBackbone(nn.Module):
+    """Waveform -> hidden states; the part exported to ``transformers.HubertModel``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.feature_extractor = FeatureExtractor(cfg.extractor_mode, cfg.conv_bias)
+        self.feature_projection = FeatureProjection(cfg.encoder_embed_dim)
+        self.masked_spec_embed = nn.Parameter(torch.empty(cfg.encoder_embed_dim).uniform_())
+        self.encoder = Encoder(cfg)
+
+    def normalize(self, waveform: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        if not self.cfg.normalize_waveform:
+            return waveform
+        if lengths is None:
+            return F.layer_norm(waveform, waveform.shape[-1:])
+        valid = (torch.arange(waveform.shape[1], device=waveform.device)[None, :] < lengths[:, None]).float()
+        count = valid.sum(1, keepdim=True)
+        mean = (waveform * valid).sum(1, keepdim=True) / count
+        var = (((waveform - mean) * valid) ** 2).sum(1, keepdim=True) / count
+        return (waveform - mean) / torch.sqrt(var + 1e-5) * valid
+
+    def features(self, waveform: torch.Tensor) -> torch.Tensor:
+        """Waveform encoder output (B, T, 512), with the gradient scaled by feature_grad_mult."""
+        scale = self.cfg.feature_grad_mult
+        if scale > 0:
+            feats = self.feature_extractor(waveform)
+            if scale != 1.0 and self.training:
+                feats = _GradMultiply.apply(feats, scale)
+        else:
+            with torch.no_grad():
+                feats = self.feature_extractor(waveform)
+        return feats.transpose(1, 2)
+
+    @torch.no_grad()
+    def hidden_states(self, waveform: torch.Tensor, lengths: torch.Tensor | None = None,
+                      layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Hidden states of ``layer`` (1-based; None: the last, normed) and the frame padding mask,
+        for feature dumping. Call in eval mode."""
+        feats = self.features(self.normalize(waveform, lengths))
+        padding = frame_padding_mask(lengths, feats.shape[1]) if lengths is not None else None
+        x = self.feature_projection.projection(self.feature_projection.layer_norm(feats))
+        return self.encoder(x, padding, output_layer=layer), padding
+
+
+class HubertPretrain(nn.Module):
+    """Backbone + label embeddings + ``final_proj``; forward computes the HuBERT loss."""
+
+    def __init__(self, cfg: ModelConfig, labels: list[LabelSpec]):
+        super().__init__()
+        if not labels:
+            raise ValueError("HuBERT needs at least one label set to predict")
+        for spec in labels:
+            if spec.rate % FRAME_RATE:
+                raise ValueError(f"label set '{spec.name}': rate {spec.rate} Hz is not a multiple of "
+                                 f"the model's {FRAME_RATE} Hz frame rate")
+        self.cfg = cfg
+        self.labels = labels
+        self.backbone = HubertBackbone(cfg)
+        self.dropout_input = nn.Dropout(cfg.dropout_input)
+        proj_dim = cfg.final_dim * (len(labels) if cfg.untie_final_proj else 1)
+        self.final_proj = nn.Linear(cfg.encoder_embed_dim, proj_dim)
+        self.label_embs = nn.ParameterList(
+            nn.Parameter(torch.empty(spec.num_classes, cfg.final_dim).uniform_()) for spec in labels)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # BERT-style initialization, as fairseq's init_bert_params does for the Transformer.
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Conv1d) and "feature_extractor" in name:
+                nn.init.kaiming_normal_(module.weight)
+
+    def forward(self, audio: torch.Tensor, lengths: torch.Tensor, targets: dict[str, torch.Tensor],
+                mask: torch.Tensor | None = None, rng: np.random.Generator | None = None) -> dict:
+        """HuBERT loss of a padded batch.
+
+        ``audio`` (B, S), ``lengths`` (B,) samples, ``targets[name]`` (B, F) labels at the label
+        set's rate (padding is ignored). ``mask`` (B, T) or ``rng`` to draw one: one is required
+        when ``mask_prob > 0``.
+        """
+        backbone = self.backbone
+        feats = backbone.features(backbone.normalize(audio, lengths))
+        feature_pen = feats.float().pow(2).mean()
+        padding = frame_padding_mask(lengths, feats.shape[1])
+        feats, padding, targets = self._align_targets(feats, padding, targets)
+        x = backbone.feature_projection.projection(backbone.feature_projection.layer_norm(feats))
+        x = self.dropout_input(x)
+
+        if mask is None:
+            if self.cfg.mask_prob > 0 and rng is None:
+                raise ValueError("pass mask= or rng= (a numpy Generator) to draw the span mask")
+            valid = (~padding).sum(1).tolist()
+            mask = compute_span_mask(valid, x.shape[1], self.cfg.mask_prob, self.cfg.mask_length, rng,
+                                     self.cfg.mask_min_spans) if self.cfg.mask_prob > 0 \
+                else torch.zeros_like(padding)
+        mask = mask.to(x.device) & ~padding
+        x = torch.where(mask[..., None], backbone.masked_spec_embed.to(x.dtype), x)
+        x = backbone.encoder(x, padding)
+
+        masked, unmasked = mask, ~mask & ~padding
+        sample_size = int(masked.sum())
+        out: dict = {"sample_size": sample_size, "num_masked": sample_size,
+                     "num_unmasked": int(unmasked.sum()), "feature_pen": feature_pen.detach()}
+        loss = x.new_zeros((), dtype=torch.float32)
+        proj = self.final_proj(x)
+        chunks = proj.chunk(len(self.labels), dim=-1) if self.cfg.untie_final_proj else [proj] * len(self.labels)
+        for spec, emb, p in zip(self.labels, self.label_embs, chunks):
+            target = targets[spec.name]
+            for kind, where, weight in (("masked", masked, self.cfg.pred_masked_weight),
+                                        ("unmasked", unmasked, self.cfg.pred_nomask_weight)):
+                if not where.any():
+                    out[f"correct_{kind}/{spec.name}"] = 0
+                    continue
+                logits = self._logits(p[where], emb)
+                t = target[where]
+                if (t < 0).any() or (t >= spec.num_classes).any():
+                    raise ValueError(f"label set '{spec.name}': targets outside [0, {spec.num_classes}) "
+                                     "on unpadded frames")
+                ce = F.cross_entropy(logits.float(), t, reduction="sum")
+                if weight > 0:
+                    loss = loss + weight * ce
+                out[f"loss_{kind}/{spec.name}"] = ce.detach()
+                out[f"correct_{kind}/{spec.name}"] = int((logits.argmax(-1) == t).sum())
+        loss = loss + self.cfg.feature_pen_weight * feature_pen * sample_size
+        out["loss_sum"] = loss
+        return out
+
+    def _logits(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity to every class embedding, over the temperature."""
+        return F.normalize(x.float(), dim=-1) @ F.normalize(emb.float(), dim=-1).T / self.cfg.logit_temp
+
+    def _align_targets(self, feats, padding, targets):
+        """Put every label set on the 50 Hz frames: frame i takes label i * rate / 50 (the
+        label frame with the same centre), and frames without a label are cut, as fairseq does."""
+        frames = feats.shape[1]
+        aligned = {}
+        for spec in self.labels:
+            if spec.name not in targets:
+                raise KeyError(f"no targets for label set '{spec.name}'")
+            ratio = spec.rate // FRAME_RATE
+            frames = min(frames, (targets[spec.name].shape[1] - 1) // ratio + 1)
+        for spec in self.labels:
+            ratio = spec.rate // FRAME_RATE
+            idx = torch.arange(frames, device=feats.device) * ratio
+            aligned[spec.name] = targets[spec.name][:, idx].to(feats.device)
+        return feats[:, :frames], padding[:, :frames], aligned
