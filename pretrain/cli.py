@@ -40,8 +40,8 @@ class Stage:
     run: Callable[[Any, list[str], bool], int]
     """``run(cfg, argv, progress) -> exit code``."""
     flags: tuple[Flag, ...] = field(default_factory=tuple)
-    positional: str | None = None
-    """A config field that may also be given as the first positional argument."""
+    positional: tuple[str, ...] = ()
+    """Config fields that may also be given as the leading positional arguments, in order."""
 
 
 # --------------------------------------------------------------------------- stages
@@ -137,13 +137,40 @@ STAGES: tuple[Stage, ...] = (
         schema=_shards_verify_schema,
         run=_shards_verify_run,
         flags=(Flag("--jobs", "jobs", int, "worker processes (0: all cores)"),),
-        positional="dir",
+        positional=("dir",),
+    ),
+)
+
+def _export_hf_schema() -> type:
+    from pretrain.config.export import ExportHfConfig
+
+    return ExportHfConfig
+
+
+def _export_hf_run(cfg: Any, argv: list[str], progress: bool) -> int:
+    from pretrain.model.export import export_hf
+
+    out = export_hf(cfg.checkpoint, cfg.out)
+    print(f"wrote a transformers HubertModel to {out}; load it with "
+          f"transformers.HubertModel.from_pretrained('{out}')")
+    return 0
+
+
+STAGES += (
+    Stage(
+        group="export",
+        name="hf",
+        help="write a checkpoint's model as a Hugging Face transformers HubertModel directory",
+        schema=_export_hf_schema,
+        run=_export_hf_run,
+        positional=("checkpoint", "out"),
     ),
 )
 
 GROUP_HELP = {
     "corpus": "speech corpora for tests and the demo",
     "shards": "WebDataset tar shards: build from a corpus, verify",
+    "export": "export trained models to other frameworks",
 }
 
 
@@ -172,9 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
             epilog=_epilog(stage),
         )
         sub.set_defaults(stage=stage)
-        if stage.positional:
-            sub.add_argument(f"flag_{stage.positional}", metavar=stage.positional.upper(), nargs="?",
-                             default=None, help=f"same as {stage.positional}=...")
+        for name in stage.positional:
+            sub.add_argument(f"flag_{name}", metavar=name.upper(), nargs="?", default=None,
+                             help=f"same as {name}=...")
         sub.add_argument("overrides", nargs="*", metavar="key=value",
                          help="config overrides, applied last (dotted keys for nested fields)")
         sub.add_argument("--config", action="append", default=[], metavar="FILE",
@@ -212,13 +239,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stage: Stage = args.stage
     prog = f"pretrain {stage.group} {stage.name}"
-    overrides = list(args.overrides)
-    if stage.positional:
-        value = getattr(args, "flag_" + stage.positional)
+    overrides, leading = list(args.overrides), []
+    for name in stage.positional:
+        value = getattr(args, "flag_" + name)
         if value is not None and "=" in value:  # argparse took an override for the positional
-            overrides.insert(0, value)
+            overrides.insert(len(leading), value)
         elif value is not None:
-            overrides.insert(0, _as_override(stage.positional, value))
+            leading.append(_as_override(name, value))
+    overrides = leading + overrides
     flag_overrides = [_as_override(flag.field, getattr(args, "flag_" + flag.field))
                       for flag in stage.flags if getattr(args, "flag_" + flag.field) is not None]
     try:

@@ -32,6 +32,12 @@ class DataConfig:
     """Batch budget in samples including padding: batch size times the longest cropped
     utterance in it stays within this (HuBERT BASE: 1.4M per GPU)."""
 
+    pad_audio: bool = False
+    """Pad a batch to its longest utterance (with a padding mask); false crops every
+    utterance to the batch's shortest, as HuBERT's recipe does, because the group-norm waveform
+    encoder of BASE normalizes over time and would see the padding. Length bucketing keeps
+    the cut small."""
+
     random_crop: bool = True
     """Crop at a random offset (a multiple of 320 samples, so labels stay on their frames);
     false crops from the start."""

@@ -14,7 +14,7 @@ At least ``S`` shards are required, or some slot would have nothing to read.
 A slot reads its shards in order. Within a shard, samples are read in windows of
 ``shuffle_window`` and each window is permuted by ``(seed, epoch, shard, window)``. Samples are
 gathered into pools of ``bucket_size``, sorted by (cropped) length, cut into batches of at most
-``max_tokens`` padded samples, and the batches of a pool are yielded in an order permuted by the
+``max_tokens`` padded samples (cropped to the batch's shortest unless ``pad_audio``), and the batches of a pool are yielded in an order permuted by the
 pool's start position. Crops are drawn from ``(seed, epoch, key)``. Everything is therefore a
 pure function of ``(seed, epoch, world_size, num_workers)`` and the manifest.
 
@@ -257,8 +257,8 @@ class SlotStream:
 
     # ---- batching
 
-    def _crop(self, item: _Item) -> tuple[int, int]:
-        length = min(item.num_samples, self.cfg.max_sample_size)
+    def _crop(self, item: _Item, length: int) -> tuple[int, int]:
+        """(offset, length): ``length`` samples at a seeded offset that is a multiple of 320."""
         if not self.cfg.random_crop or length == item.num_samples:
             return 0, length
         slots = (item.num_samples - length) // CROP_QUANTUM + 1
@@ -312,7 +312,10 @@ class SlotStream:
         yield None, SlotState(pos, 0, read_counts, dict(yield_counts))
 
     def _collate(self, items: list[_Item], counts: dict[str, int]) -> dict | None:
-        crops = [self._crop(item) for item in items]
+        lengths = [min(item.num_samples, self.cfg.max_sample_size) for item in items]
+        if not self.cfg.pad_audio:
+            lengths = [min(lengths)] * len(items)
+        crops = [self._crop(item, length) for item, length in zip(items, lengths)]
         # Lengths are known from the metadata, so each utterance decodes straight into its row.
         pcm = np.zeros((len(items), max(length for _, length in crops)), dtype=np.int16)
         good = []

@@ -64,15 +64,17 @@ class HubertBackbone(nn.Module):
         self.encoder = Encoder(cfg)
 
     def normalize(self, waveform: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        """Zero mean, unit variance over each utterance's valid samples. The epsilon is that of
+        transformers' Wav2Vec2FeatureExtractor, so an exported model sees the same input."""
         if not self.cfg.normalize_waveform:
             return waveform
         if lengths is None:
-            return F.layer_norm(waveform, waveform.shape[-1:])
+            lengths = torch.full(waveform.shape[:1], waveform.shape[1], device=waveform.device)
         valid = (torch.arange(waveform.shape[1], device=waveform.device)[None, :] < lengths[:, None]).float()
         count = valid.sum(1, keepdim=True)
         mean = (waveform * valid).sum(1, keepdim=True) / count
         var = (((waveform - mean) * valid) ** 2).sum(1, keepdim=True) / count
-        return (waveform - mean) / torch.sqrt(var + 1e-5) * valid
+        return (waveform - mean) / torch.sqrt(var + 1e-7) * valid
 
     def features(self, waveform: torch.Tensor) -> torch.Tensor:
         """Waveform encoder output (B, T, 512), with the gradient scaled by feature_grad_mult."""

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 # Small batches so that 40 utterances make a dozen or more batches.
 BASE = ["max_tokens=200000", "max_sample_size=96000", "min_sample_size=0", "bucket_size=8",
-        "shuffle_window=3"]
+        "shuffle_window=3", "pad_audio=true"]
 
 
 def data_cfg(shards: Path, *overrides: str) -> list[str]:
@@ -165,6 +165,19 @@ def test_crops_keep_labels_on_their_frames(small_shards):
                 np.testing.assert_array_equal(got[:frames].numpy(), expected)
                 assert (got[frames:] == -100).all()
     assert len(offsets_seen) > 5
+
+
+def test_without_pad_audio_batches_are_cropped_to_their_shortest(small_shards):
+    lengths_seen = 0
+    for batch in make_loader(data_cfg(small_shards, "num_workers=0", "pad_audio=false",
+                                      "labels=[phones50]")):
+        n = int(batch["lengths"][0])
+        assert (batch["lengths"] == n).all() and batch["audio"].shape[1] == n
+        assert not batch["padding_mask"].any()
+        assert batch["labels"]["phones50"].shape[1] == num_frames(n, 50)
+        assert (batch["offsets"] % 320 == 0).all()
+        lengths_seen += 1
+    assert lengths_seen > 3
 
 
 def test_label_length_mismatch_and_missing_key_name_shard_and_key(small_shards, tmp_path):
