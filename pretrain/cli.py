@@ -33,7 +33,8 @@ class Flag:
 @dataclass(frozen=True)
 class Stage:
     group: str
-    name: str
+    name: str | None
+    """None for a stage that is a top-level command (``pretrain train``)."""
     help: str
     schema: Callable[[], type]
     """Returns the config dataclass (imported lazily so ``--help`` stays fast)."""
@@ -141,6 +142,21 @@ STAGES: tuple[Stage, ...] = (
     ),
 )
 
+def _train_schema() -> type:
+    from pretrain.config.train import TrainConfig
+
+    return TrainConfig
+
+
+def _train_run(cfg: Any, argv: list[str], progress: bool) -> int:
+    from pretrain.distributed import engine
+    from pretrain.train.loop import train
+
+    train(cfg, argv)
+    engine.shutdown()  # does not return: a clean exit for every rank
+    return 0
+
+
 def _export_hf_schema() -> type:
     from pretrain.config.export import ExportHfConfig
 
@@ -157,6 +173,15 @@ def _export_hf_run(cfg: Any, argv: list[str], progress: bool) -> int:
 
 
 STAGES += (
+    Stage(
+        group="train",
+        name=None,
+        help="train HuBERT with DeepSpeed (start it with `launch local --nproc N` or SLURM); "
+             "relaunching in the same run_dir resumes",
+        schema=_train_schema,
+        run=_train_run,
+        flags=(Flag("--run-dir", "run_dir", str, "run directory"),),
+    ),
     Stage(
         group="export",
         name="hf",
@@ -188,16 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
     groups = parser.add_subparsers(dest="group", metavar="STAGE", required=True)
     group_parsers: dict[str, argparse._SubParsersAction] = {}
     for stage in STAGES:
-        if stage.group not in group_parsers:
-            group = groups.add_parser(stage.group, help=GROUP_HELP[stage.group],
-                                      description=GROUP_HELP[stage.group])
-            group_parsers[stage.group] = group.add_subparsers(dest="command", metavar="COMMAND",
-                                                              required=True)
-        sub = group_parsers[stage.group].add_parser(
-            stage.name, help=stage.help, description=stage.help,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-            epilog=_epilog(stage),
-        )
+        common = dict(help=stage.help, description=stage.help,
+                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_epilog(stage))
+        if stage.name is None:  # a stage that is a command of its own: `pretrain train`
+            sub = groups.add_parser(stage.group, **common)
+        else:
+            if stage.group not in group_parsers:
+                group = groups.add_parser(stage.group, help=GROUP_HELP[stage.group],
+                                          description=GROUP_HELP[stage.group])
+                group_parsers[stage.group] = group.add_subparsers(dest="command", metavar="COMMAND",
+                                                                  required=True)
+            sub = group_parsers[stage.group].add_parser(stage.name, **common)
         sub.set_defaults(stage=stage)
         for name in stage.positional:
             sub.add_argument(f"flag_{name}", metavar=name.upper(), nargs="?", default=None,
@@ -238,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stage: Stage = args.stage
-    prog = f"pretrain {stage.group} {stage.name}"
+    prog = " ".join(["pretrain", stage.group] + ([stage.name] if stage.name else []))
     overrides, leading = list(args.overrides), []
     for name in stage.positional:
         value = getattr(args, "flag_" + name)

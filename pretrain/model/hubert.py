@@ -184,6 +184,25 @@ class HubertPretrain(nn.Module):
         out["loss_sum"] = loss
         return out
 
+    def num_frames(self, num_samples: int, targets: dict[str, torch.Tensor]) -> int:
+        """Frames the loss covers for a batch padded to ``num_samples``: the encoder's output,
+        cut where a label set ends."""
+        frames = conv_num_frames(num_samples)
+        for spec in self.labels:
+            ratio = spec.rate // FRAME_RATE
+            frames = min(frames, (targets[spec.name].shape[1] - 1) // ratio + 1)
+        return frames
+
+    def draw_mask(self, lengths: torch.Tensor, num_samples: int, targets: dict[str, torch.Tensor],
+                  rng: np.random.Generator) -> torch.Tensor:
+        """The span mask ``forward`` would draw, drawn ahead so that the trainer can count the
+        masked frames of every rank before the forward pass (the loss normalizer)."""
+        frames = self.num_frames(num_samples, targets)
+        padding = frame_padding_mask(lengths, frames)
+        valid = (~padding).sum(1).tolist()
+        return compute_span_mask(valid, frames, self.cfg.mask_prob, self.cfg.mask_length, rng,
+                                 self.cfg.mask_min_spans) & ~padding
+
     def _logits(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """Cosine similarity to every class embedding, over the temperature."""
         return F.normalize(x.float(), dim=-1) @ F.normalize(emb.float(), dim=-1).T / self.cfg.logit_temp
@@ -191,13 +210,11 @@ class HubertPretrain(nn.Module):
     def _align_targets(self, feats, padding, targets):
         """Put every label set on the 50 Hz frames: frame i takes label i * rate / 50 (the
         label frame with the same centre), and frames without a label are cut, as fairseq does."""
-        frames = feats.shape[1]
-        aligned = {}
         for spec in self.labels:
             if spec.name not in targets:
                 raise KeyError(f"no targets for label set '{spec.name}'")
-            ratio = spec.rate // FRAME_RATE
-            frames = min(frames, (targets[spec.name].shape[1] - 1) // ratio + 1)
+        frames = min(feats.shape[1], self.num_frames(10**12, targets))
+        aligned = {}
         for spec in self.labels:
             ratio = spec.rate // FRAME_RATE
             idx = torch.arange(frames, device=feats.device) * ratio

@@ -171,3 +171,16 @@ def test_tiny_model_overfits_one_batch_of_speech(tiny_corpus):
         if accuracy > 0.95:
             break
     assert accuracy > 0.9, f"masked accuracy {accuracy:.3f} after {step + 1} steps"
+
+
+@pytest.mark.gpu
+def test_bf16_autocast_on_gpu_matches_fp32():
+    torch.manual_seed(0)
+    model = HubertPretrain(model_config("tiny"), [LabelSpec("km", 20, 50)]).cuda().eval()
+    audio, lengths = torch.randn(2, 32000, device="cuda") * 0.1, torch.tensor([32000, 24000], device="cuda")
+    with torch.no_grad():
+        full, _ = model.backbone.hidden_states(audio, lengths)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            half, _ = model.backbone.hidden_states(audio, lengths)
+    assert torch.isfinite(half).all()
+    assert (half.float() - full).abs().mean() < 0.05 * full.abs().mean()

@@ -1,0 +1,1 @@
+"""Job launching: local (torchrun) now, SLURM with issue 8."""

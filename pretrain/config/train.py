@@ -1,0 +1,173 @@
+"""Configuration of ``pretrain train``: model, data, optimization, DeepSpeed, checkpoints, logs.
+
+Defaults are HuBERT BASE's recipe (../shared/notes/hubert-recipe.md); a run's YAML lists only
+what differs. ``run_dir`` is where everything of a run lives; relaunching the same command
+there resumes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from omegaconf import MISSING
+
+from pretrain.config.core import ConfigError
+from pretrain.config.data import DataConfig
+from pretrain.config.model import ModelConfig
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    """Peak learning rate (BASE 5e-4, LARGE 1.5e-3)."""
+
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    """Adam betas."""
+
+    eps: float = 1e-6
+    """Adam epsilon."""
+
+    weight_decay: float = 0.01
+    """Decoupled weight decay (AdamW)."""
+
+    warmup_steps: int = 32000
+    """Linear warmup from 0 to ``lr`` over these steps (8 % of 400k)."""
+
+    max_steps: int = 400000
+    """Total optimizer steps; the LR decays to ``end_lr`` at this step."""
+
+    decay: str = "linear"
+    """Decay after warmup: ``linear`` or ``polynomial`` (with ``power``)."""
+
+    power: float = 1.0
+    """Exponent of the polynomial decay (1.0 is linear)."""
+
+    end_lr: float = 0.0
+    """Learning rate reached at ``max_steps``."""
+
+    clip_grad: float = 10.0
+    """Gradient norm clipping (BASE 10, LARGE 1); 0 disables it."""
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"must be > 0, got {self.lr}", field="lr")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"must be two numbers in [0, 1), got {list(self.betas)}", field="betas")
+        if self.warmup_steps < 0 or self.warmup_steps > self.max_steps:
+            raise ConfigError(f"must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}",
+                              field="warmup_steps")
+        if self.max_steps < 1:
+            raise ConfigError(f"must be >= 1, got {self.max_steps}", field="max_steps")
+        if self.decay not in ("linear", "polynomial"):
+            raise ConfigError(f"must be 'linear' or 'polynomial', got '{self.decay}'", field="decay")
+        if self.end_lr < 0 or self.end_lr > self.lr:
+            raise ConfigError(f"must be in [0, lr], got {self.end_lr}", field="end_lr")
+        if self.clip_grad < 0:
+            raise ConfigError(f"must be >= 0, got {self.clip_grad}", field="clip_grad")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 1
+    """ZeRO stage 0-3."""
+
+    precision: str = "bf16"
+    """``bf16``, ``fp16`` (with DeepSpeed's dynamic loss scaling) or ``fp32``."""
+
+    grad_accum: int = 1
+    """Micro-batches per optimizer step on each rank."""
+
+    def validate(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"must be 0, 1, 2 or 3, got {self.zero_stage}", field="zero_stage")
+        if self.precision not in ("bf16", "fp16", "fp32"):
+            raise ConfigError(f"must be bf16, fp16 or fp32, got '{self.precision}'", field="precision")
+        if self.grad_accum < 1:
+            raise ConfigError(f"must be >= 1, got {self.grad_accum}", field="grad_accum")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 5000
+    """Save every this many optimizer steps (and at the end)."""
+
+    keep_last: int = 2
+    """Complete checkpoints kept (at least 2, so a damaged newest one has a fallback)."""
+
+    pin: list[int] = field(default_factory=list)
+    """Steps whose checkpoints are never deleted."""
+
+    def validate(self) -> None:
+        if self.every < 1:
+            raise ConfigError(f"must be >= 1, got {self.every}", field="every")
+        if self.keep_last < 2:
+            raise ConfigError(f"must be >= 2, got {self.keep_last}", field="keep_last")
+
+
+@dataclass
+class LogConfig:
+    every: int = 100
+    """Log metrics every this many optimizer steps."""
+
+    wandb: str = "auto"
+    """``online``, ``offline``, ``disabled``, or ``auto`` (online when logged in, else offline)."""
+
+    wandb_project: str = "pretrain"
+    """wandb project name."""
+
+    tensorboard: bool = True
+    """Write TensorBoard scalars to ``run_dir/tensorboard``."""
+
+    def validate(self) -> None:
+        if self.every < 1:
+            raise ConfigError(f"must be >= 1, got {self.every}", field="every")
+        if self.wandb not in ("online", "offline", "disabled", "auto"):
+            raise ConfigError(f"must be online, offline, disabled or auto, got '{self.wandb}'", field="wandb")
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = MISSING
+    """Directory of the run: config, checkpoints, metrics. Relaunching resumes from it."""
+
+    seed: int = 1
+    """Seed of initialization, masking and dropout (the data order has its own, data.seed)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The network and its objective."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data: shards and label sets."""
+
+    valid_shards: Optional[str] = None
+    """Held-out shard directory (same label sets) for periodic validation; none: no validation."""
+
+    valid_every: int = 10000
+    """Validate every this many optimizer steps."""
+
+    valid_batches: int = 50
+    """Batches per rank in a validation pass."""
+
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule."""
+
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """DeepSpeed engine settings."""
+
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+
+    log: LogConfig = field(default_factory=LogConfig)
+    """Metrics and dashboards."""
+
+    max_bad_steps: int = 10
+    """Stop after this many consecutive steps with a non-finite loss or gradient norm."""
+
+    def validate(self) -> None:
+        if not self.data.labels:
+            raise ConfigError("training needs at least one label set", field="data.labels")
+        if self.max_bad_steps < 1:
+            raise ConfigError(f"must be >= 1, got {self.max_bad_steps}", field="max_bad_steps")
+        if self.valid_every < 1 or self.valid_batches < 1:
+            raise ConfigError("must be >= 1", field="valid_every")

@@ -1,0 +1,57 @@
+"""Everything that knows about processes: the launch environment, the process group, the
+DeepSpeed engine and the collectives the trainer needs. Nothing else imports
+``torch.distributed`` or ``deepspeed``."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _first_host(nodelist: str) -> str:
+    """First host of a SLURM node list such as ``gpu[003-005,009],cpu1`` -> ``gpu003``."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if match is None:
+        raise ValueError(f"cannot parse SLURM node list '{nodelist}'")
+    prefix, ranges = match.group(1), match.group(2)
+    if ranges is None:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def read_env(environ: dict | None = None) -> DistEnv:
+    """The process's place in the job, from torchrun's variables or else SLURM's (one task per
+    GPU); a plain single process otherwise."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+        job = int(env.get("SLURM_JOB_ID", "0"))
+        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                       env.get("MASTER_ADDR", _first_host(nodelist)),
+                       int(env.get("MASTER_PORT", 20000 + job % 20000)))
+    return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 29500)))
+
+
+def export_env(dist: DistEnv) -> None:
+    """Set the variables torch.distributed and DeepSpeed read, whatever launched us."""
+    os.environ.update({"RANK": str(dist.rank), "WORLD_SIZE": str(dist.world_size),
+                       "LOCAL_RANK": str(dist.local_rank), "MASTER_ADDR": dist.master_addr,
+                       "MASTER_PORT": str(dist.master_port)})

@@ -1,0 +1,82 @@
+"""Rank 0's metric sinks: ``metrics.jsonl``, the console, TensorBoard and wandb.
+
+wandb runs online when the user is logged in and offline otherwise (``log.wandb=auto``); its
+run id is kept in ``run_dir/wandb_id`` and reused on every resume, so a run that was
+interrupted ten times is still one continuous curve.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from pretrain.config.train import LogConfig
+
+log = logging.getLogger(__name__)
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str | Path, cfg: LogConfig, config: dict, enabled: bool = True):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.tb = None
+        self.wandb = None
+        if not enabled:
+            return
+        self.jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        mode = self._wandb_mode(cfg.wandb)
+        if mode != "disabled":
+            import wandb
+
+            id_file = self.run_dir / "wandb_id"
+            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            id_file.write_text(run_id + "\n")
+            self.wandb = wandb.init(project=cfg.wandb_project, id=run_id, resume="allow", mode=mode,
+                                    dir=str(self.run_dir), config=config, name=self.run_dir.name)
+            self.wandb_id = run_id
+
+    @staticmethod
+    def _wandb_mode(setting: str) -> str:
+        if setting != "auto":
+            return setting
+        if os.environ.get("WANDB_MODE"):
+            return os.environ["WANDB_MODE"]
+        try:
+            import wandb
+
+            return "online" if wandb.api.api_key else "offline"
+        except Exception:  # noqa: BLE001 - no wandb settings at all: stay local
+            return "offline"
+
+    def log(self, step: int, metrics: dict[str, Any], prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        named = {f"{prefix}{k}": v for k, v in metrics.items()}
+        self.jsonl.write(json.dumps({"step": step, **named}) + "\n")
+        if self.tb is not None:
+            for k, v in named.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(named, step=step)
+        shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in named.items() if k in (f"{prefix}loss", f"{prefix}lr", f"{prefix}acc_masked",
+                                                             f"{prefix}grad_norm", f"{prefix}audio_s_per_s"))
+        print(f"step {step} {shown}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
