@@ -10,7 +10,9 @@ exits. Stages register here as they land; there are no placeholder commands.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -152,7 +154,8 @@ def _train_run(cfg: Any, argv: list[str], progress: bool) -> int:
     from pretrain.distributed import engine
     from pretrain.train.loop import train
 
-    train(cfg, argv)
+    # PRETRAIN_FAULT injects failures for the recovery tests (see train()); unset in real runs.
+    train(cfg, argv, fault=json.loads(os.environ.get("PRETRAIN_FAULT", "{}")))
     engine.shutdown()  # does not return: a clean exit for every rank
     return 0
 

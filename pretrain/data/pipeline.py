@@ -413,8 +413,11 @@ class ShardLoader:
         epoch = None if self.cfg.infinite else self.epoch
         rotation = (self.last_slot + 1) % self.workers_per_rank
         dataset = _SlotDataset(self, dict(self.slots), rotation, epoch)
+        # Its own generator: a DataLoader otherwise draws its workers' base seed from the global
+        # torch RNG at every iter(), which would shift the trainer's dropout stream on resume.
         loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers,
-                            persistent_workers=False, prefetch_factor=4 if self.cfg.num_workers else None)
+                            persistent_workers=False, prefetch_factor=4 if self.cfg.num_workers else None,
+                            generator=torch.Generator().manual_seed(self.cfg.seed))
         for logical, batch, state in loader:
             self.slots[logical] = SlotState.from_dict(state)
             if batch is None:  # a slot's end-of-stream state

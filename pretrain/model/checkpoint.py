@@ -24,12 +24,17 @@ MODEL_FILE = "model.pt"
 
 
 def save_model(path: str | Path, model: HubertPretrain) -> None:
+    """Write ``model`` as a model file, its weights in float32 whatever precision it trains in.
+
+    Builds no module (a fresh one would draw its initialization from the global RNG and shift
+    the trainer's dropout stream)."""
     payload = {
         "format": FORMAT,
         "version": VERSION,
         "model_config": dataclasses.asdict(model.cfg),
         "labels": [dataclasses.asdict(spec) for spec in model.labels],
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
+                       for k, v in model.state_dict().items()},
     }
     buf = io.BytesIO()
     torch.save(payload, buf)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import resource
 import time
 from dataclasses import asdict
@@ -164,18 +163,12 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, fault: dict | None = 
             rank_state = {"step": step, "data": loader.state_dict(), "rng": rng_state(),
                           "config_hash": config_hash(cfg)}
             checkpoints.save(engine, step, rank_state, config_hash(cfg),
-                             model_file=lambda path: _save_model_file(path, model))
+                             model_file=lambda path: save_model(path, model))
             if fault.get("exit_after_save") == step:
                 logger.close()
                 dist_engine.shutdown()
     logger.close()
     return last
-
-
-def _save_model_file(path: Path, model: HubertPretrain) -> None:
-    fp32 = HubertPretrain(model.cfg, model.labels)
-    fp32.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
-    save_model(path, fp32)
 
 
 def _local_sums(outs, micro, specs, global_masked, world) -> dict[str, float]:
@@ -216,7 +209,7 @@ def _metrics(totals, specs, lr, engine, elapsed, data_wait, world) -> dict:
         metrics[f"acc_unmasked/{spec.name}"] = totals[f"correct_unmasked/{spec.name}"] / max(totals["num_unmasked"], 1)
     if specs:
         metrics["acc_masked"] = metrics[f"acc_masked/{specs[0].name}"]
-    return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in metrics.items()}
+    return metrics
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ class MetricsLogger:
             import wandb
 
             id_file = self.run_dir / "wandb_id"
-            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id + "\n")
             self.wandb = wandb.init(project=cfg.wandb_project, id=run_id, resume="allow", mode=mode,
                                     dir=str(self.run_dir), config=config, name=self.run_dir.name)
