@@ -86,7 +86,8 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(uninterrupte
 
 def test_nan_on_one_rank_changes_no_parameter(small_shards, tmp_path):
     run = tmp_path / "nan"
-    proc = launch(run, small_shards, "optim.max_steps=4", "checkpoint.every=1", "checkpoint.keep_last=10",
+    proc = launch(run, small_shards, "optim.max_steps=4", "optim.warmup_steps=1", "checkpoint.every=1",
+                  "checkpoint.keep_last=10",
                   fault={"nan_at": 2, "nan_rank": 1})
     assert "step 2: non-finite loss on some rank" in proc.stderr
     import torch
@@ -100,7 +101,7 @@ def test_nan_on_one_rank_changes_no_parameter(small_shards, tmp_path):
 
 
 def test_too_many_bad_steps_stop_with_a_clear_message(small_shards, tmp_path):
-    proc = launch(tmp_path / "bad", small_shards, "optim.max_steps=4", "max_bad_steps=1",
+    proc = launch(tmp_path / "bad", small_shards, "optim.max_steps=4", "optim.warmup_steps=1", "max_bad_steps=1",
                   fault={"nan_at": 1, "nan_rank": 0}, check=False)
     assert proc.returncode != 0
     assert "consecutive steps with a non-finite loss" in proc.stderr
