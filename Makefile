@@ -14,6 +14,9 @@ demo: setup
 	$(VENV)/bin/pretrain corpus synth --config configs/corpus/demo.yaml --out $(DEMO_DIR)/corpus overwrite=true
 	$(VENV)/bin/pretrain shards build --input $(DEMO_DIR)/corpus --out $(DEMO_DIR)/shards --per-shard 16 overwrite=true
 	$(VENV)/bin/pretrain shards verify $(DEMO_DIR)/shards
+	$(VENV)/bin/launch local --nproc 2 pretrain train --config configs/model/tiny.yaml \
+		--config configs/train/tiny_cpu.yaml --run-dir $(DEMO_DIR)/train data.shards=$(DEMO_DIR)/shards
+	$(VENV)/bin/pretrain export hf $(DEMO_DIR)/train/checkpoints/step_40 $(DEMO_DIR)/hf
 
 test: setup
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
