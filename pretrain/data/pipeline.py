@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pretrain.config.data import DataConfig
 from pretrain.data.audio import EXTENSIONS, decode_into
-from pretrain.data.labels import LabelSet, fit_length
+from pretrain.data.labels import LabelSet
 from pretrain.data.shards import iter_shard, read_manifest
 from pretrain.frames import num_frames
 from pretrain.utils import PretrainError

@@ -23,7 +23,6 @@ import torch
 
 from pretrain.config import write_run_record
 from pretrain.config.train import TrainConfig
-from pretrain.data.labels import LabelSet
 from pretrain.data.pipeline import ShardLoader
 from pretrain.distributed import read_env
 from pretrain.distributed import engine as dist_engine
@@ -172,7 +171,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, fault: dict | None = 
 
 
 def _local_sums(outs, micro, specs, global_masked, world) -> dict[str, float]:
-    sums = {"loss_sum": sum(float(o["loss_sum"].detach()) for o in outs) / max(global_masked, 1.0) * 1.0,
+    sums = {"loss_sum": sum(float(o["loss_sum"].detach()) for o in outs) / max(global_masked, 1.0),
             "num_masked": sum(o["num_masked"] for o in outs),
             "num_unmasked": sum(o["num_unmasked"] for o in outs),
             "audio_samples": sum(float(b["lengths"].sum()) for b in micro),
