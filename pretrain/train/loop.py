@@ -105,28 +105,8 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, fault: dict | None = 
         masks = [model.draw_mask(b["lengths"], b["audio"].shape[1], b["labels"],
                                  np.random.default_rng([cfg.seed, step, dist.rank, i]))
                  for i, b in enumerate(micro)]
-        local_masked = float(sum(int(m.sum()) for m in masks))
-        global_masked = dist_engine.all_reduce_sum([local_masked])[0]
-        scale = dist.world_size * ga / max(global_masked, 1.0)
-        outs, skipped = [], False
-        for batch, mask in zip(micro, masks):
-            audio = batch["audio"].to(engine.device, dtype)
-            targets = {k: v.to(engine.device) for k, v in batch["labels"].items()}
-            out = engine(audio, batch["lengths"].to(engine.device), targets, mask=mask)
-            loss = out["loss_sum"]
-            if fault.get("nan_at") == step and fault.get("nan_rank") == dist.rank:
-                loss = loss * float("nan")
-            # All ranks learn whether any rank's loss is non-finite before anyone's backward.
-            bad = dist_engine.all_reduce_sum([float(not torch.isfinite(loss).item())])[0] > 0
-            if bad:
-                skipped = True
-                # A zero loss over every parameter keeps DeepSpeed's gradient hooks and
-                # collectives in step on all ranks while contributing nothing.
-                loss = sum(p.sum() * 0.0 for p in engine.module.parameters())
-            else:
-                loss = loss * scale
-            outs.append(out)
-            engine.backward(loss)
+        nan_here = fault.get("nan_at") == step and fault.get("nan_rank") == dist.rank
+        outs, skipped, global_masked = forward_backward(engine, micro, masks, dist.world_size, dtype, nan_here)
         if skipped:
             # The update is taken at learning rate 0: AdamW (decoupled decay included) then
             # leaves every parameter exactly as it was, on every rank.
@@ -168,6 +148,37 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, fault: dict | None = 
                 dist_engine.shutdown()
     logger.close()
     return last
+
+
+def forward_backward(engine, micro: list[dict], masks: list[torch.Tensor], world_size: int,
+                     dtype: torch.dtype, inject_nan: bool = False) -> tuple[list[dict], bool, float]:
+    """Forward and backward of this rank's micro-batches of one optimizer step.
+
+    Returns the model outputs, whether some rank's loss was non-finite (then every rank ran a
+    zero backward instead) and the global masked-frame count ``N``. The gradient DeepSpeed
+    ends up with is ``sum over ranks and micro-batches of grad(loss_sum) / N``.
+    """
+    ga = len(micro)
+    local_masked = float(sum(int(m.sum()) for m in masks))
+    global_masked = dist_engine.all_reduce_sum([local_masked])[0]
+    scale = world_size * ga / max(global_masked, 1.0)
+    outs, skipped = [], False
+    for batch, mask in zip(micro, masks):
+        audio = batch["audio"].to(engine.device, dtype)
+        targets = {k: v.to(engine.device) for k, v in batch["labels"].items()}
+        out = engine(audio, batch["lengths"].to(engine.device), targets, mask=mask)
+        loss = out["loss_sum"] * float("nan") if inject_nan else out["loss_sum"]
+        # All ranks learn whether any rank's loss is non-finite before anyone's backward.
+        if dist_engine.all_reduce_sum([float(not torch.isfinite(loss).item())])[0] > 0:
+            skipped = True
+            # A zero loss over every parameter keeps DeepSpeed's gradient hooks and
+            # collectives in step on all ranks while contributing nothing.
+            loss = sum(p.sum() * 0.0 for p in engine.module.parameters())
+        else:
+            loss = loss * scale
+        outs.append(out)
+        engine.backward(loss)
+    return outs, skipped, global_masked
 
 
 def _local_sums(outs, micro, specs, global_masked, world) -> dict[str, float]:

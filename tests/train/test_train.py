@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from launch.cli import free_port
+
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH = Path(sys.executable).parent / "launch"
@@ -104,3 +106,23 @@ def test_too_many_bad_steps_stop_with_a_clear_message(small_shards, tmp_path):
                   fault={"nan_at": 1, "nan_rank": 0}, check=False)
     assert proc.returncode != 0
     assert "consecutive steps with a non-finite loss" in proc.stderr
+
+
+def test_gradients_do_not_depend_on_how_the_batch_is_split(tmp_path):
+    # 1 rank with 4 utterances vs 2 ranks with 2 each: equal gradients, because the loss is a
+    # sum over frames divided by the masked-frame count of all ranks.
+    import torch
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    grads = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"grads{nproc}.pt"
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                               "--master_port", str(free_port()), str(REPO / "tests/train/grad_child.py"),
+                               str(out)], capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        grads[nproc] = torch.load(out, weights_only=True)
+    assert grads[1].keys() == grads[2].keys()
+    worst = max((grads[1][k] - grads[2][k]).abs().max().item() for k in grads[1])
+    assert worst < 1e-6, worst
+    assert max(g.abs().max().item() for g in grads[1].values()) > 1e-3  # not trivially zero
