@@ -282,10 +282,13 @@ class SlotStream:
         pos = tuple(state.pool_start)
         skip = state.batches_done
         exhausted = False
+        # One reader for the whole stream: a pool continues where the previous one stopped
+        # (re-opening the shard per pool would re-read it from its start each time). Only a
+        # resume starts a reader mid-shard, from the saved pool start.
+        samples = self._samples(pos, read_counts)
         while not exhausted:
             pool_start, counts_at_start = pos, _copy_counts(read_counts)
             pool: list[_Item] = []
-            samples = self._samples(pos, read_counts)
             for item, nxt in samples:
                 pool.append(item)
                 pos = nxt
@@ -306,7 +309,7 @@ class SlotStream:
                 if batch is not None:
                     yield batch, out_state
             skip = 0
-            samples.close()
+        samples.close()
         # The stream's end, as a state without a batch: it carries the last pool's read
         # counters (skipped, too short), which no batch state includes.
         yield None, SlotState(pos, 0, read_counts, dict(yield_counts))
