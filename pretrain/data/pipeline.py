@@ -26,8 +26,12 @@ process (workers cannot be asked for their state). ``ShardLoader.state_dict()`` 
 of every slot of this rank plus the slot that yielded last. On resume each slot re-reads its
 pool from the saved position (no decoding), skips the consumed batches, and continues; the
 DataLoader's round-robin over workers is restored by rotating which slot each worker serves.
-Changing ``world_size``, ``num_workers``, ``seed`` or the shards on resume changes the
-partition, so it is refused with an error saying which field differs.
+Changing ``num_workers``, ``seed`` or the shards on resume is refused with an error saying
+which field differs. A different ``world_size`` (training resumed with another process count)
+follows one documented policy, :meth:`ShardLoader.load_repartitioned`: the saved positions of
+the old streams cannot be mapped onto the new ones, so every new stream starts the epoch after
+the furthest one any old stream had reached. Nothing is read twice within an epoch; what the
+old streams had not read of their current epoch is skipped, and a warning says so.
 """
 
 from __future__ import annotations
@@ -454,6 +458,34 @@ class ShardLoader:
             "last_slot": self.last_slot,
             "slots": {str(k): v.to_dict() for k, v in self.slots.items()},
         }
+
+    def load_repartitioned(self, states: list[dict]) -> int:
+        """Continue from the states of *all* ranks of a run with another ``world_size``.
+
+        Every slot of this loader starts at the beginning of epoch ``E + 1``, where ``E`` is the
+        furthest epoch any old slot had started; the counters restart. Returns that epoch.
+        """
+        if not states:
+            raise ValueError("load_repartitioned needs the data states of the old ranks")
+        for state in states:
+            for name, mine in (("seed", self.cfg.seed), ("num_workers", self.workers_per_rank),
+                               ("infinite", self.cfg.infinite)):
+                if state[name] != mine:
+                    raise PretrainError(
+                        f"cannot resume the data loader: it was saved with {name}={state[name]}, now "
+                        f"{name}={mine}; resume with the saved value")
+            if state["shards"] != self.fingerprint:
+                raise PretrainError("cannot resume the data loader: the shards in "
+                                    f"{self.dir} differ from those it was saved with")
+        reached = max(max([int(s["epoch"])] + [int(v["pool_start"][0]) for v in s["slots"].values()])
+                      for s in states)
+        self.epoch = reached + 1
+        self._reset_slots(self.epoch)
+        log.warning("data: resuming %d old streams with %d new ones (world_size %d -> %d); the new "
+                    "streams start epoch %d, the unread rest of epoch %d is skipped",
+                    len(states) * self.workers_per_rank, self.num_slots, states[0]["world_size"],
+                    self.world_size, self.epoch, reached)
+        return self.epoch
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a state saved by a loader with the same partition; strict on keys."""

@@ -23,18 +23,20 @@ VERSION = 1
 MODEL_FILE = "model.pt"
 
 
-def save_model(path: str | Path, model: HubertPretrain) -> None:
-    """Write ``model`` as a model file, its weights in float32 whatever precision it trains in.
+def save_model(path: str | Path, model: HubertPretrain, state_dict: dict | None = None) -> None:
+    """Write ``model`` as a model file, its weights in float32 whatever precision it trains in;
+    ``state_dict`` replaces the module's own (the gathered weights of a ZeRO 3 run).
 
     Builds no module (a fresh one would draw its initialization from the global RNG and shift
     the trainer's dropout stream)."""
+    state_dict = model.state_dict() if state_dict is None else state_dict
     payload = {
         "format": FORMAT,
         "version": VERSION,
         "model_config": dataclasses.asdict(model.cfg),
         "labels": [dataclasses.asdict(spec) for spec in model.labels],
         "state_dict": {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
-                       for k, v in model.state_dict().items()},
+                       for k, v in state_dict.items()},
     }
     buf = io.BytesIO()
     torch.save(payload, buf)

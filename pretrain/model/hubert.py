@@ -130,17 +130,26 @@ class HubertPretrain(nn.Module):
                 nn.init.kaiming_normal_(module.weight)
 
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor, targets: dict[str, torch.Tensor],
-                mask: torch.Tensor | None = None, rng: np.random.Generator | None = None) -> dict:
+                mask: torch.Tensor | None = None, rng: np.random.Generator | None = None,
+                feature_pen_scale: float | None = None) -> dict:
         """HuBERT loss of a padded batch.
 
         ``audio`` (B, S), ``lengths`` (B,) samples, ``targets[name]`` (B, F) labels at the label
         set's rate (padding is ignored). ``mask`` (B, T) or ``rng`` to draw one: one is required
         when ``mask_prob > 0``.
+
+        ``loss_sum`` is the summed cross-entropy plus ``feature_pen_weight * P * feature_pen_scale``
+        where ``P`` sums, over unpadded frames, the mean square of the waveform encoder's
+        output. The scale defaults to this batch's masked/unpadded frame ratio (fairseq's
+        penalty is the same mean times the masked count, but over padding too). The trainer
+        passes the ratio of the counts over all ranks, which makes the penalty, like the
+        cross-entropy, independent of how a batch is split over ranks.
         """
         backbone = self.backbone
         feats = backbone.features(backbone.normalize(audio, lengths))
-        feature_pen = feats.float().pow(2).mean()
         padding = frame_padding_mask(lengths, feats.shape[1])
+        unpadded = int((~padding).sum())
+        feature_pen = (feats.float().pow(2).mean(-1) * (~padding)).sum()
         feats, padding, targets = self._align_targets(feats, padding, targets)
         x = backbone.feature_projection.projection(backbone.feature_projection.layer_norm(feats))
         x = self.dropout_input(x)
@@ -159,7 +168,7 @@ class HubertPretrain(nn.Module):
         masked, unmasked = mask, ~mask & ~padding
         sample_size = int(masked.sum())
         out: dict = {"sample_size": sample_size, "num_masked": sample_size,
-                     "num_unmasked": int(unmasked.sum()), "feature_pen": feature_pen.detach()}
+                     "num_unmasked": int(unmasked.sum()), "feature_pen": feature_pen.detach() / max(unpadded, 1)}
         loss = x.new_zeros((), dtype=torch.float32)
         proj = self.final_proj(x)
         chunks = proj.chunk(len(self.labels), dim=-1) if self.cfg.untie_final_proj else [proj] * len(self.labels)
@@ -169,6 +178,9 @@ class HubertPretrain(nn.Module):
                                         ("unmasked", unmasked, self.cfg.pred_nomask_weight)):
                 if not where.any():
                     out[f"correct_{kind}/{spec.name}"] = 0
+                    if kind == "masked":
+                        out[f"pred_hist/{spec.name}"] = torch.zeros(spec.num_classes, dtype=torch.long)
+                        out[f"target_hist/{spec.name}"] = torch.zeros(spec.num_classes, dtype=torch.long)
                     continue
                 logits = self._logits(p[where], emb)
                 t = target[where]
@@ -179,8 +191,14 @@ class HubertPretrain(nn.Module):
                 if weight > 0:
                     loss = loss + weight * ce
                 out[f"loss_{kind}/{spec.name}"] = ce.detach()
-                out[f"correct_{kind}/{spec.name}"] = int((logits.argmax(-1) == t).sum())
-        loss = loss + self.cfg.feature_pen_weight * feature_pen * sample_size
+                pred = logits.argmax(-1)
+                out[f"correct_{kind}/{spec.name}"] = int((pred == t).sum())
+                if kind == "masked":  # label usage: how many classes are targets, and predicted
+                    out[f"pred_hist/{spec.name}"] = torch.bincount(pred, minlength=spec.num_classes).cpu()
+                    out[f"target_hist/{spec.name}"] = torch.bincount(t, minlength=spec.num_classes).cpu()
+        if feature_pen_scale is None:
+            feature_pen_scale = sample_size / max(unpadded, 1)
+        loss = loss + self.cfg.feature_pen_weight * feature_pen * feature_pen_scale
         out["loss_sum"] = loss
         return out
 

@@ -13,6 +13,13 @@ only once it is complete:
 On start, rank 0 removes ``*.tmp`` leftovers and picks the newest ``step_N`` whose manifest
 exists and whose files match their sha256 (a mismatch is skipped with a warning naming the
 file); every rank then loads that one.
+
+Another process count: with ZeRO 1-3 the optimizer state is partitioned by rank, so rank 0
+first converts ``step_N/ds`` into DeepSpeed's universal format (``step_N/universal/``, written
+under a temporary name and renamed, reused by later restarts) and the engine is built to load
+that. Rank ``r`` takes the RNG states of old rank ``r`` when it existed; the data loader gets the
+states of all old ranks and applies its repartition policy
+(:meth:`pretrain.data.pipeline.ShardLoader.load_repartitioned`).
 """
 
 from __future__ import annotations
@@ -21,9 +28,11 @@ import hashlib
 import io
 import json
 import logging
+import os
 import random
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +40,16 @@ import numpy as np
 import torch
 
 from pretrain.distributed import DistEnv
-from pretrain.distributed.engine import barrier, broadcast_object
+from pretrain.distributed.engine import barrier, broadcast_object, to_universal
 from pretrain.utils import PretrainError, atomic_write_bytes, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 DS_TAG = "ds"
+UNIVERSAL = "universal"
+SAVE_PHASES = ("before_writes", "mid_write", "before_manifest", "before_rename", "before_latest")
+"""Points of a save where tests kill a process (``crash``), in the order they are reached."""
 _STEP = re.compile(r"^step_(\d+)$")
 
 
@@ -65,15 +77,26 @@ def set_rng_state(state: dict) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, root: str | Path, dist: DistEnv, keep_last: int = 2, pin: list[int] | None = None):
+    def __init__(self, root: str | Path, dist: DistEnv, keep_last: int = 2, pin: list[int] | None = None,
+                 crash: dict | None = None):
         self.root = Path(root)
         self.dist = dist
         self.keep_last = keep_last
         self.pin = set(pin or [])
+        # Tests only: {"step": N, "phase": one of SAVE_PHASES, "rank": r} kills rank r there.
+        self.crash = crash or {}
+
+    def _phase(self, step: int, phase: str) -> None:
+        c = self.crash
+        if c.get("step") == step and c.get("phase") == phase and c.get("rank", 0) == self.dist.rank:
+            log.warning("test fault: killing rank %d at save phase %s of step %d", self.dist.rank, phase, step)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     # ---- saving
 
-    def save(self, engine: Any, step: int, rank_state: dict, config_hash: str, model_file=None) -> Path:
+    def save(self, engine: Any, step: int, rank_state: dict, config_hash: str, model_file=None,
+             meta: dict | None = None) -> Path:
+        """Write ``step_N`` (see the module docstring); ``meta`` goes into the manifest."""
         tmp = self.root / f"step_{step}.tmp"
         final = self.root / f"step_{step}"
         if self.dist.is_main:
@@ -81,8 +104,10 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         barrier()
+        self._phase(step, "before_writes")
         engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False,
                                client_state={"step": step})
+        self._phase(step, "mid_write")
         buf = io.BytesIO()
         torch.save(rank_state, buf)
         atomic_write_bytes(tmp / f"rank_{self.dist.rank}.pt", buf.getvalue())
@@ -90,12 +115,15 @@ class CheckpointManager:
             model_file(tmp / "model.pt")
         barrier()
         if self.dist.is_main:
+            self._phase(step, "before_manifest")
             files = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
             atomic_write_json(tmp / MANIFEST, {"step": step, "world_size": self.dist.world_size,
-                                               "config_hash": config_hash, "files": files})
+                                               "config_hash": config_hash, **(meta or {}), "files": files})
+            self._phase(step, "before_rename")
             if final.exists():  # a stale copy of this very step (e.g. after a fallback)
                 shutil.rmtree(final)
             tmp.rename(final)
+            self._phase(step, "before_latest")
             atomic_write_text(self.root / "latest", f"step_{step}\n")
             self._prune()
         barrier()
@@ -147,17 +175,45 @@ class CheckpointManager:
                 log.warning("skipping checkpoint step_%d: %s", step, "; ".join(problems))
         return broadcast_object(choice)
 
-    def load(self, engine: Any, step: int) -> dict:
-        """Load model/optimizer state into ``engine`` and return this rank's own state."""
+    def manifest(self, step: int) -> dict:
+        return json.loads((self.root / f"step_{step}" / MANIFEST).read_text())
+
+    def prepare_load(self, step: int, zero_stage: int) -> bool:
+        """Whether ``step`` must be loaded through the universal format (written by another
+        process count with partitioned optimizer state); if so, rank 0 converts it first."""
+        saved = self.manifest(step)["world_size"]
+        if saved == self.dist.world_size or zero_stage == 0:
+            return False  # ZeRO 0 keeps the whole optimizer state in the model-states file
         folder = self.root / f"step_{step}"
-        manifest = json.loads((folder / MANIFEST).read_text())
-        if manifest["world_size"] != self.dist.world_size:
-            raise PretrainError(
-                f"checkpoint {folder} was written by {manifest['world_size']} processes, this run has "
-                f"{self.dist.world_size}; resuming with another process count is not supported yet")
-        path, _ = engine.load_checkpoint(str(folder), tag=DS_TAG, load_module_strict=True,
+        if self.dist.is_main and not (folder / UNIVERSAL).is_dir():
+            log.warning("checkpoint %s was written by %d processes, this run has %d: converting it to "
+                        "DeepSpeed's universal format", folder, saved, self.dist.world_size)
+            tmp = folder / f"{UNIVERSAL}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            to_universal(str(folder / DS_TAG), str(tmp / DS_TAG))
+            tmp.rename(folder / UNIVERSAL)
+        barrier()
+        return True
+
+    def load(self, engine: Any, step: int, universal: bool = False) -> tuple[dict | None, list[dict]]:
+        """Load model/optimizer state into ``engine``.
+
+        Returns this rank's own saved state (``None`` when the checkpoint had fewer ranks) and
+        the saved states of every old rank (for the data loader's repartition policy).
+        """
+        folder = self.root / f"step_{step}"
+        saved = self.manifest(step)["world_size"]
+        source = folder / UNIVERSAL if universal else folder
+        path, _ = engine.load_checkpoint(str(source), tag=DS_TAG, load_module_strict=True,
                                          load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
-            raise PretrainError(f"DeepSpeed could not load {folder / DS_TAG}")
-        rank_file = folder / f"rank_{self.dist.rank}.pt"
-        return torch.load(rank_file, map_location="cpu", weights_only=False)
+            raise PretrainError(f"DeepSpeed could not load {source / DS_TAG}")
+
+        def rank_state(r: int) -> dict:
+            return torch.load(folder / f"rank_{r}.pt", map_location="cpu", weights_only=False)
+
+        if saved == self.dist.world_size:
+            own = rank_state(self.dist.rank)
+            return own, [own]
+        everyone = [rank_state(r) for r in range(saved)]
+        return (everyone[self.dist.rank] if self.dist.rank < saved else None), everyone

@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import resource
+import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,6 +28,7 @@ from pretrain.config.train import TrainConfig
 from pretrain.data.pipeline import ShardLoader
 from pretrain.distributed import read_env
 from pretrain.distributed import engine as dist_engine
+from pretrain.frames import conv_num_frames
 from pretrain.model.checkpoint import save_model
 from pretrain.model.hubert import HubertPretrain, LabelSpec
 from pretrain.train.checkpoint import CheckpointManager, rng_state, set_rng_state
@@ -39,6 +42,31 @@ log = logging.getLogger(__name__)
 def config_hash(cfg: TrainConfig) -> str:
     """Hash of what shapes the model: a checkpoint with another one must not be loaded."""
     return hashlib.sha256(json.dumps(asdict(cfg.model), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _shape_record(cfg: TrainConfig, specs: list[LabelSpec]) -> dict:
+    return {"model": asdict(cfg.model), "labels": [[s.name, s.num_classes, s.rate] for s in specs]}
+
+
+def check_resumable(manifest: dict, cfg: TrainConfig, specs: list[LabelSpec], step: int) -> None:
+    """Refuse a checkpoint whose model fields or label sets differ from this config, naming
+    them. Everything else (logging, LR peak and schedule, total steps, data, checkpoint
+    policy) may change between restarts."""
+    if "model" not in manifest:  # written before the manifest held the fields
+        if manifest["config_hash"] != config_hash(cfg):
+            raise PretrainError(f"checkpoint step_{step} was trained with another model config; "
+                                "start a new run_dir")
+        return
+    saved, mine = manifest, _shape_record(cfg, specs)
+    changes = [f"model.{k}: {saved['model'].get(k)!r} -> {mine['model'].get(k)!r}"
+               for k in sorted(set(saved["model"]) | set(mine["model"]))
+               if saved["model"].get(k) != mine["model"].get(k)]
+    if saved["labels"] != mine["labels"]:
+        changes.append(f"data.labels (name, classes, rate): {saved['labels']} -> {mine['labels']}")
+    if changes:
+        raise PretrainError(f"cannot resume from checkpoint step_{step}: these fields shape the model and "
+                            f"differ from the checkpoint: {'; '.join(changes)}. Start a new run_dir to "
+                            "train another model.")
 
 
 def _batches(loader: ShardLoader):
@@ -56,7 +84,10 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, fault: dict | None = 
     """Train until ``cfg.optim.max_steps``; returns the last logged metrics.
 
     ``fault`` is for tests only: ``{"nan_at": step, "nan_rank": r}`` puts a NaN into that
-    rank's loss at that step; ``{"exit_after_save": step}`` ends the process right after saving.
+    rank's loss at that step; ``{"nan_grad_at": step, "rank": r}`` into one gradient;
+    ``{"kill_at": step, "rank": r}`` SIGKILLs rank r mid-step; ``{"crash_save": {"step",
+    "phase", "rank"}}`` SIGKILLs a rank inside a save (see ``SAVE_PHASES``);
+    ``{"exit_after_save": step}`` ends the process right after saving.
     """
     fault = fault or {}
     dist = read_env()
@@ -68,29 +99,39 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, fault: dict | None = 
 
     loader = ShardLoader(cfg.data, rank=dist.rank, world_size=dist.world_size)
     specs = [LabelSpec(ls.name, ls.num_classes, ls.label_rate) for ls in loader.label_sets]
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = HubertPretrain(cfg.model, specs)
-    engine = dist_engine.build_engine(model, cfg)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.deepspeed.precision]
 
-    checkpoints = CheckpointManager(run_dir / "checkpoints", dist, cfg.checkpoint.keep_last, cfg.checkpoint.pin)
-    step = 0
+    checkpoints = CheckpointManager(run_dir / "checkpoints", dist, cfg.checkpoint.keep_last, cfg.checkpoint.pin,
+                                    crash=fault.get("crash_save"))
     resume = checkpoints.find_resume()
+    universal = False
     if resume is not None:
-        state = checkpoints.load(engine, resume)
-        if state["config_hash"] != config_hash(cfg):
-            raise PretrainError(f"checkpoint step_{resume} was trained with another model config "
-                                "(shape fields changed); start a new run_dir")
-        step = state["step"]
-        loader.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
-        log.info("rank %d resumed from step %d", dist.rank, step)
+        check_resumable(checkpoints.manifest(resume), cfg, specs, resume)
+        universal = checkpoints.prepare_load(resume, cfg.deepspeed.zero_stage)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = HubertPretrain(cfg.model, specs)
+    engine = dist_engine.build_engine(model, cfg, load_universal=universal)
+
+    step = 0
+    if resume is not None:
+        own, everyone = checkpoints.load(engine, resume, universal)
+        step = everyone[0]["step"]
+        if checkpoints.manifest(resume)["world_size"] == dist.world_size:
+            loader.load_state_dict(own["data"])
+        else:
+            loader.load_repartitioned([state["data"] for state in everyone])
+        if own is not None:
+            set_rng_state(own["rng"])
+        fingerprint = dist_engine.state_fingerprint(engine)
+        if dist.is_main:
+            log.info("resumed from step %d: %s", step, json.dumps(fingerprint))
 
     logger = MetricsLogger(run_dir, cfg.log, config=asdict(cfg), enabled=dist.is_main)
     batches = _batches(loader)
     ga = cfg.deepspeed.grad_accum
-    bad_steps = 0
+    bad_steps = skipped_total = 0
     sums: dict[str, float] = {}
+    hists: dict[str, np.ndarray] = {}
     window_start = time.perf_counter()
     data_wait = 0.0
     last: dict = {}
@@ -105,35 +146,55 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, fault: dict | None = 
         masks = [model.draw_mask(b["lengths"], b["audio"].shape[1], b["labels"],
                                  np.random.default_rng([cfg.seed, step, dist.rank, i]))
                  for i, b in enumerate(micro)]
+        here = dist.rank == fault.get("rank", dist.rank)
         nan_here = fault.get("nan_at") == step and fault.get("nan_rank") == dist.rank
-        outs, skipped, global_masked = forward_backward(engine, micro, masks, dist.world_size, dtype, nan_here)
+        step_fault = {"kill": fault.get("kill_at") == step and here,
+                      "nan_grad": fault.get("nan_grad_at") == step and here}
+        outs, skipped, global_masked = forward_backward(engine, micro, masks, dist.world_size, dtype,
+                                                        nan_here, step_fault)
         if skipped:
             # The update is taken at learning rate 0: AdamW (decoupled decay included) then
             # leaves every parameter exactly as it was, on every rank.
             for group in engine.optimizer.param_groups:
                 group["lr"] = 0.0
+        applied = dist_engine.optimizer_step(engine)
+        step += 1
+        if skipped or not applied:
             bad_steps += 1
-            log.warning("step %d: non-finite loss on some rank; no rank changes its parameters "
-                        "(%d such steps in a row)", step, bad_steps)
-            if bad_steps >= cfg.max_bad_steps:
-                raise PretrainError(f"{bad_steps} consecutive steps with a non-finite loss "
+            skipped_total += 1
+            what = "loss" if skipped else "gradient"
+            log.warning("step %d: non-finite %s on some rank; no rank changed its parameters "
+                        "(%d such steps in a row)", step, what, bad_steps)
+            # fp16's dynamic loss scaling skips overflowing steps by design while it lowers the
+            # scale; DeepSpeed itself stops when the scale cannot go lower.
+            if bad_steps >= cfg.max_bad_steps and (skipped or cfg.deepspeed.precision != "fp16"):
+                raise PretrainError(f"{bad_steps} consecutive steps with a non-finite {what} "
                                     "(max_bad_steps); stopping. Lower the learning rate or check the data.")
         else:
             bad_steps = 0
-        engine.step()
-        step += 1
 
         # ---- metrics (global sums over ranks)
         local = _local_sums(outs, micro, specs, global_masked, dist.world_size)
         for k, v in local.items():
             sums[k] = sums.get(k, 0.0) + v
+        for spec in specs:
+            for kind in ("pred", "target"):
+                key = f"{kind}/{spec.name}"
+                counts = sum(o[f"{kind}_hist/{spec.name}"].numpy() for o in outs)
+                hists[key] = hists.get(key, 0) + counts
         if step % cfg.log.every == 0 or step == cfg.optim.max_steps:
             keys = sorted(sums)
             totals = dict(zip(keys, dist_engine.all_reduce_sum([sums[k] for k in keys])))
+            hist_keys = sorted(hists)
+            flat = dist_engine.all_reduce_sum(np.concatenate([hists[k] for k in hist_keys]).tolist())
+            sizes = np.cumsum([0] + [len(hists[k]) for k in hist_keys])
+            global_hists = {k: np.asarray(flat[a:b]) for k, a, b in zip(hist_keys, sizes[:-1], sizes[1:])}
             elapsed = time.perf_counter() - window_start
             last = _metrics(totals, specs, lr, engine, elapsed, data_wait, dist.world_size)
+            last.update(usage_perplexity(global_hists))
+            last["skipped_steps"] = skipped_total
             logger.log(step, last)
-            sums, data_wait, window_start = {}, 0.0, time.perf_counter()
+            sums, hists, data_wait, window_start = {}, {}, 0.0, time.perf_counter()
 
         if cfg.valid_shards and step % cfg.valid_every == 0:
             logger.log(step, _validate(cfg, engine, model, specs, dist, dtype), prefix="valid_")
@@ -141,8 +202,10 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, fault: dict | None = 
         if step % cfg.checkpoint.every == 0 or step == cfg.optim.max_steps:
             rank_state = {"step": step, "data": loader.state_dict(), "rng": rng_state(),
                           "config_hash": config_hash(cfg)}
+            weights = dist_engine.full_state_dict(engine)  # every rank: a collective under ZeRO 3
             checkpoints.save(engine, step, rank_state, config_hash(cfg),
-                             model_file=lambda path: save_model(path, model))
+                             model_file=lambda path: save_model(path, model, weights),
+                             meta=_shape_record(cfg, specs))
             if fault.get("exit_after_save") == step:
                 logger.close()
                 dist_engine.shutdown()
@@ -151,22 +214,36 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, fault: dict | None = 
 
 
 def forward_backward(engine, micro: list[dict], masks: list[torch.Tensor], world_size: int,
-                     dtype: torch.dtype, inject_nan: bool = False) -> tuple[list[dict], bool, float]:
+                     dtype: torch.dtype, inject_nan: bool = False, fault: dict | None = None
+                     ) -> tuple[list[dict], bool, float]:
     """Forward and backward of this rank's micro-batches of one optimizer step.
 
     Returns the model outputs, whether some rank's loss was non-finite (then every rank ran a
     zero backward instead) and the global masked-frame count ``N``. The gradient DeepSpeed
-    ends up with is ``sum over ranks and micro-batches of grad(loss_sum) / N``.
+    ends up with is ``sum over ranks and micro-batches of grad(loss_sum) / N``; the feature
+    penalty is scaled by the global masked/unpadded frame ratio for the same reason.
+    ``fault`` (tests): ``{"kill": True}`` SIGKILLs this process between a forward and its
+    backward; ``{"nan_grad": True}`` makes one parameter's gradient NaN.
     """
+    fault = fault or {}
     ga = len(micro)
     local_masked = float(sum(int(m.sum()) for m in masks))
-    global_masked = dist_engine.all_reduce_sum([local_masked])[0]
+    local_frames = float(sum(conv_num_frames(int(n)) for b in micro for n in b["lengths"]))
+    global_masked, global_frames = dist_engine.all_reduce_sum([local_masked, local_frames])
     scale = world_size * ga / max(global_masked, 1.0)
+    pen_scale = global_masked / max(global_frames, 1.0)
+    hook = None
+    if fault.get("nan_grad"):
+        first = next(p for p in engine.module.parameters() if p.requires_grad)
+        hook = first.register_hook(lambda g: g * float("nan"))
     outs, skipped = [], False
     for batch, mask in zip(micro, masks):
         audio = batch["audio"].to(engine.device, dtype)
         targets = {k: v.to(engine.device) for k, v in batch["labels"].items()}
-        out = engine(audio, batch["lengths"].to(engine.device), targets, mask=mask)
+        out = engine(audio, batch["lengths"].to(engine.device), targets, mask=mask, feature_pen_scale=pen_scale)
+        if fault.get("kill"):
+            log.warning("test fault: killing this rank mid-step")
+            os.kill(os.getpid(), signal.SIGKILL)
         loss = out["loss_sum"] * float("nan") if inject_nan else out["loss_sum"]
         # All ranks learn whether any rank's loss is non-finite before anyone's backward.
         if dist_engine.all_reduce_sum([float(not torch.isfinite(loss).item())])[0] > 0:
@@ -178,7 +255,24 @@ def forward_backward(engine, micro: list[dict], masks: list[torch.Tensor], world
             loss = loss * scale
         outs.append(out)
         engine.backward(loss)
+    if hook is not None:
+        hook.remove()
     return outs, skipped, global_masked
+
+
+def usage_perplexity(hists: dict[str, np.ndarray]) -> dict[str, float]:
+    """exp(entropy) of each label histogram: the number of classes in effective use, among the
+    masked frames' targets (``usage_ppl_target/NAME``) and the model's predictions
+    (``usage_ppl_pred/NAME``; far below the target's means the predictions collapsed)."""
+    metrics = {}
+    for key, counts in hists.items():
+        total = counts.sum()
+        if total <= 0:
+            continue
+        p = counts[counts > 0] / total
+        kind, name = key.split("/", 1)
+        metrics[f"usage_ppl_{kind}/{name}"] = float(np.exp(-(p * np.log(p)).sum()))
+    return metrics
 
 
 def _local_sums(outs, micro, specs, global_masked, world) -> dict[str, float]:

@@ -138,6 +138,33 @@ def test_resume_refuses_another_partition(small_shards):
         make_loader(data_cfg(small_shards, "num_workers=2")).load_state_dict({**state, "extra": 1})
 
 
+def test_another_world_size_starts_the_next_epoch_on_every_new_stream(small_shards, caplog):
+    # Two ranks read part of epoch 0, then three ranks take over: the documented policy starts
+    # epoch 1 on all new streams, so that epoch is covered exactly once.
+    cfg = data_cfg(small_shards, "num_workers=0")
+    states = []
+    for rank in range(2):
+        loader = make_loader(cfg, rank, 2)
+        batches = iter(loader)
+        next(batches)
+        states.append(json.loads(json.dumps(loader.state_dict())))
+    keys = []
+    for rank in range(3):
+        loader = make_loader(cfg, rank, 3)
+        with caplog.at_level("WARNING"):
+            assert loader.load_repartitioned(states) == 1
+        assert loader.epoch == 1
+        epoch = list(loader)
+        keys.extend(k for b in epoch for k in b["keys"])
+        fresh = make_loader(cfg, rank, 3)
+        list(fresh)  # its epoch 0
+        assert [signature(b) for b in epoch] == epoch_signatures(fresh)  # = a fresh loader's epoch 1
+    assert sorted(keys) == sorted(manifest_keys(small_shards))
+    assert "world_size 2 -> 3" in caplog.text and "the unread rest of epoch 0 is skipped" in caplog.text
+    with pytest.raises(PretrainError, match="saved with seed=1, now seed=5"):
+        make_loader(data_cfg(small_shards, "num_workers=0", "seed=5"), 0, 3).load_repartitioned(states)
+
+
 def test_crops_keep_labels_on_their_frames(small_shards):
     # Long utterances cropped at random offsets: audio and both label sets must be the slice
     # of the originals that the offset and the frame grids imply.

@@ -24,12 +24,12 @@ from tests.model.test_model import REPO
 def main() -> None:
     dist = read_env()
     dist_engine.init_process_group(dist)
-    # No dropout, and no feature penalty: it is a per-rank mean (as in fairseq), the one term of
-    # the loss that is not a sum over frames.
+    # No dropout; the feature penalty stays on (weighted up so that its gradient matters): it is
+    # normalized by the frame counts of all ranks, like the cross-entropy.
     cfg = load_config(TrainConfig, [REPO / "configs/model/tiny.yaml"], [
         "run_dir=unused", "data.shards=unused", "data.labels=[km]", "deepspeed.zero_stage=0",
         "deepspeed.precision=fp32", "model.dropout=0", "model.attention_dropout=0",
-        "model.dropout_input=0", "model.feature_pen_weight=0", "optim.clip_grad=0"])
+        "model.dropout_input=0", "model.feature_pen_weight=100", "optim.clip_grad=0"])
     torch.manual_seed(0)
     model = HubertPretrain(cfg.model, [LabelSpec("km", 30, 50)])
     engine = dist_engine.build_engine(model, cfg)

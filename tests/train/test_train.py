@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,15 +21,17 @@ LAUNCH = Path(sys.executable).parent / "launch"
 
 
 def launch(run_dir: Path, shards: Path, *overrides: str, nproc: int = 2, fault: dict | None = None,
-           check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+           check: bool = True, gpu: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    if not gpu:
+        env["DS_ACCELERATOR"] = "cpu"
     env.pop("PRETRAIN_FAULT", None)
     if fault:
         env["PRETRAIN_FAULT"] = json.dumps(fault)
     cmd = [str(LAUNCH), "local", "--nproc", str(nproc), "pretrain", "train",
            "--config", str(REPO / "configs/model/tiny.yaml"), "--config", str(REPO / "configs/train/tiny_cpu.yaml"),
            "--run-dir", str(run_dir), f"data.shards={shards}", "log.every=1", "optim.max_steps=16",
-           "checkpoint.every=4", *overrides]
+           "checkpoint.every=4", "data.max_tokens=40000", *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -70,35 +74,116 @@ def test_resume_in_a_fresh_process_gives_bitwise_equal_losses(uninterrupted, sma
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_resume_with_another_process_count(uninterrupted, small_shards, tmp_path):
+    # The 2-process run's step_12, continued by 1 process: ZeRO 1's partitioned optimizer state
+    # goes through DeepSpeed's universal format, the data through the loader's repartition policy.
+    run = tmp_path / "one"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(uninterrupted / "checkpoints/step_12", run / "checkpoints/step_12")
+    proc = launch(run, small_shards, "deepspeed.grad_accum=2", nproc=1)
+    assert "converting it to DeepSpeed's universal format" in proc.stderr
+    assert "world_size 2 -> 1" in proc.stderr
+    # The loaded state equals the saved one: weights from model.pt, Adam's moments summed
+    # over the two ranks' ZeRO partitions, read straight from DeepSpeed's files.
+    import torch
+
+    loaded = json.loads(re.search(r"resumed from step 12: (\{.*\})", proc.stderr).group(1))
+    saved = run / "checkpoints/step_12"
+    weights = torch.load(saved / "model.pt", weights_only=True)["state_dict"]
+    m = v = 0.0
+    for part in sorted((saved / "ds").glob("zero_pp_rank_*_optim_states.pt")):
+        for st in torch.load(part, weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]["state"].values():
+            m += float(st["exp_avg"].double().abs().sum())
+            v += float(st["exp_avg_sq"].double().sum())
+    assert len(list((saved / "ds").glob("zero_pp_rank_*"))) == 2
+    w = sum(float(t.double().abs().sum()) for t in weights.values() if t.is_floating_point())
+    assert loaded == pytest.approx({"weights_abs_sum": w, "adam_m_abs_sum": m, "adam_v_sum": v}, rel=1e-9)
+    straight, resumed = losses(uninterrupted), losses(run)
+    assert sorted(resumed) == [13, 14, 15, 16]
+    # Other batches (the partition changed), the same weights and optimizer state: the losses
+    # stay at the trained level, far below where training started.
+    for step, loss in resumed.items():
+        assert abs(loss - straight[step]) < 0.1 * straight[step], (step, loss, straight[step])
+    assert (run / "checkpoints/step_16/manifest.json").is_file()
+
+
+def complete_checkpoints(run: Path) -> list[int]:
+    folder = run / "checkpoints"
+    return sorted(int(p.name[5:]) for p in folder.glob("step_*")
+                  if p.name[5:].isdigit() and (p / "manifest.json").is_file())
+
+
+def test_kill_and_a_crash_at_every_save_phase_never_load_a_partial_checkpoint(uninterrupted, small_shards,
+                                                                             tmp_path):
+    run = tmp_path / "crashes"
+    common = ("deepspeed.grad_accum=2", "optim.max_steps=8", "checkpoint.every=2")
+    # kill -9 of rank 1 between a forward and its backward, in the 6th step.
+    proc = launch(run, small_shards, *common, fault={"kill_at": 5, "rank": 1}, check=False)
+    assert proc.returncode != 0 and "test fault: killing this rank mid-step" in proc.stderr
+    assert complete_checkpoints(run) == [2, 4]
+    # Then a process dies inside the save of step_6, at each phase in turn; every relaunch
+    # resumes from step_4 and redoes steps 5-6 until a save completes.
+    for phase, rank in [("before_writes", 1), ("mid_write", 1), ("before_manifest", 0),
+                        ("before_rename", 0), ("before_latest", 0)]:
+        proc = launch(run, small_shards, *common, check=False,
+                      fault={"crash_save": {"step": 6, "phase": phase, "rank": rank}})
+        assert proc.returncode != 0, phase
+        assert f"killing rank {rank} at save phase {phase} of step 6" in proc.stderr
+        assert "resumed from step 4" in proc.stderr, phase
+        if phase != "before_writes":
+            assert "removing the unfinished checkpoint" in proc.stderr, phase  # the previous crash's
+        if phase == "before_latest":  # renamed, so complete: `latest` is only a convenience
+            assert complete_checkpoints(run) == [2, 4, 6]  # died before pruning too
+            assert (run / "checkpoints/latest").read_text().strip() == "step_4"
+        else:
+            assert complete_checkpoints(run) == [2, 4], phase
+            assert (run / "checkpoints/step_6.tmp").is_dir(), phase
+    proc = launch(run, small_shards, *common)
+    assert "resumed from step 6" in proc.stderr
+    assert losses(run) == {k: v for k, v in losses(uninterrupted).items() if k <= 8}
+    assert complete_checkpoints(run) == [6, 8]
+
+
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(uninterrupted, small_shards, tmp_path):
+    # With ZeRO 2 (the baseline runs ZeRO 1: with 2 ranks both give the same sums, bit for bit).
     run = tmp_path / "fallback"
-    launch(run, small_shards, "deepspeed.grad_accum=2", "checkpoint.keep_last=3",
+    launch(run, small_shards, "deepspeed.grad_accum=2", "checkpoint.keep_last=3", "deepspeed.zero_stage=2",
            fault={"exit_after_save": 12})
     victim = next((run / "checkpoints/step_12/ds").glob("*model_states.pt"))
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
     (run / "checkpoints/step_16.tmp").mkdir()  # an unfinished save left behind
-    proc = launch(run, small_shards, "deepspeed.grad_accum=2", "checkpoint.keep_last=3")
+    proc = launch(run, small_shards, "deepspeed.grad_accum=2", "checkpoint.keep_last=3", "deepspeed.zero_stage=2")
     assert f"skipping checkpoint step_12: {victim} does not match its sha256" in proc.stderr
     assert "removing the unfinished checkpoint" in proc.stderr
     assert losses(run) == losses(uninterrupted)  # resumed at step 8, same trajectory
 
 
-def test_nan_on_one_rank_changes_no_parameter(small_shards, tmp_path):
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_non_finite_loss_or_gradient_changes_no_parameter(small_shards, tmp_path, zero_stage):
+    # ZeRO 0 in fp32 runs torch's AdamW, where the gradient check is ours; ZeRO 3 is DeepSpeed's
+    # own partitioned optimizer (and its parameters must be gathered to write model.pt).
     run = tmp_path / "nan"
-    proc = launch(run, small_shards, "optim.max_steps=4", "optim.warmup_steps=1", "checkpoint.every=1",
-                  "checkpoint.keep_last=10",
-                  fault={"nan_at": 2, "nan_rank": 1})
-    assert "step 2: non-finite loss on some rank" in proc.stderr
+    proc = launch(run, small_shards, "optim.max_steps=5", "optim.warmup_steps=1", "checkpoint.every=1",
+                  "checkpoint.keep_last=10", f"deepspeed.zero_stage={zero_stage}",
+                  fault={"nan_at": 2, "nan_rank": 1, "nan_grad_at": 3, "rank": 0})
+    assert "step 3: non-finite loss on some rank" in proc.stderr
+    assert "step 4: non-finite gradient on some rank" in proc.stderr
     import torch
 
     def weights(step):
         return torch.load(run / f"checkpoints/step_{step}/model.pt", weights_only=True)["state_dict"]
 
-    before, after, later = weights(2), weights(3), weights(4)
-    assert all(torch.equal(before[k], after[k]) for k in before)  # the NaN step changed nothing
-    assert any(not torch.equal(after[k], later[k]) for k in after)  # the next one trains
+    w = {step: weights(step) for step in (2, 3, 4, 5)}
+    assert all(v.numel() > 0 for v in w[2].values())  # whole tensors, also under ZeRO 3
+    assert all(torch.equal(w[2][k], w[3][k]) for k in w[2])  # the NaN-loss step changed nothing
+    assert all(torch.equal(w[3][k], w[4][k]) for k in w[3])  # nor did the NaN-gradient step
+    assert any(not torch.equal(w[4][k], w[5][k]) for k in w[4])  # the next one trains
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["skipped_steps"] == 2
+    # Label usage: the gold phone labels use many of the 40 classes.
+    assert 5 < records[-1]["usage_ppl_target/phones100"] <= 40
 
 
 def test_too_many_bad_steps_stop_with_a_clear_message(small_shards, tmp_path):
@@ -126,3 +211,16 @@ def test_gradients_do_not_depend_on_how_the_batch_is_split(tmp_path):
     worst = max((grads[1][k] - grads[2][k]).abs().max().item() for k in grads[1])
     assert worst < 1e-6, worst
     assert max(g.abs().max().item() for g in grads[1].values()) > 1e-3  # not trivially zero
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_gpu_training_with_loss_scaling_and_zero2(small_shards, tmp_path, precision):
+    run = tmp_path / precision
+    launch(run, small_shards, "optim.max_steps=6", f"deepspeed.precision={precision}", "deepspeed.zero_stage=2",
+           nproc=1, gpu=True)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 6 and records[-1]["loss"] < records[0]["loss"] * 1.5
+    if precision == "fp16":
+        assert "loss_scale" in records[-1]

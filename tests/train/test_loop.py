@@ -1,0 +1,44 @@
+"""The trainer's pure parts: label-usage perplexity and the resume compatibility check."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+
+from pretrain.config import load_config
+from pretrain.config.train import TrainConfig
+from pretrain.model.hubert import LabelSpec
+from pretrain.train.loop import check_resumable, config_hash, usage_perplexity
+from pretrain.utils import PretrainError
+from tests.model.test_model import REPO
+
+
+def test_usage_perplexity_counts_the_classes_in_effective_use():
+    ppl = usage_perplexity({"pred/km": np.array([5, 5, 5, 5, 0, 0]), "target/km": np.array([9, 0, 0, 0]),
+                            "pred/empty": np.zeros(3)})
+    assert ppl["usage_ppl_pred/km"] == pytest.approx(4.0)  # four equally used classes
+    assert ppl["usage_ppl_target/km"] == pytest.approx(1.0)  # a collapse onto one class
+    assert "usage_ppl_pred/empty" not in ppl  # nothing counted: no value rather than a fake one
+
+
+def cfg(*overrides: str) -> TrainConfig:
+    return load_config(TrainConfig, [REPO / "configs/model/tiny.yaml"],
+                       ["run_dir=unused", "data.shards=unused", "data.labels=[km]", *overrides])
+
+
+def manifest_of(c: TrainConfig, specs) -> dict:
+    return {"config_hash": config_hash(c), "model": asdict(c.model),
+            "labels": [[s.name, s.num_classes, s.rate] for s in specs]}
+
+
+def test_resume_refuses_changed_model_fields_by_name_and_allows_safe_ones():
+    specs = [LabelSpec("km", 100, 50)]
+    saved = manifest_of(cfg(), specs)
+    check_resumable(saved, cfg("optim.lr=0.1", "optim.max_steps=7", "optim.warmup_steps=2", "log.every=3"), specs, 8)
+    with pytest.raises(PretrainError, match=r"model.encoder_layers: 2 -> 3") as err:
+        check_resumable(saved, cfg("model.encoder_layers=3"), specs, 8)
+    assert "step_8" in str(err.value)
+    with pytest.raises(PretrainError, match=r"data.labels .*\[\['km', 100, 50\]\] -> \[\['km', 500, 50\]\]"):
+        check_resumable(saved, cfg(), [LabelSpec("km", 500, 50)], 8)
