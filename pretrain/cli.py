@@ -195,10 +195,149 @@ STAGES += (
     ),
 )
 
+def _features_mfcc_schema() -> type:
+    from pretrain.config.cluster import FeaturesMfccConfig
+
+    return FeaturesMfccConfig
+
+
+def _features_model_schema() -> type:
+    from pretrain.config.cluster import FeaturesModelConfig
+
+    return FeaturesModelConfig
+
+
+def _features_run(cfg: Any, argv: list[str], progress: bool) -> int:
+    from pretrain.config import write_run_record
+    from pretrain.features.extract import FeatureSpec
+    from pretrain.features.sample import dump_features
+
+    spec = FeatureSpec.model(cfg.checkpoint, cfg.layer) if hasattr(cfg, "checkpoint") else FeatureSpec.mfcc()
+    write_run_record(cfg.out, cfg, argv)
+    meta = dump_features(cfg, spec, progress=progress)
+    if meta is None:
+        print(f"this task's shards are done; {cfg.out}/meta.json is written when every task has finished")
+    else:
+        print(f"sampled {meta['total_frames']} frames of {meta['total_utterances']} utterances "
+              f"({spec.describe()}) into {cfg.out}")
+    return 0
+
+
+def _kmeans_fit_schema() -> type:
+    from pretrain.config.cluster import KmeansFitConfig
+
+    return KmeansFitConfig
+
+
+def _kmeans_fit_run(cfg: Any, argv: list[str], progress: bool) -> int:
+    from pretrain.cluster.kmeans import fit
+    from pretrain.config import write_run_record
+
+    write_run_record(cfg.out, cfg, argv)
+    record = fit(cfg)
+    print(f"k-means k={cfg.k} on {record['sample']['frames']} frames ({record['device']}, "
+          f"{record['seconds']:.1f} s): inertia per point {record['inertia_per_point']:.4g}; wrote {cfg.out}")
+    return 0
+
+
+def _kmeans_assign_schema() -> type:
+    from pretrain.config.cluster import KmeansAssignConfig
+
+    return KmeansAssignConfig
+
+
+def _kmeans_assign_run(cfg: Any, argv: list[str], progress: bool) -> int:
+    from pretrain.cluster.assign import assign_labels
+
+    meta = assign_labels(cfg, progress=progress)
+    if meta is None:
+        print("this task's shards are labelled; meta.json is written when every task has finished")
+    else:
+        total = sum(e["utterances"] for e in meta["shards"].values())
+        print(f"label set '{cfg.name}': {total} utterances in {len(meta['shards'])} shards, "
+              f"k={meta['num_classes']}, {meta['label_rate']} Hz")
+    return 0
+
+
+def _kmeans_quality_schema() -> type:
+    from pretrain.config.cluster import KmeansQualityConfig
+
+    return KmeansQualityConfig
+
+
+def _kmeans_quality_run(cfg: Any, argv: list[str], progress: bool) -> int:
+    from pretrain.cluster.quality import quality
+
+    r = quality(cfg)
+    print(f"'{cfg.labels}' vs '{cfg.reference}' over {r['frames']} frames: PNMI {r['pnmi']:.4f}, phone purity "
+          f"{r['phone_purity']:.4f}, cluster purity {r['cluster_purity']:.4f}, usage perplexity "
+          f"{r['usage_perplexity']:.1f} of {r['clusters']} ({r['empty_clusters']} empty); report in {cfg.out}")
+    return 0
+
+
+_PARALLEL_FLAGS = (
+    Flag("--jobs", "jobs", int, "worker processes (0: all cores)"),
+    Flag("--device", "device", str, "auto, cpu or cuda (model features)"),
+)
+
+STAGES += (
+    Stage(
+        group="features",
+        name="mfcc",
+        help="sample 39-dim MFCC frames (HuBERT iteration 1) from the shards for k-means",
+        schema=_features_mfcc_schema,
+        run=_features_run,
+        flags=(Flag("--shards", "shards", str, "shard directory"), Flag("--out", "out", str, "output folder"),
+               Flag("--fraction", "fraction", float, "fraction of utterances"),
+               Flag("--max-frames", "max_frames", int, "bound on sampled frames"), *_PARALLEL_FLAGS),
+    ),
+    Stage(
+        group="features",
+        name="model",
+        help="sample hidden states of one layer of a trained model from the shards for k-means",
+        schema=_features_model_schema,
+        run=_features_run,
+        flags=(Flag("--shards", "shards", str, "shard directory"), Flag("--out", "out", str, "output folder"),
+               Flag("--checkpoint", "checkpoint", str, "model.pt or a checkpoint folder"),
+               Flag("--layer", "layer", int, "Transformer layer (1-based)"),
+               Flag("--fraction", "fraction", float, "fraction of utterances"),
+               Flag("--max-frames", "max_frames", int, "bound on sampled frames"), *_PARALLEL_FLAGS),
+    ),
+    Stage(
+        group="kmeans",
+        name="fit",
+        help="fit FAISS k-means (GPU when present) on a feature sample",
+        schema=_kmeans_fit_schema,
+        run=_kmeans_fit_run,
+        flags=(Flag("--features", "features", str, "features folder"), Flag("--out", "out", str, "output folder"),
+               Flag("--k", "k", int, "number of clusters"), Flag("--seed", "seed", int, "seed")),
+    ),
+    Stage(
+        group="kmeans",
+        name="assign",
+        help="label every utterance of every shard with its nearest centroid (keyed label sidecars)",
+        schema=_kmeans_assign_schema,
+        run=_kmeans_assign_run,
+        flags=(Flag("--kmeans", "kmeans", str, "folder from kmeans fit"), Flag("--shards", "shards", str, "shards"),
+               Flag("--name", "name", str, "label set name"), *_PARALLEL_FLAGS),
+    ),
+    Stage(
+        group="kmeans",
+        name="quality",
+        help="phone purity, cluster purity, PNMI and label usage against phone alignments (JSON + PNG)",
+        schema=_kmeans_quality_schema,
+        run=_kmeans_quality_run,
+        flags=(Flag("--shards", "shards", str, "shard directory"), Flag("--labels", "labels", str, "cluster label set"),
+               Flag("--reference", "reference", str, "phone label set"), Flag("--out", "out", str, "report folder")),
+    ),
+)
+
 GROUP_HELP = {
     "corpus": "speech corpora for tests and the demo",
     "shards": "WebDataset tar shards: build from a corpus, verify",
     "export": "export trained models to other frameworks",
+    "features": "frame features for clustering: MFCC or a trained model's layer",
+    "kmeans": "FAISS k-means: fit, assign labels to every shard, judge label quality",
 }
 
 

@@ -1,0 +1,87 @@
+"""Label assignment over every shard: keyed sidecars that the training pipeline reads."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pretrain.cluster.assign import assign_labels
+from pretrain.cluster.kmeans import fit, load_kmeans
+from pretrain.config import load_config
+from pretrain.config.cluster import FeaturesMfccConfig, KmeansAssignConfig, KmeansFitConfig
+from pretrain.config.data import DataConfig
+from pretrain.data.labels import LabelSet, label_dir
+from pretrain.data.pipeline import ShardLoader
+from pretrain.data.shards import read_manifest
+from pretrain.features.extract import FeatureSpec, shard_utterances
+from pretrain.features.mfcc import mfcc_39
+from pretrain.features.sample import dump_features
+from pretrain.utils import PretrainError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def fitted(small_shards, tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("assign")
+    shards = root / "shards"
+    shutil.copytree(small_shards, shards)
+    dump_features(load_config(FeaturesMfccConfig, [], [f"shards={shards}", f"out={root / 'f'}", "fraction=0.5"]),
+                  FeatureSpec.mfcc(), progress=False)
+    fit(load_config(KmeansFitConfig, [], [f"features={root / 'f'}", f"out={root / 'km'}", "k=25", "niter=10"]))
+    return shards, root / "km"
+
+
+def assign_cfg(shards, km, *overrides):
+    return load_config(KmeansAssignConfig, [], [f"kmeans={km}", f"shards={shards}", "name=km25", *overrides])
+
+
+def test_every_utterance_gets_its_nearest_centroid_and_the_pipeline_reads_them(fitted, caplog):
+    shards, km = fitted
+    meta = assign_labels(assign_cfg(shards, km, "jobs=2"), progress=False)
+    assert meta["num_classes"] == 25 and meta["label_rate"] == 100
+    assert meta["provenance"]["centroids_sha256"] == load_kmeans(km)[1]["centroids_sha256"]
+    centroids = load_kmeans(km)[0]
+    labels = LabelSet(shards, "km25")
+    manifest = read_manifest(shards)
+    for entry in manifest["shards"][:3]:
+        got = labels.load_shard(entry["name"])
+        for key, wave in shard_utterances(shards / entry["name"]):
+            f = mfcc_39(wave).astype(np.float64)
+            brute = ((f[:, None] - centroids[None].astype(np.float64)) ** 2).sum(-1).argmin(1)
+            assert (got[key] == brute).mean() > 0.999, key  # float32 ties aside
+    loader = ShardLoader(load_config(DataConfig, [], [f"shards={shards}", "labels=[km25]", "num_workers=0", "min_sample_size=0",
+                                                      "max_tokens=400000"]))
+    batches = list(loader)
+    assert sum(len(b["keys"]) for b in batches) == manifest["totals"]["utterances"]
+    assert all(int(b["labels"]["km25"].max()) < 25 for b in batches)
+
+    # A rerun does nothing; a damaged sidecar is redone alone.
+    files = sorted(label_dir(shards, "km25").glob("*.npz"))
+    stamps = {p: p.stat().st_mtime_ns for p in files}
+    files[0].write_bytes(b"broken")
+    with caplog.at_level("INFO"):
+        assign_labels(assign_cfg(shards, km), progress=False)
+    assert "1 to do" in caplog.text
+    assert all(p.stat().st_mtime_ns == stamps[p] for p in files[1:])
+    assert len(LabelSet(shards, "km25").load_shard(manifest["shards"][0]["name"])) > 0
+
+
+def test_two_array_tasks_share_the_shards_and_the_last_writes_meta(fitted):
+    shards, km = fitted
+    assert assign_labels(assign_cfg(shards, km, "name=split", "task=0", "num_tasks=2"), progress=False) is None
+    assert not (label_dir(shards, "split") / "meta.json").exists()
+    meta = assign_labels(assign_cfg(shards, km, "name=split", "task=1", "num_tasks=2"), progress=False)
+    assert len(meta["shards"]) == len(read_manifest(shards)["shards"])
+
+
+def test_centroids_of_another_feature_dimension_are_refused(fitted, tmp_path):
+    shards, km = fitted
+    other = tmp_path / "km"
+    shutil.copytree(km, other)
+    np.save(other / "centroids.npy", np.zeros((25, 40), np.float32))
+    with pytest.raises(PretrainError, match=r"centroids.npy has shape \(25, 40\)"):
+        assign_labels(assign_cfg(shards, other), progress=False)
