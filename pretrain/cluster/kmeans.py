@@ -51,6 +51,9 @@ def kmeans(x: np.ndarray, k: int, niter: int = 50, nredo: int = 1, init: str = "
         raise PretrainError(f"k={k} is larger than the sample ({n} frames); sample more frames or lower k")
     if not np.isfinite(x).all():
         raise PretrainError("the feature sample holds non-finite values")
+    if init == "kmeans++" and not hasattr(faiss, "ClusteringInitMethod_KMEANS_PLUS_PLUS"):
+        raise PretrainError(f"init=kmeans++ needs faiss >= 1.15 (this is {faiss.__version__}); "
+                            "upgrade it or set init=random")
     mppc = max_points_per_centroid or (n // k + 1)  # FAISS subsamples beyond this: default all
     best: tuple[float, np.ndarray, list[float]] | None = None
     for redo in range(nredo):

@@ -1,0 +1,132 @@
+"""FAISS k-means (``pretrain kmeans fit``'s settings) vs scikit-learn MiniBatchKMeans with
+fairseq's HuBERT settings, on the same points, in one run.
+
+Configurations:
+
+- 39-dim / k=100: real MFCC frames (``pretrain.features.mfcc``) of a shard directory
+  (``--shards``; the demo's by default), up to ``--points``;
+- 768-dim / k=500: 20 consecutive MFCC frames of the same shards stacked (cut to 768 dims),
+  because no trained BASE model is at hand on a CPU machine; this measures the algorithms'
+  speed and inertia on speech-like data, not label quality.
+
+Inertia per point is measured the same way for both (squared distance to the nearest centroid,
+over every point). Prints a table and ratios, then one JSON line with ``speedup`` and
+``inertia_ratio`` (worst case over the configurations) and ``assign_frames_per_s``.
+
+    python benchmarks/kmeans.py [--shards runs/demo/shards] [--points 200000] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pretrain.cluster.kmeans import assign, kmeans  # noqa: E402
+
+
+def mfcc_points(shards: Path, limit: int) -> np.ndarray:
+    from pretrain.data.shards import read_manifest
+    from pretrain.features.extract import shard_utterances
+    from pretrain.features.mfcc import mfcc_39
+
+    parts, total = [], 0
+    for entry in read_manifest(shards)["shards"]:
+        for _, wave in shard_utterances(shards / entry["name"]):
+            parts.append(mfcc_39(wave))
+            total += len(parts[-1])
+        if total >= limit:
+            break
+    x = np.concatenate(parts)
+    return x[np.sort(np.random.default_rng(0).choice(len(x), min(limit, len(x)), replace=False))]
+
+
+def stacked_mfcc_points(shards: Path, limit: int, context: int = 20, dim: int = 768) -> np.ndarray:
+    """768-dim speech-derived points: 20 consecutive MFCC frames stacked (780 dims, cut to
+    768). A stand-in for a BASE model's layer (none trained on a CPU machine) that keeps the
+    continuous structure of speech features, unlike a synthetic mixture of blobs."""
+    from pretrain.data.shards import read_manifest
+    from pretrain.features.extract import shard_utterances
+    from pretrain.features.mfcc import mfcc_39
+
+    parts, total = [], 0
+    for entry in read_manifest(shards)["shards"]:
+        for _, wave in shard_utterances(shards / entry["name"]):
+            m = mfcc_39(wave)
+            if len(m) <= context:
+                continue
+            idx = np.arange(len(m) - context)[:, None] + np.arange(context)[None, :]
+            parts.append(m[idx].reshape(len(idx), -1)[:, :dim])
+            total += len(idx)
+        if total >= limit:
+            break
+    x = np.concatenate(parts)
+    return np.ascontiguousarray(x[np.sort(np.random.default_rng(1).choice(len(x), min(limit, len(x)),
+                                                                          replace=False))])
+
+
+def inertia(x: np.ndarray, centroids: np.ndarray) -> float:
+    return float(assign(x, centroids)[1].astype(np.float64).mean())
+
+
+def sklearn_fit(x: np.ndarray, k: int, n_init: int) -> np.ndarray:
+    from sklearn.cluster import MiniBatchKMeans
+
+    km = MiniBatchKMeans(n_clusters=k, init="k-means++", max_iter=100, batch_size=10000, compute_labels=False,
+                         tol=0.0, max_no_improvement=100, init_size=None, n_init=n_init,
+                         reassignment_ratio=0.0, random_state=0)
+    km.fit(x)
+    return km.cluster_centers_.astype(np.float32)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shards", type=Path, default=Path("runs/demo/shards"))
+    ap.add_argument("--points", type=int, default=200_000)
+    ap.add_argument("--quick", action="store_true", help="20k points and sklearn n_init 3 (a smoke run)")
+    args = ap.parse_args()
+    n = 20_000 if args.quick else args.points
+    n_init = 3 if args.quick else 20
+
+    configs = [("mfcc-39", mfcc_points(args.shards, n), 100), ("stack-768", stacked_mfcc_points(args.shards, n), 500)]
+    rows, speedups, ratios, assign_rates = [], [], [], []
+    for name, x, k in configs:
+        t0 = time.perf_counter()
+        ours, _ = kmeans(x, k)  # the KmeansFitConfig defaults
+        t_ours = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        random_init, _ = kmeans(x, k, init="random")
+        t_random = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ref = sklearn_fit(x, k, n_init)
+        t_ref = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        assign(x, ours)
+        rate = len(x) / (time.perf_counter() - t0)
+        i_ours, i_random, i_ref = inertia(x, ours), inertia(x, random_init), inertia(x, ref)
+        rows.append((name, len(x), k, t_ours, i_ours, t_random, i_random, t_ref, i_ref, rate))
+        speedups.append(t_ref / t_ours)
+        ratios.append(i_ours / i_ref)
+        assign_rates.append(rate)
+        print(f"{name:8s} n={len(x)} k={k}: ours (kmeans++ seeded on a subsample, Lloyd 50 on all) "
+              f"{t_ours:.2f} s, inertia {i_ours:.4g} | FAISS random init {t_random:.2f} s, {i_random:.4g} | "
+              f"sklearn MiniBatchKMeans n_init={n_init} {t_ref:.2f} s, {i_ref:.4g} | speedup "
+              f"{t_ref / t_ours:.1f}x, inertia ratio {i_ours / i_ref:.4f} (random init {i_random / i_ref:.4f}); "
+              f"assign {rate:,.0f} frames/s", flush=True)
+    print(json.dumps({"bench": "kmeans", "points": n, "sklearn_n_init": n_init,
+                      "speedup": round(min(speedups), 2), "inertia_ratio": round(max(ratios), 5),
+                      "assign_frames_per_s": round(min(assign_rates)),
+                      "configs": [{"name": r[0], "points": r[1], "k": r[2], "faiss_s": round(r[3], 3),
+                                   "faiss_inertia": r[4], "faiss_random_init_s": round(r[5], 3),
+                                   "faiss_random_init_inertia": r[6], "sklearn_s": round(r[7], 3),
+                                   "sklearn_inertia": r[8], "assign_frames_per_s": round(r[9])} for r in rows]}))
+
+
+if __name__ == "__main__":
+    main()
