@@ -37,7 +37,7 @@ def faiss_gpus() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
-def kmeans(x: np.ndarray, k: int, niter: int = 50, nredo: int = 1, init: str = "kmeans++",
+def kmeans(x: np.ndarray, k: int, niter: int = 20, nredo: int = 1, init: str = "kmeans++",
            init_points_per_centroid: int = 40, max_points_per_centroid: int | None = None,
            seed: int = 0, gpu: bool = False) -> tuple[np.ndarray, list[float]]:
     """Centroids (k, dim) and the objective (sum of squared distances) per Lloyd iteration."""
@@ -63,7 +63,8 @@ def kmeans(x: np.ndarray, k: int, niter: int = 50, nredo: int = 1, init: str = "
             m = min(n, init_points_per_centroid * k)
             sub = x[np.sort(np.random.default_rng(run_seed).choice(n, m, replace=False))] if m < n else x
             seeder = faiss.Kmeans(dim, k, niter=0, seed=run_seed, max_points_per_centroid=m // k + 1,
-                                  init_method=faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS, verbose=False)
+                                  init_method=faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS, verbose=False,
+                                  gpu=bool(gpu))
             seeder.train(sub)
             init_centroids = seeder.centroids.copy()
         km = faiss.Kmeans(dim, k, niter=niter, seed=run_seed, max_points_per_centroid=mppc,
@@ -100,10 +101,10 @@ def assignment_inertia(x: np.ndarray, centroids: np.ndarray) -> float:
 def fit(cfg: KmeansFitConfig) -> dict:
     import faiss
 
-    x, meta = load_sample(cfg.features)
     gpus = faiss_gpus()
     if cfg.gpu == "yes" and gpus == 0:
         raise PretrainError("gpu=yes, but this FAISS build sees no GPU (install faiss-gpu on a GPU machine)")
+    x, meta = load_sample(cfg.features)
     use_gpu = cfg.gpu == "yes" or (cfg.gpu == "auto" and gpus > 0)
     log.info("k-means: %d frames x %d dims, k=%d, %s", len(x), x.shape[1], cfg.k, "GPU" if use_gpu else "CPU")
     t0 = time.perf_counter()

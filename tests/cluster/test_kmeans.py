@@ -80,3 +80,26 @@ def test_fit_writes_centroids_with_provenance(small_shards, tmp_path):
     with pytest.raises(PretrainError, match="larger than the sample"):
         fit(load_config(KmeansFitConfig, [], [f"features={tmp_path / 'f'}", f"out={tmp_path / 'k2'}",
                                               f"k={meta['total_frames'] + 1}"]))
+
+
+def test_asking_for_a_gpu_without_one_is_a_clear_error(tmp_path):
+    from pretrain.cluster.kmeans import faiss_gpus
+
+    if faiss_gpus() > 0:
+        pytest.skip("FAISS sees a GPU here")
+    with pytest.raises(PretrainError, match="gpu=yes, but this FAISS build sees no GPU"):
+        fit(load_config(KmeansFitConfig, [], [f"features={tmp_path}", f"out={tmp_path / 'k'}", "gpu=yes"]))
+
+
+@pytest.mark.gpu
+def test_gpu_kmeans_matches_the_cpu_objective():
+    from pretrain.cluster.kmeans import faiss_gpus
+
+    if faiss_gpus() == 0:
+        pytest.skip("FAISS sees no GPU")
+    x = blobs(n=20000, dim=32, k=50)
+    cpu, _ = kmeans(x, 50, niter=10, seed=0)
+    gpu, _ = kmeans(x, 50, niter=10, seed=0, gpu=True)
+    i_cpu = assign(x, cpu)[1].sum()
+    i_gpu = assign(x, gpu, gpu=True)[1].sum()
+    assert abs(i_gpu - i_cpu) / i_cpu < 0.01
