@@ -87,8 +87,8 @@ def test_asking_for_a_gpu_without_one_is_a_clear_error(tmp_path):
 
     if faiss_gpus() > 0:
         pytest.skip("FAISS sees a GPU here")
-    with pytest.raises(PretrainError, match="gpu=yes, but this FAISS build sees no GPU"):
-        fit(load_config(KmeansFitConfig, [], [f"features={tmp_path}", f"out={tmp_path / 'k'}", "gpu=yes"]))
+    with pytest.raises(PretrainError, match="device=gpu, but this FAISS build sees no GPU"):
+        fit(load_config(KmeansFitConfig, [], [f"features={tmp_path}", f"out={tmp_path / 'k'}", "device=gpu"]))
 
 
 @pytest.mark.gpu
