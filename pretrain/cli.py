@@ -195,16 +195,15 @@ STAGES += (
     ),
 )
 
-def _features_mfcc_schema() -> type:
-    from pretrain.config.cluster import FeaturesMfccConfig
+def _cluster_schema(name: str) -> Callable[[], type]:
+    """A lazy schema loader for the configs in ``pretrain/config/cluster.py``."""
 
-    return FeaturesMfccConfig
+    def load() -> type:
+        from pretrain.config import cluster
 
+        return getattr(cluster, name)
 
-def _features_model_schema() -> type:
-    from pretrain.config.cluster import FeaturesModelConfig
-
-    return FeaturesModelConfig
+    return load
 
 
 def _features_run(cfg: Any, argv: list[str], progress: bool) -> int:
@@ -223,12 +222,6 @@ def _features_run(cfg: Any, argv: list[str], progress: bool) -> int:
     return 0
 
 
-def _kmeans_fit_schema() -> type:
-    from pretrain.config.cluster import KmeansFitConfig
-
-    return KmeansFitConfig
-
-
 def _kmeans_fit_run(cfg: Any, argv: list[str], progress: bool) -> int:
     from pretrain.cluster.kmeans import fit
     from pretrain.config import write_run_record
@@ -238,12 +231,6 @@ def _kmeans_fit_run(cfg: Any, argv: list[str], progress: bool) -> int:
     print(f"k-means k={cfg.k} on {record['sample']['frames']} frames ({record['device']}, "
           f"{record['seconds']:.1f} s): inertia per point {record['inertia_per_point']:.4g}; wrote {cfg.out}")
     return 0
-
-
-def _kmeans_assign_schema() -> type:
-    from pretrain.config.cluster import KmeansAssignConfig
-
-    return KmeansAssignConfig
 
 
 def _kmeans_assign_run(cfg: Any, argv: list[str], progress: bool) -> int:
@@ -257,12 +244,6 @@ def _kmeans_assign_run(cfg: Any, argv: list[str], progress: bool) -> int:
         print(f"label set '{cfg.name}': {total} utterances in {len(meta['shards'])} shards, "
               f"k={meta['num_classes']}, {meta['label_rate']} Hz")
     return 0
-
-
-def _kmeans_quality_schema() -> type:
-    from pretrain.config.cluster import KmeansQualityConfig
-
-    return KmeansQualityConfig
 
 
 def _kmeans_quality_run(cfg: Any, argv: list[str], progress: bool) -> int:
@@ -280,34 +261,35 @@ _PARALLEL_FLAGS = (
     Flag("--device", "device", str, "auto, cpu or cuda (model features)"),
 )
 
+_SAMPLE_FLAGS = (
+    Flag("--shards", "shards", str, "shard directory"), Flag("--out", "out", str, "output folder"),
+    Flag("--fraction", "fraction", float, "fraction of utterances"),
+    Flag("--max-frames", "max_frames", int, "bound on sampled frames"), *_PARALLEL_FLAGS,
+)
+
 STAGES += (
     Stage(
         group="features",
         name="mfcc",
         help="sample 39-dim MFCC frames (HuBERT iteration 1) from the shards for k-means",
-        schema=_features_mfcc_schema,
+        schema=_cluster_schema("FeaturesMfccConfig"),
         run=_features_run,
-        flags=(Flag("--shards", "shards", str, "shard directory"), Flag("--out", "out", str, "output folder"),
-               Flag("--fraction", "fraction", float, "fraction of utterances"),
-               Flag("--max-frames", "max_frames", int, "bound on sampled frames"), *_PARALLEL_FLAGS),
+        flags=_SAMPLE_FLAGS,
     ),
     Stage(
         group="features",
         name="model",
         help="sample hidden states of one layer of a trained model from the shards for k-means",
-        schema=_features_model_schema,
+        schema=_cluster_schema("FeaturesModelConfig"),
         run=_features_run,
-        flags=(Flag("--shards", "shards", str, "shard directory"), Flag("--out", "out", str, "output folder"),
-               Flag("--checkpoint", "checkpoint", str, "model.pt or a checkpoint folder"),
-               Flag("--layer", "layer", int, "Transformer layer (1-based)"),
-               Flag("--fraction", "fraction", float, "fraction of utterances"),
-               Flag("--max-frames", "max_frames", int, "bound on sampled frames"), *_PARALLEL_FLAGS),
+        flags=(Flag("--checkpoint", "checkpoint", str, "model.pt or a checkpoint folder"),
+               Flag("--layer", "layer", int, "Transformer layer (1-based)"), *_SAMPLE_FLAGS),
     ),
     Stage(
         group="kmeans",
         name="fit",
         help="fit FAISS k-means (GPU when present) on a feature sample",
-        schema=_kmeans_fit_schema,
+        schema=_cluster_schema("KmeansFitConfig"),
         run=_kmeans_fit_run,
         flags=(Flag("--features", "features", str, "features folder"), Flag("--out", "out", str, "output folder"),
                Flag("--k", "k", int, "number of clusters"), Flag("--seed", "seed", int, "seed")),
@@ -316,7 +298,7 @@ STAGES += (
         group="kmeans",
         name="assign",
         help="label every utterance of every shard with its nearest centroid (keyed label sidecars)",
-        schema=_kmeans_assign_schema,
+        schema=_cluster_schema("KmeansAssignConfig"),
         run=_kmeans_assign_run,
         flags=(Flag("--kmeans", "kmeans", str, "folder from kmeans fit"), Flag("--shards", "shards", str, "shards"),
                Flag("--name", "name", str, "label set name"), *_PARALLEL_FLAGS),
@@ -325,7 +307,7 @@ STAGES += (
         group="kmeans",
         name="quality",
         help="phone purity, cluster purity, PNMI and label usage against phone alignments (JSON + PNG)",
-        schema=_kmeans_quality_schema,
+        schema=_cluster_schema("KmeansQualityConfig"),
         run=_kmeans_quality_run,
         flags=(Flag("--shards", "shards", str, "shard directory"), Flag("--labels", "labels", str, "cluster label set"),
                Flag("--reference", "reference", str, "phone label set"), Flag("--out", "out", str, "report folder")),

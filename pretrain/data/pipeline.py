@@ -459,6 +459,19 @@ class ShardLoader:
             "slots": {str(k): v.to_dict() for k, v in self.slots.items()},
         }
 
+    def _check_saved(self, state: dict, names: tuple[str, ...]) -> None:
+        """Refuse a saved state whose ``names`` fields or shards differ from this loader's."""
+        mine = self.state_dict()
+        for name in names:
+            if state[name] != mine[name]:
+                raise PretrainError(
+                    f"cannot resume the data loader: it was saved with {name}={state[name]}, now "
+                    f"{name}={mine[name]}; the data partition depends on seed, world_size and "
+                    "num_workers, so resume with the saved values")
+        if state["shards"] != self.fingerprint:
+            raise PretrainError("cannot resume the data loader: the shards in "
+                                f"{self.dir} differ from those it was saved with")
+
     def load_repartitioned(self, states: list[dict]) -> int:
         """Continue from the states of *all* ranks of a run with another ``world_size``.
 
@@ -468,15 +481,7 @@ class ShardLoader:
         if not states:
             raise ValueError("load_repartitioned needs the data states of the old ranks")
         for state in states:
-            for name, mine in (("seed", self.cfg.seed), ("num_workers", self.workers_per_rank),
-                               ("infinite", self.cfg.infinite)):
-                if state[name] != mine:
-                    raise PretrainError(
-                        f"cannot resume the data loader: it was saved with {name}={state[name]}, now "
-                        f"{name}={mine}; resume with the saved value")
-            if state["shards"] != self.fingerprint:
-                raise PretrainError("cannot resume the data loader: the shards in "
-                                    f"{self.dir} differ from those it was saved with")
+            self._check_saved(state, ("seed", "num_workers", "infinite"))
         reached = max(max([int(s["epoch"])] + [int(v["pool_start"][0]) for v in s["slots"].values()])
                       for s in states)
         self.epoch = reached + 1
@@ -494,16 +499,7 @@ class ShardLoader:
             raise ValueError(f"data loader state has keys {sorted(state)}, expected {sorted(expected)}")
         if state["version"] != STATE_VERSION:
             raise ValueError(f"data loader state version {state['version']} is not {STATE_VERSION}")
-        for name, mine in (("seed", self.cfg.seed), ("world_size", self.world_size), ("rank", self.rank),
-                           ("num_workers", self.workers_per_rank), ("infinite", self.cfg.infinite)):
-            if state[name] != mine:
-                raise PretrainError(
-                    f"cannot resume the data loader: it was saved with {name}={state[name]}, now "
-                    f"{name}={mine}; the data partition depends on seed, world_size and num_workers, "
-                    "so resume with the saved values")
-        if state["shards"] != self.fingerprint:
-            raise PretrainError("cannot resume the data loader: the shards in "
-                                f"{self.dir} differ from those it was saved with")
+        self._check_saved(state, ("seed", "world_size", "rank", "num_workers", "infinite"))
         if set(state["slots"]) != {str(w) for w in range(self.workers_per_rank)}:
             raise ValueError(f"data loader state has slots {sorted(state['slots'])}")
         self.epoch = int(state["epoch"])

@@ -8,7 +8,6 @@ reader expects.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,19 +16,11 @@ from typing import Iterator
 import numpy as np
 
 from pretrain.data.audio import EXTENSIONS, decode
-from pretrain.data.shards import iter_shard
+from pretrain.data.shards import iter_shard, sha256_file
 from pretrain.features.mfcc import DIM as MFCC_DIM
 from pretrain.features.mfcc import mfcc_39
 from pretrain.frames import num_frames
 from pretrain.utils import PretrainError
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass

@@ -24,7 +24,6 @@ states of all old ranks and applies its repartition policy
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -39,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pretrain.data.shards import sha256_file
 from pretrain.distributed import DistEnv
 from pretrain.distributed.engine import barrier, broadcast_object, to_universal
 from pretrain.utils import PretrainError, atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -51,14 +51,6 @@ UNIVERSAL = "universal"
 SAVE_PHASES = ("before_writes", "mid_write", "before_manifest", "before_rename", "before_latest")
 """Points of a save where tests kill a process (``crash``), in the order they are reached."""
 _STEP = re.compile(r"^step_(\d+)$")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def rng_state() -> dict:
@@ -116,7 +108,7 @@ class CheckpointManager:
         barrier()
         if self.dist.is_main:
             self._phase(step, "before_manifest")
-            files = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+            files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
             atomic_write_json(tmp / MANIFEST, {"step": step, "world_size": self.dist.world_size,
                                                "config_hash": config_hash, **(meta or {}), "files": files})
             self._phase(step, "before_rename")
@@ -156,7 +148,7 @@ class CheckpointManager:
             path = folder / rel
             if not path.is_file():
                 problems.append(f"{path} is missing")
-            elif _sha256(path) != digest:
+            elif sha256_file(path) != digest:
                 problems.append(f"{path} does not match its sha256")
         return problems
 

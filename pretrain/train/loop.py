@@ -200,8 +200,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, fault: dict | None = 
             logger.log(step, _validate(cfg, engine, model, specs, dist, dtype), prefix="valid_")
 
         if step % cfg.checkpoint.every == 0 or step == cfg.optim.max_steps:
-            rank_state = {"step": step, "data": loader.state_dict(), "rng": rng_state(),
-                          "config_hash": config_hash(cfg)}
+            rank_state = {"step": step, "data": loader.state_dict(), "rng": rng_state()}
             weights = dist_engine.full_state_dict(engine)  # every rank: a collective under ZeRO 3
             checkpoints.save(engine, step, rank_state, config_hash(cfg),
                              model_file=lambda path: save_model(path, model, weights),
