@@ -11,6 +11,18 @@ from pretrain.config.core import ConfigError
 
 @dataclass
 class ModelConfig:
+    arch: str = "hubert"
+    """``hubert``, or ``wavlm``: the same network plus WavLM's gated relative position bias in
+    every attention layer (exported as ``transformers.WavLMModel``)."""
+
+    num_buckets: int = 320
+    """WavLM: relative-position buckets (T5-style: half per direction, half of those exact,
+    the rest logarithmic up to ``max_distance``)."""
+
+    max_distance: int = 800
+    """WavLM: distance in frames at which the logarithmic buckets end; farther frames share the
+    last bucket (WavLM Base/Base+/Large: 800)."""
+
     extractor_mode: str = "group_norm"
     """Waveform encoder normalization: ``group_norm`` (one GroupNorm after the first conv, BASE)
     or ``layer_norm`` (a LayerNorm after every conv, LARGE)."""
@@ -94,6 +106,13 @@ class ModelConfig:
     """Weight of the L2 penalty on the waveform encoder's output."""
 
     def validate(self) -> None:
+        if self.arch not in ("hubert", "wavlm"):
+            raise ConfigError(f"must be 'hubert' or 'wavlm', got '{self.arch}'", field="arch")
+        if self.num_buckets < 4 or self.num_buckets % 2:
+            raise ConfigError(f"must be an even number >= 4, got {self.num_buckets}", field="num_buckets")
+        if self.max_distance <= self.num_buckets // 4:
+            raise ConfigError(f"must exceed the {self.num_buckets // 4} exact buckets per direction, got "
+                              f"{self.max_distance}", field="max_distance")
         if self.extractor_mode not in ("group_norm", "layer_norm"):
             raise ConfigError(f"must be 'group_norm' or 'layer_norm', got '{self.extractor_mode}'",
                               field="extractor_mode")

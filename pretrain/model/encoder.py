@@ -1,5 +1,7 @@
 """HuBERT's backbone: convolutional waveform encoder, feature projection, convolutional
-relative positional embedding and Transformer (post-LN as in BASE, pre-LN as in LARGE).
+relative positional embedding and Transformer (post-LN as in BASE, pre-LN as in LARGE), and
+WavLM's variant of it: the same network with a gated relative position bias in every attention
+layer (``arch: wavlm``).
 
 Parameter names follow ``transformers.HubertModel`` (``feature_extractor.conv_layers.0.conv``,
 ``encoder.layers.3.attention.q_proj``, ...), so exporting is a copy of the backbone's state
@@ -7,6 +9,8 @@ dict, and users find the names they know. Pure ``nn.Module``s: no distribution c
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -83,8 +87,34 @@ class PositionalConv(nn.Module):
         return F.gelu(y).transpose(1, 2)
 
 
+def relative_position_buckets(relative: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """T5's bidirectional buckets of ``relative = key_position - query_position``, as WavLM
+    uses them: half of the buckets for keys after the query; in each half, distances below a
+    quarter of ``num_buckets`` get a bucket each, longer ones logarithmically spaced buckets up
+    to ``max_distance``, beyond which all share the last one."""
+    half = num_buckets // 2
+    exact = half // 2
+    buckets = (relative > 0).long() * half
+    distance = relative.abs()
+    # clamp: log(0) would be -inf; those distances take the exact branch anyway.
+    log_ratio = torch.log(distance.clamp(min=1).float() / exact) / math.log(max_distance / exact)
+    far = (exact + log_ratio * (half - exact)).long().clamp(max=half - 1)
+    return buckets + torch.where(distance < exact, distance, far)
+
+
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, dropout: float):
+    """Multi-head self-attention through ``scaled_dot_product_attention``; with ``gated`` it adds
+    WavLM's gated relative position bias (parameter names as ``transformers.WavLMAttention``).
+
+    The bias is a float ``(B, H, T, T)`` mask, so SDPA cannot use its flash kernel and every
+    layer materializes (and keeps for backward) ``B * H * T^2`` floats: at BASE's 12 heads and
+    15.6-s crops (780 frames) that is 29 MB per utterance per layer, 350 MB per utterance for
+    the 12 layers. Budget ``data.max_tokens`` accordingly (ESPnet's WavLM recipe uses about
+    2/3 of HuBERT's batch).
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float, gated: bool = False,
+                 num_buckets: int = 0, max_distance: int = 0, has_bias_embedding: bool = False):
         super().__init__()
         self.heads = heads
         self.dropout = dropout
@@ -92,13 +122,38 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
+        self.gated = gated
+        if gated:
+            self.num_buckets, self.max_distance = num_buckets, max_distance
+            self.gru_rel_pos_const = nn.Parameter(torch.ones(1, heads, 1, 1))
+            self.gru_rel_pos_linear = nn.Linear(dim // heads, 8)
+            if has_bias_embedding:  # only the first layer's: the bias is shared by all layers
+                self.rel_attn_embed = nn.Embedding(num_buckets, heads)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def position_bias(self, num_frames: int) -> torch.Tensor:
+        """The ungated bucket embedding d(j - i), (H, T, T), computed once per forward."""
+        device = self.rel_attn_embed.weight.device
+        pos = torch.arange(num_frames, device=device)
+        buckets = relative_position_buckets(pos[None, :] - pos[:, None], self.num_buckets, self.max_distance)
+        return self.rel_attn_embed(buckets).permute(2, 0, 1)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None,
+                position_bias: torch.Tensor | None = None) -> torch.Tensor:
         b, t, d = x.shape
         shape = (b, t, self.heads, d // self.heads)
         q = self.q_proj(x).view(shape).transpose(1, 2)
         k = self.k_proj(x).view(shape).transpose(1, 2)
         v = self.v_proj(x).view(shape).transpose(1, 2)
+        if self.gated:
+            # The gate comes from this layer's input (WavLM's "query" before projection), per
+            # head and query frame: bias = (g_u * (a * g_r - 1) + 2) * d.
+            gates = self.gru_rel_pos_linear(x.view(shape).transpose(1, 2))
+            gates = torch.sigmoid(gates.view(b, self.heads, t, 2, 4).sum(-1))
+            gate = gates[..., :1] * (gates[..., 1:] * self.gru_rel_pos_const - 1.0) + 2.0
+            bias = (gate * position_bias.to(gate.dtype)).to(q.dtype)
+            if attn_mask is not None:
+                bias = bias.masked_fill(~attn_mask, float("-inf"))
+            attn_mask = bias
         # SDPA: fused flash / memory-efficient kernels on GPUs.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                            dropout_p=self.dropout if self.training else 0.0)
@@ -119,21 +174,24 @@ class FeedForward(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, first: bool = False):
         super().__init__()
         dim = cfg.encoder_embed_dim
         self.pre_ln = cfg.layer_norm_first
-        self.attention = Attention(dim, cfg.encoder_attention_heads, cfg.attention_dropout)
+        self.attention = Attention(dim, cfg.encoder_attention_heads, cfg.attention_dropout,
+                                   gated=cfg.arch == "wavlm", num_buckets=cfg.num_buckets,
+                                   max_distance=cfg.max_distance, has_bias_embedding=first)
         self.dropout = nn.Dropout(cfg.dropout)
         self.layer_norm = nn.LayerNorm(dim)
         self.feed_forward = FeedForward(dim, cfg.encoder_ffn_embed_dim, cfg.activation_dropout, cfg.dropout)
         self.final_layer_norm = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None,
+                position_bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.pre_ln:
-            x = x + self.dropout(self.attention(self.layer_norm(x), attn_mask))
+            x = x + self.dropout(self.attention(self.layer_norm(x), attn_mask, position_bias))
             return x + self.feed_forward(self.final_layer_norm(x))
-        x = self.layer_norm(x + self.dropout(self.attention(x, attn_mask)))
+        x = self.layer_norm(x + self.dropout(self.attention(x, attn_mask, position_bias)))
         return self.final_layer_norm(x + self.feed_forward(x))
 
 
@@ -145,7 +203,8 @@ class Encoder(nn.Module):
         self.pos_conv_embed = PositionalConv(cfg.encoder_embed_dim, cfg.conv_pos, cfg.conv_pos_groups)
         self.layer_norm = nn.LayerNorm(cfg.encoder_embed_dim)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
+        self.layers = nn.ModuleList(EncoderLayer(cfg, first=i == 0) for i in range(cfg.encoder_layers))
+        self.relative_bias = cfg.arch == "wavlm"
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None,
                 output_layer: int | None = None) -> torch.Tensor:
@@ -162,11 +221,14 @@ class Encoder(nn.Module):
         if not self.pre_ln:
             x = self.layer_norm(x)
         x = self.dropout(x)
+        # WavLM: the first layer's bucket embedding, computed once here (not inside layer 0, so
+        # that LayerDrop may skip any layer) and handed ungated to every layer.
+        bias = self.layers[0].attention.position_bias(x.shape[1]) if self.relative_bias else None
         last = len(self.layers) if output_layer is None else output_layer
         for layer in self.layers[:last]:
             if self.training and self.layerdrop > 0 and torch.rand(()) < self.layerdrop:
                 continue  # LayerDrop
-            x = layer(x, attn_mask)
+            x = layer(x, attn_mask, bias)
         # As in fairseq, a requested layer's output is raw; the pre-LN stack's final norm
         # belongs to the full encoder output only.
         if self.pre_ln and output_layer is None:

@@ -1,6 +1,6 @@
-"""Export to ``transformers.HubertModel``: the backbone's weights under their own names (ours
-follow transformers'), a ``HubertConfig`` that rebuilds the same network, and a
-``preprocessor_config.json`` saying whether waveforms are normalized."""
+"""Export to ``transformers.HubertModel`` (or ``WavLMModel`` for ``arch: wavlm``): the
+backbone's weights under their own names (ours follow transformers'), a config that rebuilds
+the same network, and a ``preprocessor_config.json`` saying whether waveforms are normalized."""
 
 from __future__ import annotations
 
@@ -15,9 +15,16 @@ from pretrain.utils import PretrainError
 
 
 def hf_config(cfg: ModelConfig):
-    from transformers import HubertConfig
+    from transformers import HubertConfig, WavLMConfig
 
-    return HubertConfig(
+    if cfg.arch == "wavlm":
+        return WavLMConfig(num_buckets=cfg.num_buckets, max_bucket_distance=cfg.max_distance,
+                           architectures=["WavLMModel"], **_common_config(cfg))
+    return HubertConfig(feat_proj_layer_norm=True, architectures=["HubertModel"], **_common_config(cfg))
+
+
+def _common_config(cfg: ModelConfig) -> dict:
+    return dict(
         hidden_size=cfg.encoder_embed_dim,
         num_hidden_layers=cfg.encoder_layers,
         num_attention_heads=cfg.encoder_attention_heads,
@@ -26,7 +33,6 @@ def hf_config(cfg: ModelConfig):
         hidden_dropout=cfg.dropout,
         activation_dropout=cfg.activation_dropout,
         attention_dropout=cfg.attention_dropout,
-        feat_proj_layer_norm=True,
         feat_proj_dropout=cfg.dropout_input,
         layerdrop=cfg.encoder_layerdrop,
         layer_norm_eps=1e-5,
@@ -39,18 +45,17 @@ def hf_config(cfg: ModelConfig):
         num_conv_pos_embeddings=cfg.conv_pos,
         num_conv_pos_embedding_groups=cfg.conv_pos_groups,
         do_stable_layer_norm=cfg.layer_norm_first,
-        architectures=["HubertModel"],
     )
 
 
 def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Write a ``transformers`` HubertModel directory for the model in ``checkpoint``."""
+    """Write a ``transformers`` HubertModel (WavLMModel) directory for the model in ``checkpoint``."""
     try:
-        from transformers import HubertModel, Wav2Vec2FeatureExtractor
+        from transformers import HubertModel, Wav2Vec2FeatureExtractor, WavLMModel
     except ImportError as e:
         raise PretrainError(f"export needs transformers (pip install transformers): {e}") from None
     model = load_model(checkpoint)
-    hf = HubertModel(hf_config(model.cfg))
+    hf = (WavLMModel if model.cfg.arch == "wavlm" else HubertModel)(hf_config(model.cfg))
     state = model.backbone.state_dict()
     missing, unexpected = hf.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -126,6 +126,8 @@ class HubertPretrain(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
                 nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):  # WavLM's relative-position buckets
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
             elif isinstance(module, nn.Conv1d) and "feature_extractor" in name:
                 nn.init.kaiming_normal_(module.weight)
 

@@ -23,14 +23,23 @@ MODES = {
 }
 
 
+@pytest.mark.parametrize("arch", ["hubert", "wavlm"])
 @pytest.mark.parametrize("mode", MODES)
-def test_hf_export_gives_the_same_hidden_states(mode, tmp_path, tiny_corpus):
+def test_hf_export_gives_the_same_hidden_states(arch, mode, tmp_path, tiny_corpus):
     torch.manual_seed(0)
-    model = HubertPretrain(model_config("tiny", *MODES[mode]), [LabelSpec("km", 100, 50)]).eval()
+    model = HubertPretrain(model_config("tiny" if arch == "hubert" else "wavlm_tiny", *MODES[mode]),
+                           [LabelSpec("km", 100, 50)]).eval()
+    if arch == "wavlm":  # untrained gates and buckets are near-neutral: make the bias matter
+        with torch.no_grad():
+            for layer in model.backbone.encoder.layers:
+                layer.attention.gru_rel_pos_const.uniform_(0.5, 2.0)
+                layer.attention.gru_rel_pos_linear.weight.normal_(0, 0.5)
+            model.backbone.encoder.layers[0].attention.rel_attn_embed.weight.normal_(0, 1.0)
     save_model(tmp_path / "ckpt" / "model.pt", model)
     assert main(["export", "hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
 
-    hf = transformers.HubertModel.from_pretrained(tmp_path / "hf").eval()
+    hf_class = transformers.WavLMModel if arch == "wavlm" else transformers.HubertModel
+    hf = hf_class.from_pretrained(tmp_path / "hf").eval()
     processor = transformers.Wav2Vec2FeatureExtractor.from_pretrained(tmp_path / "hf")
     record = json.loads((tiny_corpus / "utterances.jsonl").read_text().splitlines()[0])
     speech, _ = sf.read(tiny_corpus / record["audio"], dtype="float32")
@@ -44,6 +53,7 @@ def test_hf_export_gives_the_same_hidden_states(mode, tmp_path, tiny_corpus):
             hidden, _ = model.backbone.hidden_states(waveform, torch.tensor([len(speech)]), layer=layer)
             assert (hidden - theirs.hidden_states[layer]).abs().max() < 1e-4
     config = json.loads((tmp_path / "hf/config.json").read_text())
+    assert config["model_type"] == arch
     assert config["do_stable_layer_norm"] == (mode == "layer_norm-pre_ln")
     assert json.loads((tmp_path / "hf/preprocessor_config.json").read_text())["do_normalize"] == (
         mode == "layer_norm-pre_ln")
