@@ -65,6 +65,21 @@ def _corpus_run(cfg: Any, argv: list[str], progress: bool) -> int:
     return 0 if summary["utterances"] > 0 else 1
 
 
+def _noise_schema() -> type:
+    from pretrain.config.corpus import NoiseSynthConfig
+
+    return NoiseSynthConfig
+
+
+def _noise_run(cfg: Any, argv: list[str], progress: bool) -> int:
+    from pretrain.corpus.noise import synthesize_noise
+
+    summary = synthesize_noise(cfg, progress=progress, argv=argv)
+    kinds = ", ".join(f"{k} {n}" for k, n in summary["per_kind"].items())
+    print(f"wrote {summary['clips']} noise clips ({summary['seconds'] / 60:.1f} min: {kinds}) to {cfg.out}")
+    return 0
+
+
 def _shards_build_schema() -> type:
     from pretrain.config.shards import ShardsBuildConfig
 
@@ -116,6 +131,20 @@ STAGES: tuple[Stage, ...] = (
             Flag("--hours", "hours", float, "hours of audio (instead of --count)"),
             Flag("--seed", "seed", int, "corpus seed"),
             Flag("--jobs", "jobs", int, "worker processes (0: all cores)"),
+        ),
+    ),
+    Stage(
+        group="corpus",
+        name="noise",
+        help="synthesize varied non-speech noise clips (coloured, babble, hum, clicks, machine) "
+             "for WavLM's noise mixing",
+        schema=_noise_schema,
+        run=_noise_run,
+        flags=(
+            Flag("--out", "out", str, "output directory"),
+            Flag("--hours", "hours", float, "hours of noise"),
+            Flag("--speech", "speech", str, "speech corpus to cut the babble from"),
+            Flag("--seed", "seed", int, "noise seed"),
         ),
     ),
     Stage(

@@ -57,3 +57,22 @@ def small_shards(small_corpus, tmp_path_factory) -> Path:
     cfg = load_config(ShardsBuildConfig, [], [f"input={small_corpus}", f"out={out}", "per_shard=4", "jobs=2"])
     build_shards(cfg, progress=False, argv=["test"])
     return out
+
+
+@pytest.fixture(scope="session")
+def noise_shards(small_corpus, tmp_path_factory) -> Path:
+    """About 1.5 minutes of synthetic noise of every kind (babble cut from small_corpus), in
+    shards of 4 clips."""
+    from pretrain.config import load_config
+    from pretrain.config.corpus import NoiseSynthConfig
+    from pretrain.config.shards import ShardsBuildConfig
+    from pretrain.corpus.noise import synthesize_noise
+    from pretrain.data.shards import build_shards
+
+    noise = tmp_path_factory.mktemp("noise")
+    synthesize_noise(load_config(NoiseSynthConfig, [], [f"out={noise}", "hours=0.025", f"speech={small_corpus}"]),
+                     progress=False, argv=["test"])
+    out = tmp_path_factory.mktemp("noise_shards")
+    build_shards(load_config(ShardsBuildConfig, [], [f"input={noise}", f"out={out}", "per_shard=4", "jobs=2"]),
+                 progress=False, argv=["test"])
+    return out

@@ -90,3 +90,62 @@ class CorpusSynthConfig:
             raise ConfigError(f"must be in [0, 0.01), got {self.dither}", field="dither")
         if self.chunk_size < 1:
             raise ConfigError(f"must be >= 1, got {self.chunk_size}", field="chunk_size")
+
+
+NOISE_KINDS = ("white", "pink", "brown", "babble", "hum", "clicks", "machine")
+
+
+@dataclass
+class NoiseSynthConfig:
+    """``pretrain corpus noise``: a folder of varied non-speech noise clips for WavLM's mixing
+    in tests and the demo. Real runs use a real noise corpus (the DNS-challenge noise set)."""
+
+    out: str = MISSING
+    """Directory the clips are written to (``<kind>/noise-<i>.flac``); build shards from it
+    with ``pretrain shards build``. Must be absent or empty unless ``overwrite`` is set."""
+
+    hours: float = 0.05
+    """Total duration of the clips; clip i is ``clip_seconds`` long, drawn per clip."""
+
+    clip_seconds: list[float] = field(default_factory=lambda: [3.0, 10.0])
+    """Range [min, max] of a clip's duration in seconds."""
+
+    kinds: list[str] = field(default_factory=lambda: list(NOISE_KINDS))
+    """Kinds of noise, assigned round-robin by clip index: white/pink/brown (coloured noise,
+    1/f^0, 1/f, 1/f^2 spectra), babble (4-8 overlapped talkers of a speech corpus), hum (mains
+    hum at 50 or 60 Hz with harmonics), clicks (sparse decaying impulses), machine
+    (amplitude-modulated band-limited noise, like a fan or engine)."""
+
+    speech: Optional[str] = None
+    """Speech corpus (folder made by ``pretrain corpus synth``) the babble is cut from; unset:
+    ``babble_utterances`` utterances are synthesized for it (TTS) and removed afterwards."""
+
+    babble_utterances: int = 16
+    """Utterances synthesized for the babble when ``speech`` is unset."""
+
+    level_dbfs: list[float] = field(default_factory=lambda: [-40.0, -20.0])
+    """Range [min, max] of a clip's RMS level in dB full scale (mixing rescales every segment to
+    its drawn energy ratio, so the level only matters to people listening)."""
+
+    seed: int = 0
+    """Clip i is drawn from a generator seeded with (seed, i)."""
+
+    overwrite: bool = False
+    """Delete the clips of an existing noise corpus in ``out`` first."""
+
+    def validate(self) -> None:
+        if not self.hours > 0:
+            raise ConfigError(f"must be > 0, got {self.hours}", field="hours")
+        if len(self.clip_seconds) != 2 or not 0.5 <= self.clip_seconds[0] <= self.clip_seconds[1]:
+            raise ConfigError(f"must be [min, max] with 0.5 <= min <= max, got {list(self.clip_seconds)}",
+                              field="clip_seconds")
+        if not self.kinds:
+            raise ConfigError("needs at least one kind", field="kinds")
+        for kind in self.kinds:
+            if kind not in NOISE_KINDS:
+                raise ConfigError(f"unknown kind '{kind}'; choose from {', '.join(NOISE_KINDS)}", field="kinds")
+        if self.babble_utterances < 1:
+            raise ConfigError(f"must be >= 1, got {self.babble_utterances}", field="babble_utterances")
+        if len(self.level_dbfs) != 2 or not self.level_dbfs[0] <= self.level_dbfs[1] < 0:
+            raise ConfigError(f"must be [min, max] with min <= max < 0, got {list(self.level_dbfs)}",
+                              field="level_dbfs")

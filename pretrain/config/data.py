@@ -3,10 +3,54 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from omegaconf import MISSING
 
 from pretrain.config.core import ConfigError
+
+
+@dataclass
+class MixingConfig:
+    """WavLM's utterance mixing (``pretrain.data.mixing``), done in the data workers. Defaults
+    are those of WavLM's released data code (see ../shared/notes/hubert-recipe.md §2.4), except
+    ``prob``, which is 0 (off) so that HuBERT runs are unchanged; WavLM configs set 0.2."""
+
+    prob: float = 0.0
+    """Probability that an utterance gets a segment of noise or of another utterance mixed in
+    (WavLM: 0.2). The labels stay those of the primary utterance."""
+
+    noise_prob: float = 0.5
+    """Of the mixed utterances, the fraction mixed with noise rather than speech."""
+
+    noise_shards: Optional[str] = None
+    """Shard directory of a noise corpus (``pretrain shards build`` of any folder of noise,
+    e.g. DNS-challenge noise; ``pretrain corpus noise`` makes a synthetic one). Required when
+    ``prob`` and ``noise_prob`` are both above 0."""
+
+    max_length_ratio: float = 0.5
+    """The mixed segment is 1 .. this fraction of the primary utterance's (cropped) length."""
+
+    speech_snr: list[float] = field(default_factory=lambda: [-5.0, 5.0])
+    """Range [low, high] in dB of the energy ratio primary : mixed-in speech segment, drawn
+    uniformly."""
+
+    noise_snr: list[float] = field(default_factory=lambda: [-5.0, 20.0])
+    """Range [low, high] in dB of the energy ratio primary : noise segment, drawn uniformly."""
+
+    def validate(self) -> None:
+        for name in ("prob", "noise_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"must be in [0, 1], got {getattr(self, name)}", field=name)
+        if not 0.0 < self.max_length_ratio <= 1.0:
+            raise ConfigError(f"must be in (0, 1], got {self.max_length_ratio}", field="max_length_ratio")
+        for name in ("speech_snr", "noise_snr"):
+            r = list(getattr(self, name))
+            if len(r) != 2 or not r[0] <= r[1]:
+                raise ConfigError(f"must be [low, high] with low <= high, got {r}", field=name)
+        if self.prob > 0 and self.noise_prob > 0 and not self.noise_shards:
+            raise ConfigError("is required when prob > 0 and noise_prob > 0 (set noise_prob=0 to mix "
+                              "speech only)", field="noise_shards")
 
 
 @dataclass
@@ -63,6 +107,9 @@ class DataConfig:
     on_error: str = "raise"
     """A corrupt sample or shard: ``raise`` stops with an error naming shard and key; ``skip``
     leaves it out, counts it in the metrics and in the loader state, and logs it."""
+
+    mixing: MixingConfig = field(default_factory=MixingConfig)
+    """WavLM utterance/noise mixing (off by default)."""
 
     def validate(self) -> None:
         if self.min_sample_size < 0:

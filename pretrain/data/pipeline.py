@@ -50,13 +50,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pretrain.config.data import DataConfig
 from pretrain.data.audio import EXTENSIONS, decode_into
 from pretrain.data.labels import LabelSet
+from pretrain.data.mixing import Mixer
 from pretrain.data.shards import iter_shard, read_manifest
 from pretrain.frames import num_frames
 from pretrain.utils import PretrainError
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the mixing settings are part of the state
 LABEL_PAD = -100
 CROP_QUANTUM = 320  # both label grids (160 and 320 samples per frame) stay aligned
 
@@ -136,8 +137,9 @@ class SlotStream:
     """Batches of one slot, each with the slot's state after it."""
 
     def __init__(self, cfg: DataConfig, shard_dir: Path, shards: list[dict], num_slots: int,
-                 slot: int, label_sets: list[LabelSet], epoch: int | None):
+                 slot: int, label_sets: list[LabelSet], epoch: int | None, mixer: Mixer | None = None):
         self.cfg = cfg
+        self.mixer = mixer
         self.dir = shard_dir
         self.shards = shards
         self.counts = [s["utterances"] for s in shards]
@@ -308,7 +310,7 @@ class SlotStream:
             for done, b in enumerate(order, start=1):
                 if done <= skip:
                     continue
-                batch = self._collate(batches[b], yield_counts)
+                batch = self._collate(batches[b], yield_counts, pool)
                 out_state = SlotState(pool_start, done, counts_at_start, dict(yield_counts))
                 if batch is not None:
                     yield batch, out_state
@@ -318,7 +320,7 @@ class SlotStream:
         # counters (skipped, too short), which no batch state includes.
         yield None, SlotState(pos, 0, read_counts, dict(yield_counts))
 
-    def _collate(self, items: list[_Item], counts: dict[str, int]) -> dict | None:
+    def _collate(self, items: list[_Item], counts: dict[str, int], pool: list[_Item] = ()) -> dict | None:
         lengths = [min(item.num_samples, self.cfg.max_sample_size) for item in items]
         if not self.cfg.pad_audio:
             lengths = [min(lengths)] * len(items)
@@ -341,10 +343,16 @@ class SlotStream:
             pcm = pcm[good, : max(length for _, length in crops)]
         counts["samples"] += len(items)
         lengths = torch.tensor([length for _, length in crops], dtype=torch.long)
+        # The same scale soundfile uses for float reads, on the whole batch at once.
+        audio = torch.from_numpy(pcm).float().mul_(1.0 / 32768.0)
+        mixing = torch.zeros(len(items), dtype=torch.int8)
+        if self.mixer is not None and self.mixer.enabled:
+            mixing = torch.from_numpy(self.mixer.mix(audio.numpy(), lengths.tolist(), items, pool,
+                                                     _key_hash, counts))
         batch: dict[str, Any] = {
             "keys": [item.key for item in items],
-            # The same scale soundfile uses for float reads, on the whole batch at once.
-            "audio": torch.from_numpy(pcm).float().mul_(1.0 / 32768.0),
+            "audio": audio,
+            "mixing": mixing,  # per row: 0 clean, 1 speech mixed in, 2 noise mixed in
             "padding_mask": torch.arange(pcm.shape[1])[None, :] >= lengths[:, None],
             "lengths": lengths,
             "offsets": torch.tensor([offset for offset, _ in crops], dtype=torch.long),
@@ -362,6 +370,16 @@ class SlotStream:
 
 
 # --------------------------------------------------------------------------- loader
+
+
+def _describe_mixing(fingerprint: dict | None) -> str:
+    if fingerprint is None:
+        return "off"
+    shown = {k: v for k, v in fingerprint.items() if k != "noise_shards"}
+    if fingerprint["noise_shards"]:
+        shown["noise_shards"] = f"{len(fingerprint['noise_shards'])} shards " \
+            f"(sha256 {fingerprint['noise_shards'][0][2][:12]}...)"
+    return json.dumps(shown)
 
 
 class _SlotDataset(IterableDataset):
@@ -399,6 +417,7 @@ class ShardLoader:
                 f"world_size {world_size} x num_workers {self.workers_per_rank}; build more, smaller "
                 "shards (pretrain shards build --per-shard N) or use fewer workers")
         self.label_sets = [LabelSet(self.dir, name) for name in cfg.labels]
+        self.mixer = Mixer(cfg.mixing, cfg.seed)
         self.fingerprint = [[s["name"], s["utterances"], s["sha256"]] for s in self.shards]
         self.epoch = 0
         self._reset_slots(0)
@@ -414,7 +433,7 @@ class ShardLoader:
 
     def slot_stream(self, logical: int, epoch: int | None) -> SlotStream:
         return SlotStream(self.cfg, self.dir, self.shards, self.num_slots,
-                          self.rank * self.workers_per_rank + logical, self.label_sets, epoch)
+                          self.rank * self.workers_per_rank + logical, self.label_sets, epoch, self.mixer)
 
     def __iter__(self) -> Iterator[dict]:
         epoch = None if self.cfg.infinite else self.epoch
@@ -454,6 +473,7 @@ class ShardLoader:
             "num_workers": self.workers_per_rank,
             "infinite": self.cfg.infinite,
             "shards": self.fingerprint,
+            "mixing": self.mixer.state_fingerprint(),
             "epoch": self.epoch,
             "last_slot": self.last_slot,
             "slots": {str(k): v.to_dict() for k, v in self.slots.items()},
@@ -471,6 +491,10 @@ class ShardLoader:
         if state["shards"] != self.fingerprint:
             raise PretrainError("cannot resume the data loader: the shards in "
                                 f"{self.dir} differ from those it was saved with")
+        if state["mixing"] != mine["mixing"]:
+            raise PretrainError(f"cannot resume the data loader: it was saved with data.mixing "
+                                f"{_describe_mixing(state['mixing'])}, now {_describe_mixing(mine['mixing'])}; "
+                                "a resumed run must mix as the saved one did")
 
     def load_repartitioned(self, states: list[dict]) -> int:
         """Continue from the states of *all* ranks of a run with another ``world_size``.
