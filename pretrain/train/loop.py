@@ -280,6 +280,9 @@ def _local_sums(outs, micro, specs, global_masked, world) -> dict[str, float]:
             "num_unmasked": sum(o["num_unmasked"] for o in outs),
             "audio_samples": sum(float(b["lengths"].sum()) for b in micro),
             "utterances": sum(len(b["keys"]) for b in micro),
+            # WavLM mixing, per row: 1 speech, 2 noise mixed in (the data workers decide)
+            "mixed_speech": sum(int((b["mixing"] == 1).sum()) for b in micro),
+            "mixed_noise": sum(int((b["mixing"] == 2).sum()) for b in micro),
             "steps": 1.0 / world}
     for spec in specs:
         for kind in ("masked", "unmasked"):
@@ -297,6 +300,8 @@ def _metrics(totals, specs, lr, engine, elapsed, data_wait, world) -> dict:
         "samples_per_s": totals["utterances"] / max(elapsed, 1e-9),
         "step_time_s": elapsed / steps,
         "data_wait_s": data_wait / steps,
+        "mixed_speech_frac": totals["mixed_speech"] / max(totals["utterances"], 1),
+        "mixed_noise_frac": totals["mixed_noise"] / max(totals["utterances"], 1),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     norm = engine.get_global_grad_norm()
@@ -318,11 +323,11 @@ def _metrics(totals, specs, lr, engine, elapsed, data_wait, world) -> dict:
 @torch.no_grad()
 def _validate(cfg: TrainConfig, engine, model, specs, dist, dtype) -> dict:
     """``valid_batches`` batches on every rank (an endless loader, so all ranks do the same
-    number of forward passes), fixed masks, sums over ranks."""
-    from pretrain.config.data import DataConfig
+    number of forward passes), fixed masks, sums over ranks, clean audio (no mixing)."""
+    from pretrain.config.data import DataConfig, MixingConfig
 
     valid_cfg = DataConfig(**{**asdict(cfg.data), "shards": cfg.valid_shards, "infinite": True,
-                              "shuffle": False, "num_workers": 0})
+                              "shuffle": False, "num_workers": 0, "mixing": MixingConfig()})
     loader = ShardLoader(valid_cfg, rank=dist.rank, world_size=dist.world_size)
     engine.eval()
     sums = {"loss_sum": 0.0, "num_masked": 0.0, "correct": 0.0}

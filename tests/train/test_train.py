@@ -21,7 +21,7 @@ LAUNCH = Path(sys.executable).parent / "launch"
 
 
 def launch(run_dir: Path, shards: Path, *overrides: str, nproc: int = 2, fault: dict | None = None,
-           check: bool = True, gpu: bool = False) -> subprocess.CompletedProcess:
+           check: bool = True, gpu: bool = False, configs: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
     if not gpu:
         env["DS_ACCELERATOR"] = "cpu"
@@ -30,7 +30,7 @@ def launch(run_dir: Path, shards: Path, *overrides: str, nproc: int = 2, fault: 
         env["PRETRAIN_FAULT"] = json.dumps(fault)
     cmd = [str(LAUNCH), "local", "--nproc", str(nproc), "pretrain", "train",
            "--config", str(REPO / "configs/model/tiny.yaml"), "--config", str(REPO / "configs/train/tiny_cpu.yaml"),
-           "--run-dir", str(run_dir), f"data.shards={shards}", "log.every=1", "optim.max_steps=16",
+           *[a for c in configs for a in ("--config", str(REPO / c))], "--run-dir", str(run_dir), f"data.shards={shards}", "log.every=1", "optim.max_steps=16",
            "checkpoint.every=4", "data.max_tokens=40000", *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
     if check:
@@ -211,6 +211,39 @@ def test_gradients_do_not_depend_on_how_the_batch_is_split(tmp_path):
     worst = max((grads[1][k] - grads[2][k]).abs().max().item() for k in grads[1])
     assert worst < 1e-6, worst
     assert max(g.abs().max().item() for g in grads[1].values()) > 1e-3  # not trivially zero
+
+
+def test_wavlm_with_utterance_and_noise_mixing_trains_and_exports(small_shards, noise_shards, tmp_path):
+    import numpy as np
+    import torch
+    import transformers
+
+    run = tmp_path / "wavlm"
+    launch(run, small_shards, "optim.max_steps=8", "optim.lr=0.002", f"data.mixing.noise_shards={noise_shards}",
+           "data.mixing.prob=0.5", f"valid_shards={small_shards}", "valid_every=8", "valid_batches=2",
+           configs=("configs/model/wavlm_tiny.yaml", "configs/train/wavlm_mixing.yaml"))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 9))
+    assert all(np.isfinite(r["loss"]) for r in train)
+    assert np.mean([r["loss"] for r in train[-3:]]) < np.mean([r["loss"] for r in train[:3]])
+    mixed = sum(r["mixed_speech_frac"] + r["mixed_noise_frac"] for r in train) / len(train)
+    assert 0.2 < mixed < 0.8, mixed  # prob 0.5, of a few hundred utterances
+    assert any(r["mixed_noise_frac"] > 0 for r in train) and any(r["mixed_speech_frac"] > 0 for r in train)
+    assert any("valid_loss" in r for r in records)
+    # The trained model exports to transformers' WavLMModel with the same hidden states.
+    from pretrain.model.checkpoint import load_model
+    from pretrain.model.export import export_hf
+
+    export_hf(run / "checkpoints/step_8", tmp_path / "hf")
+    hf = transformers.WavLMModel.from_pretrained(tmp_path / "hf").eval()
+    ours = load_model(run / "checkpoints/step_8").eval()
+    assert ours.cfg.arch == "wavlm"
+    wave = torch.randn(1, 24000) * 0.1
+    with torch.no_grad():
+        mine, _ = ours.backbone.hidden_states(wave, torch.tensor([24000]))
+        theirs = hf(wave).last_hidden_state
+    assert (mine - theirs).abs().max() < 1e-4
 
 
 @pytest.mark.gpu
