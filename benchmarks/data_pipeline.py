@@ -6,12 +6,17 @@
     FLAC file of the same corpus, the same crop rule, batches of the same token budget over a
     length-sorted order, padded the same way.
 
+(c) The pipeline of (a) with WavLM's utterance mixing at its defaults (``prob`` 0.2, half
+    noise from shards of ``pretrain corpus noise`` in the same format, half another utterance
+    of the pool).
+
 Both are run on FLAC (shards built with ``audio_format=flac``, the per-file loader reading the
 corpus's FLAC files) and on 16-bit WAV (``audio_format=wav`` shards, WAV copies of the files).
 Both deliver the same audio; each is timed by process CPU time, in interleaved repeats, and the
 median is reported. Prints audio-seconds delivered per CPU-core-second and the ratios, and ends
 with one JSON line holding ``realtime_per_core`` and ``ratio_vs_per_file`` (FLAC, the default
-format) and the same for WAV.
+format), the same for WAV, and ``realtime_per_core_mixing`` with ``mixing_cost`` (the
+slow-down of (c) against (a)), FLAC and ``wav_``.
 
 Usage: python benchmarks/data_pipeline.py [--seconds 300] [--epochs 2] [--repeats 5] [--corpus DIR]
 """
@@ -29,9 +34,10 @@ import soundfile as sf
 import torch
 
 from pretrain.config import load_config
-from pretrain.config.corpus import CorpusSynthConfig
+from pretrain.config.corpus import CorpusSynthConfig, NoiseSynthConfig
 from pretrain.config.data import DataConfig
 from pretrain.config.shards import ShardsBuildConfig
+from pretrain.corpus.noise import synthesize_noise
 from pretrain.corpus.synth import synthesize_corpus
 from pretrain.data.pipeline import ShardLoader
 from pretrain.data.shards import build_shards
@@ -40,9 +46,10 @@ MAX_TOKENS = 1_400_000
 MAX_SAMPLE_SIZE = 250_000
 
 
-def pipeline_epochs(shards: Path, epochs: int) -> tuple[float, float]:
+def pipeline_epochs(shards: Path, epochs: int, noise: Path | None = None) -> tuple[float, float]:
+    mixing = [f"mixing.noise_shards={noise}", "mixing.prob=0.2", "mixing.noise_prob=0.5"] if noise else []
     cfg = load_config(DataConfig, [], [f"shards={shards}", "num_workers=0", "min_sample_size=0",
-                                       f"max_tokens={MAX_TOKENS}", f"max_sample_size={MAX_SAMPLE_SIZE}"])
+                                       f"max_tokens={MAX_TOKENS}", f"max_sample_size={MAX_SAMPLE_SIZE}", *mixing])
     loader = ShardLoader(cfg)
     delivered = 0
     cpu0 = time.process_time()
@@ -120,10 +127,19 @@ def main() -> None:
             build_shards(load_config(ShardsBuildConfig, [], [f"input={corpus}", f"out={shards[fmt]}",
                                                               "per_shard=16", f"audio_format={fmt}"]),
                          progress=False, argv=["benchmark"])
+        noise = Path(tmp) / "noise"
+        synthesize_noise(load_config(NoiseSynthConfig, [], [f"out={noise}", "hours=0.05", f"speech={corpus}"]),
+                         progress=False, argv=["benchmark"])
+        for fmt in ("flac", "wav"):
+            build_shards(load_config(ShardsBuildConfig, [], [f"input={noise}", f"out={noise}_{fmt}", "per_shard=16",
+                                                              f"audio_format={fmt}"]),
+                         progress=False, argv=["benchmark"])
         runs = {
             "pipeline_flac": lambda: pipeline_epochs(shards["flac"], args.epochs),
+            "pipeline_flac_mixing": lambda: pipeline_epochs(shards["flac"], args.epochs, Path(f"{noise}_flac")),
             "per_file_flac": lambda: per_file_epochs(corpus, args.epochs, ".flac"),
             "pipeline_wav": lambda: pipeline_epochs(shards["wav"], args.epochs),
+            "pipeline_wav_mixing": lambda: pipeline_epochs(shards["wav"], args.epochs, Path(f"{noise}_wav")),
             "per_file_wav": lambda: per_file_epochs(corpus, args.epochs, ".wav"),
         }
         for run in runs.values():  # warm the page cache and imports for every loader alike
@@ -147,6 +163,10 @@ def main() -> None:
           f"ratio {flac_ratio:.2f}")
     print(f"  WAV:  pipeline {medians['pipeline_wav']:7.0f}x   per-file {medians['per_file_wav']:7.0f}x   "
           f"ratio {wav_ratio:.2f}")
+    mixing_cost = medians["pipeline_flac"] / medians["pipeline_flac_mixing"]
+    wav_mixing_cost = medians["pipeline_wav"] / medians["pipeline_wav_mixing"]
+    print(f"  WavLM mixing (prob 0.2), FLAC: {medians['pipeline_flac_mixing']:7.0f}x "
+          f"(cost {mixing_cost:.2f}x)   WAV: {medians['pipeline_wav_mixing']:7.0f}x (cost {wav_mixing_cost:.2f}x)")
     print(f"  WAV shards vs the per-file FLAC loader (fairseq's usual set-up): "
           f"{medians['pipeline_wav'] / medians['per_file_flac']:.2f}")
     print(json.dumps({"bench": "data_pipeline", "format": "flac",
@@ -154,6 +174,10 @@ def main() -> None:
                       "ratio_vs_per_file": round(flac_ratio, 3),
                       "wav_realtime_per_core": round(medians["pipeline_wav"], 1),
                       "wav_ratio_vs_per_file": round(wav_ratio, 3),
+                      "realtime_per_core_mixing": round(medians["pipeline_flac_mixing"], 1),
+                      "mixing_cost": round(mixing_cost, 3),
+                      "wav_realtime_per_core_mixing": round(medians["pipeline_wav_mixing"], 1),
+                      "wav_mixing_cost": round(wav_mixing_cost, 3),
                       "target_realtime_per_core": 5000, "target_ratio": 1.0}))
 
 

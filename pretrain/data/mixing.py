@@ -114,6 +114,12 @@ def _decode_segment(data: bytes, length: int, rng: np.random.Generator, tile: bo
     return out.astype(np.float32) * (1.0 / 32768.0)
 
 
+def _mean_square(x: np.ndarray) -> float:
+    # einsum, not np.dot: a BLAS dot product wakes OpenBLAS's thread pool, whose spinning
+    # threads doubled the workers' CPU time per audio-second (measured).
+    return float(np.einsum("i,i->", x, x, dtype=np.float64)) / max(len(x), 1)
+
+
 class Mixer:
     """Mixes the rows of one decoded batch in place (see the module docstring)."""
 
@@ -174,8 +180,8 @@ class Mixer:
             seg_len = len(segment)
             start = min(start, length - seg_len)
             row = audio[i, :length]
-            p_primary = float(np.dot(row.astype(np.float64), row) / length)
-            p_segment = float(np.dot(segment.astype(np.float64), segment) / max(seg_len, 1))
+            p_primary = _mean_square(row)
+            p_segment = _mean_square(segment)
             if p_segment < _SILENT_POWER or p_primary < _SILENT_POWER:
                 counts["mix_silent"] = counts.get("mix_silent", 0) + 1
                 continue
