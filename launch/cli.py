@@ -1,6 +1,13 @@
-"""``launch local --nproc N [--port P] COMMAND ...``: run a ``pretrain`` command in N processes
+"""Job launching.
+
+``launch local --nproc N [--port P] COMMAND ...``: run a ``pretrain`` command in N processes
 on this machine with torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT, read
-by ``pretrain.distributed.read_env``). ``COMMAND`` is ``pretrain train ...``."""
+by ``pretrain.distributed.read_env``). ``COMMAND`` is ``pretrain train ...``.
+
+``launch slurm [--profile P] [--dry-run] [--after ID] COMMAND ...``: render the stage's sbatch
+script from ``slurm/`` and the cluster profile, and submit it (see ``launch/slurm.py``);
+``--stage "COMMAND" --stage "COMMAND" ...`` submits a chain, each after the previous succeeds.
+"""
 
 from __future__ import annotations
 
@@ -23,8 +30,35 @@ def main(argv: list[str] | None = None) -> int:
     local.add_argument("--nproc", type=int, default=1, help="processes (one per GPU on a GPU machine)")
     local.add_argument("--port", type=int, default=0, help="rendezvous port (0: a free one)")
     local.add_argument("command", nargs=argparse.REMAINDER, help="pretrain COMMAND ...")
+    slurm = modes.add_parser("slurm", help="submit a stage (or a chain of stages) to SLURM")
+    slurm.add_argument("--profile", help="cluster profile YAML (configs/cluster/*.yaml)")
+    slurm.add_argument("--set", dest="profile_overrides", action="append", metavar="KEY=VALUE",
+                       help="override a profile field, e.g. --set nodes=2 (repeatable)")
+    slurm.add_argument("--job-dir", help="where the script, config snapshot and logs go "
+                                         "(default: a slurm/ folder in the stage's output)")
+    slurm.add_argument("--after", action="append", metavar="JOBID",
+                       help="start only after this job succeeded (afterok; repeatable)")
+    slurm.add_argument("--tasks", type=int, help="array tasks of features / assign (default: the profile's)")
+    slurm.add_argument("--stage", action="append", metavar="'COMMAND'",
+                       help="a quoted pretrain command; repeat for a chain run in order")
+    slurm.add_argument("--dry-run", action="store_true", help="print the scripts, submit nothing")
+    slurm.add_argument("command", nargs=argparse.REMAINDER, help="[pretrain] STAGE [--config F] [key=value ...]")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if args.mode == "slurm":
+        from launch import slurm as slurm_launch
+        from pretrain.config import ConfigError
+        from pretrain.utils import PretrainError
+
+        args.command, args.raw = command, argv[1:]
+        if args.stage and command:
+            parser.error("give either a command or --stage options, not both")
+        try:
+            return slurm_launch.main(args)
+        except (ConfigError, PretrainError) as e:
+            print(f"launch slurm: error: {e}", file=sys.stderr)
+            return 2 if isinstance(e, ConfigError) else 1
     if command[:1] != ["pretrain"] or len(command) < 2:
         parser.error("the command must start with 'pretrain', e.g. launch local --nproc 2 pretrain train ...")
     if args.nproc < 1:

@@ -184,8 +184,10 @@ def _train_run(cfg: Any, argv: list[str], progress: bool) -> int:
     from pretrain.train.loop import train
 
     # PRETRAIN_FAULT injects failures for the recovery tests (see train()); unset in real runs.
-    train(cfg, argv, fault=json.loads(os.environ.get("PRETRAIN_FAULT", "{}")))
-    engine.shutdown()  # does not return: a clean exit for every rank
+    result = train(cfg, argv, fault=json.loads(os.environ.get("PRETRAIN_FAULT", "{}")))
+    # does not return: a clean exit for every rank (non-zero after a preemption that was not
+    # requeued, see pretrain.train.loop.handle_preemption)
+    engine.shutdown(result.get("exit_code", 0))
     return 0
 
 
@@ -411,11 +413,11 @@ def _as_override(name: str, value: Any) -> str:
     return f"{name}={value}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def resolve(argv: Sequence[str]) -> tuple[Stage, Any, argparse.Namespace, str]:
+    """Parse a ``pretrain`` command line into its stage, resolved config, parsed arguments and
+    program name, without running anything (``launch slurm`` renders jobs from it). Raises
+    ``ConfigError`` for a bad config; argparse exits on bad arguments."""
+    args = build_parser().parse_args(list(argv))
     stage: Stage = args.stage
     prog = " ".join(["pretrain", stage.group] + ([stage.name] if stage.name else []))
     overrides, leading = list(args.overrides), []
@@ -431,8 +433,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(stage.schema(), args.config, flag_overrides + overrides)
     except ConfigError as e:
-        print(f"{prog}: config error: {e}", file=sys.stderr)
+        e.prog = prog
+        raise
+    return stage, cfg, args, prog
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        stage, cfg, args, prog = resolve(argv)
+    except ConfigError as e:
+        print(f"{e.prog}: config error: {e}", file=sys.stderr)
         return 2
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # One-time (and idempotent) set-up of a fresh Debian machine for pretrain:
+#   - SLURM (slurmctld, slurmd, client, munge) for the local test cluster (slurm/local-cluster.sh),
 #   - the Debian packages of the TTS engines behind the synthetic corpus,
 #   - a virtual environment in .venv with a CPU torch installed *before* everything else,
 #     so that deepspeed's resolution never pulls a CUDA torch plus its nvidia wheels,
@@ -10,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts flite espeak-ng
-              libespeak-ng1 libsndfile1 make)
+              libespeak-ng1 libsndfile1 make slurmctld slurmd slurm-client munge)
 TORCH_SPEC="${PRETRAIN_TORCH_SPEC:-torch==2.13.0}"
 VENV="${PRETRAIN_VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"

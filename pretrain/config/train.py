@@ -140,6 +140,12 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     """Training data: shards and label sets."""
 
+    max_requeues: int = 20
+    """Under SLURM, how many times a run preempted (SIGUSR1, e.g. ``--signal=USR1@180`` before
+    the time limit, or ``scancel --signal=USR1``) checkpoints and requeues itself. When
+    ``SLURM_RESTART_COUNT`` has reached it, the run checkpoints and stops with exit status 1
+    (job FAILED) and a message saying so, instead of requeueing forever."""
+
     valid_shards: Optional[str] = None
     """Held-out shard directory (same label sets) for periodic validation; none: no validation."""
 
@@ -169,5 +175,7 @@ class TrainConfig:
             raise ConfigError("training needs at least one label set", field="data.labels")
         if self.max_bad_steps < 1:
             raise ConfigError(f"must be >= 1, got {self.max_bad_steps}", field="max_bad_steps")
+        if self.max_requeues < 0:
+            raise ConfigError(f"must be >= 0, got {self.max_requeues}", field="max_requeues")
         if self.valid_every < 1 or self.valid_batches < 1:
             raise ConfigError("must be >= 1", field="valid_every")

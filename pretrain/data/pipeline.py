@@ -382,6 +382,14 @@ def _describe_mixing(fingerprint: dict | None) -> str:
     return json.dumps(shown)
 
 
+def _ignore_preemption_signal(_worker: int) -> None:
+    # SLURM signals every process of a task, data workers included; only the trainer acts on
+    # the preemption signal (checkpoint, requeue), and a worker killed by it would fail the step.
+    import signal
+
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 class _SlotDataset(IterableDataset):
     def __init__(self, loader: "ShardLoader", states: dict[int, SlotState], rotation: int, epoch: int | None):
         self.loader, self.states, self.rotation, self.epoch = loader, states, rotation, epoch
@@ -443,6 +451,7 @@ class ShardLoader:
         # torch RNG at every iter(), which would shift the trainer's dropout stream on resume.
         loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers,
                             persistent_workers=False, prefetch_factor=4 if self.cfg.num_workers else None,
+                            worker_init_fn=_ignore_preemption_signal,
                             generator=torch.Generator().manual_seed(self.cfg.seed))
         for logical, batch, state in loader:
             self.slots[logical] = SlotState.from_dict(state)

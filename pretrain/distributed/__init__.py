@@ -55,3 +55,25 @@ def export_env(dist: DistEnv) -> None:
     os.environ.update({"RANK": str(dist.rank), "WORLD_SIZE": str(dist.world_size),
                        "LOCAL_RANK": str(dist.local_rank), "MASTER_ADDR": dist.master_addr,
                        "MASTER_PORT": str(dist.master_port)})
+
+
+def slurm_job_id(environ: dict | None = None) -> str | None:
+    """This job's id under SLURM (an array task's own id), else None."""
+    return (os.environ if environ is None else environ).get("SLURM_JOB_ID")
+
+
+def slurm_restart_count(environ: dict | None = None) -> int:
+    """How many times SLURM has requeued this job: unset on the first run, 1, 2, ... after."""
+    return int((os.environ if environ is None else environ).get("SLURM_RESTART_COUNT", "0") or 0)
+
+
+def requeue_slurm_job(job_id: str) -> None:
+    """Put this job back in the queue (same id); SLURM then stops every task with SIGTERM.
+
+    A preempted job must do this itself: one that checkpoints and exits 0 is marked
+    COMPLETED and never runs again."""
+    import subprocess
+
+    proc = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"scontrol requeue {job_id} failed ({proc.returncode}): {proc.stderr.strip()}")

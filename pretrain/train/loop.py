@@ -26,7 +26,7 @@ import torch
 from pretrain.config import write_run_record
 from pretrain.config.train import TrainConfig
 from pretrain.data.pipeline import ShardLoader
-from pretrain.distributed import read_env
+from pretrain.distributed import read_env, requeue_slurm_job, slurm_job_id, slurm_restart_count
 from pretrain.distributed import engine as dist_engine
 from pretrain.frames import conv_num_frames
 from pretrain.model.checkpoint import save_model
@@ -90,6 +90,8 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, fault: dict | None = 
     ``{"exit_after_save": step}`` ends the process right after saving.
     """
     fault = fault or {}
+    # Before anything slow: a preemption signal during start-up must not kill the process.
+    preemption = PreemptionSignal()
     dist = read_env()
     dist_engine.init_process_group(dist)
     run_dir = Path(cfg.run_dir)
@@ -199,7 +201,10 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, fault: dict | None = 
         if cfg.valid_shards and step % cfg.valid_every == 0:
             logger.log(step, _validate(cfg, engine, model, specs, dist, dtype), prefix="valid_")
 
-        if step % cfg.checkpoint.every == 0 or step == cfg.optim.max_steps:
+        # All ranks agree on a preemption signal (it may reach only some of them, or reach
+        # them at different steps), so that they checkpoint the same step together.
+        preempted = dist_engine.all_reduce_sum([float(preemption.raised)])[0] > 0
+        if step % cfg.checkpoint.every == 0 or step == cfg.optim.max_steps or preempted:
             rank_state = {"step": step, "data": loader.state_dict(), "rng": rng_state()}
             weights = dist_engine.full_state_dict(engine)  # every rank: a collective under ZeRO 3
             checkpoints.save(engine, step, rank_state, config_hash(cfg),
@@ -208,8 +213,57 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, fault: dict | None = 
             if fault.get("exit_after_save") == step:
                 logger.close()
                 dist_engine.shutdown()
+        if preempted and step < cfg.optim.max_steps:
+            logger.close()
+            return {**last, "preempted_at": step, "exit_code": handle_preemption(step, cfg, dist)}
     logger.close()
+    preemption.restore()
     return last
+
+
+class PreemptionSignal:
+    """Remembers that SIGUSR1 arrived; the handler does nothing else, because a checkpoint
+    needs every rank at the same step boundary (see ``train``)."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous = signal.signal(signal.SIGUSR1, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if not self.raised:
+            log.warning("preemption signal (SIGUSR1): checkpointing at the next step boundary")
+        self.raised = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGUSR1, self._previous)
+
+
+def handle_preemption(step: int, cfg: TrainConfig, dist) -> int:
+    """After the preemption checkpoint: under SLURM rank 0 requeues the job (same id; SLURM
+    stops the tasks and restarts the job, which resumes from the checkpoint), unless
+    ``max_requeues`` is spent. Returns the exit status for every rank: 0 when requeued (the
+    job is already back in the queue), 75 (EX_TEMPFAIL) outside SLURM (relaunch to resume),
+    1 when the requeue budget is spent (the job ends FAILED, never COMPLETED)."""
+    job = slurm_job_id()
+    restarts = slurm_restart_count()
+    code = 0
+    if job is None:
+        code = 75
+        if dist.is_main:
+            log.warning("preempted at step %d: checkpoint saved; not under SLURM, so relaunch the same "
+                        "command to resume", step)
+    elif restarts >= cfg.max_requeues:
+        code = 1
+        if dist.is_main:
+            log.error("preempted at step %d: checkpoint saved, but the job was already requeued %d times "
+                      "(max_requeues=%d); not requeueing. Submit it again (or raise max_requeues) to "
+                      "resume from %s", step, restarts, cfg.max_requeues, cfg.run_dir)
+    elif dist.is_main:
+        log.warning("preempted at step %d: checkpoint saved; requeueing SLURM job %s (restart %d of at most %d)",
+                    step, job, restarts + 1, cfg.max_requeues)
+        requeue_slurm_job(job)
+    dist_engine.barrier()
+    return code
 
 
 def forward_backward(engine, micro: list[dict], masks: list[torch.Tensor], world_size: int,

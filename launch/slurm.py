@@ -1,0 +1,199 @@
+"""``launch slurm``: render a stage's sbatch script from a template and a cluster profile, keep
+it with a snapshot of the resolved config and the code version, and submit it.
+
+A submission writes, in the stage's job folder (``<run_dir>/slurm`` for training, ``<out>/slurm``
+for features / k-means fit / quality, ``<shards>/labels/<name>/slurm`` for label assignment,
+or ``--job-dir``):
+
+- ``<tag>.sbatch``: the rendered script (what was submitted, byte for byte),
+- ``<tag>.config.yaml``: the resolved stage config; the job runs ``pretrain STAGE --config``
+  on it, so what runs is exactly what was checked at submission,
+- ``<tag>.launch.json``: command line, profile, code version (package and git commit),
+  submission time, job id and dependencies,
+- ``<tag>-<jobid>.out`` (``<tag>-<jobid>_<task>.out`` for arrays): the job's log, appended
+  to across requeues.
+
+Training runs one process per GPU under ``srun`` and handles the preemption signal itself
+(checkpoint, ``scontrol requeue``). Offline stages run as single or array jobs whose batch shell
+requeues on the signal; they are idempotent per shard, so a requeued task only redoes its
+unfinished shards.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from pretrain import __version__
+from pretrain.config import load_config, to_yaml
+from pretrain.config.core import _git_commit
+from pretrain.config.slurm import SlurmProfile
+from pretrain.utils import PretrainError, atomic_write_json, atomic_write_text
+
+TEMPLATES = Path(__file__).resolve().parents[1] / "slurm"
+# Stages that split their shards over the tasks of an array job (task/num_tasks from
+# SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT, pretrain.features.extract.task_split).
+ARRAY_STAGES = {"features mfcc", "features model", "kmeans assign"}
+SINGLE_STAGES = {"kmeans fit", "kmeans quality", "export hf", "shards verify"}
+_PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
+
+
+@dataclass
+class Job:
+    """A rendered submission: where its files go and what the script says."""
+
+    stage: str
+    tag: str
+    job_dir: Path
+    script: str
+    config_yaml: str
+    record: dict
+
+    @property
+    def script_path(self) -> Path:
+        return self.job_dir / f"{self.tag}.sbatch"
+
+
+def render(template: str, values: dict[str, Any]) -> str:
+    """Fill ``{{name}}`` placeholders; a placeholder without a value is an error (a template
+    and the code that fills it must agree)."""
+    missing = sorted({m.group(1) for m in _PLACEHOLDER.finditer(template)} - set(values))
+    if missing:
+        raise PretrainError(f"sbatch template needs values for {', '.join(missing)}")
+    text = _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), template)
+    # Empty optional blocks leave blank lines; keep the script tidy.
+    return re.sub(r"\n{3,}", "\n\n", text)
+
+
+def load_profile(path: str | None, overrides: Sequence[str] = ()) -> SlurmProfile:
+    return load_config(SlurmProfile, [path] if path else [], list(overrides))
+
+
+def _stage_name(stage) -> str:
+    return stage.group if stage.name is None else f"{stage.group} {stage.name}"
+
+
+def default_job_dir(stage_name: str, cfg: Any) -> Path:
+    if stage_name == "train":
+        return Path(cfg.run_dir) / "slurm"
+    if stage_name == "kmeans assign":
+        return Path(cfg.shards) / "labels" / cfg.name / "slurm"
+    if hasattr(cfg, "out"):
+        return Path(cfg.out) / "slurm"
+    raise PretrainError(f"give --job-dir for stage '{stage_name}'")
+
+
+def _directives(profile: SlurmProfile, train: bool) -> list[str]:
+    lines = []
+    for option, value in (("partition", profile.partition), ("account", profile.account),
+                          ("qos", profile.qos), ("constraint", profile.constraint)):
+        if value:
+            lines.append(f"--{option}={value}")
+    gpus = profile.gpus_per_node if train else profile.offline_gpus
+    if gpus:
+        lines.append(f"--gpus-per-node={gpus}" if train else f"--gpus={gpus}")
+    mem = profile.mem if train else profile.offline_mem
+    if mem:
+        lines.append(f"--mem={mem}")
+    lines.extend(profile.extra_sbatch)
+    return [f"#SBATCH {line}" for line in lines]
+
+
+def prepare(argv: Sequence[str], profile: SlurmProfile, job_dir: str | None = None,
+            tasks: int | None = None, launch_argv: Sequence[str] = ()) -> Job:
+    """Resolve a ``pretrain`` command line (config checked here, before anything is submitted)
+    and render its job."""
+    from pretrain.cli import resolve
+
+    argv = list(argv[1:] if argv[:1] == ["pretrain"] else argv)
+    stage, cfg, args, _ = resolve(argv)
+    name = _stage_name(stage)
+    if name not in ARRAY_STAGES | SINGLE_STAGES | {"train"}:
+        raise PretrainError(f"launch slurm runs train, {', '.join(sorted(ARRAY_STAGES | SINGLE_STAGES))}; "
+                            f"not '{name}'")
+    folder = Path(job_dir) if job_dir else default_job_dir(name, cfg)
+    folder = folder.resolve()
+    tag = f"{name.replace(' ', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    snapshot = folder / f"{tag}.config.yaml"
+    python = profile.python or sys.executable
+    words = name.split()
+    command = " ".join(shlex.quote(w) for w in [python, "-m", "pretrain.cli", *words, "--config", str(snapshot),
+                                                 "--no-progress"])
+    setup = "\n".join(profile.setup)
+    common = {"job_name": f"pretrain-{words[-1]}", "setup": setup, "command": command,
+              "signal_seconds": profile.signal_seconds,
+              "profile_directives": "\n".join(_directives(profile, name == "train"))}
+    if name == "train":
+        script = render((TEMPLATES / "train.sbatch").read_text(), {
+            **common, "nodes": profile.nodes, "tasks_per_node": profile.tasks,
+            "cpus_per_task": profile.cpus_per_task, "time": profile.time,
+            "log": folder / f"{tag}-%j.out"})
+        shape = {"nodes": profile.nodes, "tasks_per_node": profile.tasks}
+    else:
+        n = (tasks or profile.array_tasks) if name in ARRAY_STAGES else 1
+        array = ""
+        if n > 1:
+            array = f"#SBATCH --array=0-{n - 1}" + (f"%{profile.array_parallel}" if profile.array_parallel else "")
+        log = folder / (f"{tag}-%A_%a.out" if n > 1 else f"{tag}-%j.out")
+        script = render((TEMPLATES / "job.sbatch").read_text(), {
+            **common, "stage": name, "cpus": profile.offline_cpus, "time": profile.offline_time,
+            "log": log, "max_requeues": profile.max_requeues,
+            "tasks_note": f"an array of {n} tasks, each taking every {n}th shard" if n > 1 else "one task",
+            "profile_directives": "\n".join([array] * bool(array) + _directives(profile, False))})
+        shape = {"array_tasks": n}
+    record = {"stage": name, "command": ["pretrain", *argv], "launch_command": list(launch_argv),
+              "pretrain_version": __version__, "git_commit": _git_commit(),
+              "profile": {k: v for k, v in vars(profile).items()}, "shape": shape,
+              "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return Job(name, tag, folder, script, to_yaml(cfg), record)
+
+
+def submit(job: Job, after: Sequence[str] = ()) -> str:
+    """Write the job's files and ``sbatch`` it (after the jobs in ``after`` succeed); returns
+    the job id."""
+    job.job_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(job.job_dir / f"{job.tag}.config.yaml", job.config_yaml)
+    atomic_write_text(job.script_path, job.script)
+    cmd = ["sbatch", "--parsable"]
+    if after:
+        cmd.append("--dependency=afterok:" + ":".join(after))
+    cmd.append(str(job.script_path))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=job.job_dir)
+    except FileNotFoundError:
+        raise PretrainError("sbatch not found: is this a SLURM login node? (slurm/local-cluster.sh "
+                            "starts a local test cluster)") from None
+    if proc.returncode != 0:
+        raise PretrainError(f"sbatch {job.script_path} failed: {proc.stderr.strip()}")
+    job_id = proc.stdout.strip().split(";")[0]
+    atomic_write_json(job.job_dir / f"{job.tag}.launch.json", {**job.record, "job_id": job_id,
+                                                               "after": list(after)})
+    return job_id
+
+
+def main(args) -> int:
+    """``launch slurm`` (parsed by launch.cli)."""
+    profile = load_profile(args.profile, args.profile_overrides or [])
+    commands = [shlex.split(s) for s in args.stage] if args.stage else [args.command]
+    if not commands or not commands[0]:
+        raise PretrainError("give a pretrain command, e.g. launch slurm --profile P train --config C")
+    jobs = [prepare(c, profile, args.job_dir if len(commands) == 1 else None, args.tasks,
+                    ["launch", "slurm", *args.raw]) for c in commands]
+    if args.dry_run:
+        for job in jobs:
+            print(f"# {job.stage}: would write {job.script_path}")
+            print(job.script)
+        return 0
+    after = list(args.after or [])
+    for job in jobs:
+        job_id = submit(job, after)
+        print(f"{job_id}\t{job.stage}\t{job.script_path}", flush=True)
+        after = [job_id]  # a chain: each stage waits for the previous one to succeed
+    return 0

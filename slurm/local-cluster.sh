@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# A real one-node SLURM cluster on this machine: munged + slurmctld + slurmd, everything under
+# one scratch directory, no systemd, no cgroups. For trying the SLURM path on a workstation
+# and for the tests (marker `slurm`). Needs root and Debian's slurmctld slurmd slurm-client
+# munge (scripts/setup.sh installs them).
+#
+#   slurm/local-cluster.sh up     [DIR]   start (idempotent: a running cluster is left alone)
+#   slurm/local-cluster.sh down   [DIR]   stop, by the pids in DIR (never by process name)
+#   slurm/local-cluster.sh status [DIR]
+#   slurm/local-cluster.sh env    [DIR]   prints `export SLURM_CONF=...` for client commands
+#
+# DIR defaults to $PRETRAIN_SLURM_DIR or /tmp/pretrain-slurm. Facts behind the config keys:
+# ../shared/notes/slurm.md. The node advertises CPUS (default 8) CPUs whatever the machine has
+# (SlurmdParameters=config_overrides), so that several multi-task jobs fit on a 2-core box.
+set -euo pipefail
+
+cmd="${1:-}"
+DIR="$(realpath -m "${2:-${PRETRAIN_SLURM_DIR:-/tmp/pretrain-slurm}}")"
+CPUS="${PRETRAIN_SLURM_CPUS:-8}"
+CONF="$DIR/slurm.conf"
+export SLURM_CONF="$CONF"
+
+die() { echo "local-cluster: $*" >&2; exit 1; }
+
+alive() {  # pid file -> running?
+  [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+}
+
+write_conf() {
+  mkdir -p "$DIR"/{state,spool,log,munge}
+  chmod 755 "$DIR/munge"
+  cat > "$CONF" <<EOF
+ClusterName=pretrain-local
+SlurmctldHost=localhost
+SlurmctldPort=6817
+SlurmdPort=6818
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$DIR/munge/munge.socket.2,cred_expire=10
+StateSaveLocation=$DIR/state
+SlurmdSpoolDir=$DIR/spool
+SlurmctldPidFile=$DIR/slurmctld.pid
+SlurmdPidFile=$DIR/slurmd.pid
+SlurmctldLogFile=$DIR/log/slurmctld.log
+SlurmdLogFile=$DIR/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+MpiDefault=none
+MailProg=/bin/true
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerParameters=bf_interval=1,sched_interval=5
+JobRequeue=1
+ReturnToService=2
+KillWait=5
+MinJobAge=300
+SlurmdParameters=config_overrides
+NodeName=localhost CPUs=$CPUS RealMemory=8000 State=UNKNOWN
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+EOF
+}
+
+start_munge() {
+  alive "$DIR/munged.pid" && return
+  [ -f "$DIR/munge/munge.key" ] || mungekey --create --keyfile="$DIR/munge/munge.key" >/dev/null
+  chmod 600 "$DIR/munge/munge.key"
+  munged --socket="$DIR/munge/munge.socket.2" --key-file="$DIR/munge/munge.key" \
+    --log-file="$DIR/log/munged.log" --pid-file="$DIR/munged.pid" --seed-file="$DIR/munge/seed" --force
+}
+
+wait_for() {  # seconds, description, command...
+  local limit=$1 what=$2; shift 2
+  local end=$((SECONDS + limit))
+  until "$@" >/dev/null 2>&1; do
+    ((SECONDS < end)) || die "timed out after ${limit}s waiting for $what (logs: $DIR/log)"
+    sleep 0.2
+  done
+}
+
+node_idle() { sinfo -h -n localhost -o %t | grep -qE '^(idle|mix|alloc)'; }
+
+up() {
+  [ "$(id -u)" -eq 0 ] || die "needs root (slurmd runs jobs as their users)"
+  for bin in munged mungekey slurmctld slurmd sbatch scontrol; do
+    command -v "$bin" >/dev/null || die "$bin is missing: apt-get install slurmctld slurmd slurm-client munge (scripts/setup.sh does)"
+  done
+  if alive "$DIR/slurmctld.pid" && alive "$DIR/slurmd.pid" && scontrol ping >/dev/null 2>&1; then
+    echo "local-cluster: already up in $DIR"
+    return
+  fi
+  # A cold start wipes old job state: a stale node state would leave the node drained.
+  down_quiet
+  rm -rf "$DIR/state" "$DIR/spool"
+  write_conf
+  start_munge
+  slurmctld -f "$CONF" -i
+  wait_for 30 "slurmctld" scontrol ping
+  slurmd -f "$CONF" -N localhost
+  wait_for 30 "the node to be idle" node_idle
+  echo "local-cluster: up in $DIR ($CPUS CPUs); export SLURM_CONF=$CONF"
+}
+
+stop_pid() {  # pid file
+  alive "$1" || { rm -f "$1"; return 0; }
+  local pid
+  pid=$(cat "$1")
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null || true
+  rm -f "$1"
+}
+
+stop_stepds() {
+  # slurmstepd outlives slurmd and has a cleared environment: find it by the sockets it holds
+  # in our spool directory, so only this cluster's processes are touched.
+  [ -d "$DIR/spool" ] || return 0
+  local pids
+  pids=$(for p in /proc/[0-9]*; do
+           ls -l "$p/fd" 2>/dev/null | grep -q "$DIR/spool" && basename "$p"
+         done | sort -u) || true
+  [ -z "$pids" ] || kill -KILL $pids 2>/dev/null || true
+}
+
+down_quiet() {
+  stop_pid "$DIR/slurmd.pid"
+  stop_stepds
+  stop_pid "$DIR/slurmctld.pid"
+  stop_pid "$DIR/munged.pid"
+}
+
+case "$cmd" in
+  up) up ;;
+  down) down_quiet; echo "local-cluster: down ($DIR)" ;;
+  status)
+    if alive "$DIR/slurmctld.pid" && alive "$DIR/slurmd.pid" && scontrol ping >/dev/null 2>&1; then
+      sinfo; exit 0
+    fi
+    echo "local-cluster: not running ($DIR)"; exit 1 ;;
+  env) echo "export SLURM_CONF=$CONF" ;;
+  *) die "usage: $0 up|down|status|env [DIR]" ;;
+esac

@@ -1,0 +1,221 @@
+"""``launch slurm`` against a real SLURM cluster on localhost (slurm/local-cluster.sh): munged,
+slurmctld and slurmd, real sbatch / srun / scontrol / scancel."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+LAUNCH = Path(sys.executable).parent / "launch"
+CLUSTER = REPO / "slurm/local-cluster.sh"
+LOCAL = REPO / "configs/cluster/local.yaml"
+
+
+@pytest.fixture(scope="session")
+def slurm_env() -> dict:
+    if shutil.which("slurmctld") is None or os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the SLURM tests: slurmctld is missing or not root (scripts/setup.sh "
+                        "installs SLURM)")
+        pytest.skip("needs root and Debian's slurmctld slurmd slurm-client munge")
+    directory = os.environ.get("PRETRAIN_SLURM_DIR", "/tmp/pretrain-slurm")
+    was_up = subprocess.run([str(CLUSTER), "status", directory], capture_output=True).returncode == 0
+    proc = subprocess.run([str(CLUSTER), "up", directory], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    env = {**os.environ, "SLURM_CONF": f"{directory}/slurm.conf", "WANDB_MODE": "offline"}
+    env.pop("PRETRAIN_FAULT", None)
+    yield env
+    if not was_up:
+        subprocess.run([str(CLUSTER), "down", directory], capture_output=True, timeout=120)
+
+
+def launch(env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(LAUNCH), "slurm", "--profile", str(LOCAL), *args], capture_output=True,
+                          text=True, timeout=120, env=env, cwd=REPO)
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def job_ids(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line.split("\t")[0] for line in proc.stdout.splitlines() if "\t" in line]
+
+
+def job_info(env: dict, job: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, env=env).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def wait_gone(env: dict, jobs: list[str], timeout: float = 400) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        out = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(jobs)], capture_output=True,
+                             text=True, env=env).stdout.split()
+        if not out:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"jobs {jobs} still queued after {timeout} s")
+
+
+def losses(run: Path) -> dict[int, float]:
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            out[record["step"]] = record["loss"]
+    return out
+
+
+def logs(folder: Path) -> str:
+    return "".join(p.read_text() for p in sorted(folder.glob("*.out")))
+
+
+def test_dry_run_renders_a_multi_node_gpu_job(tmp_path):
+    proc = subprocess.run([str(LAUNCH), "slurm", "--profile", str(REPO / "configs/cluster/example_gpu.yaml"),
+                           "--set", "nodes=2", "--dry-run", "train", "--config", str(REPO / "configs/model/base.yaml"),
+                           "data.shards=/data/shards", "data.labels=[km500]", f"run_dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    script = proc.stdout
+    for line in ["#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --cpus-per-task=8", "#SBATCH --signal=USR1@180", "#SBATCH --requeue",
+                 "#SBATCH --open-mode=append", "#SBATCH --partition=gpu", "#SBATCH --account=my-project",
+                 "#SBATCH --qos=normal", "#SBATCH --constraint=a100|h100", "#SBATCH --mem=400G",
+                 "#SBATCH --exclusive", "#SBATCH --time=48:00:00", "module load cuda/12.4"]:
+        assert line in script.splitlines(), line
+    assert re.search(r"^srun --kill-on-bad-exit=1 /shared/envs/pretrain/bin/python -m pretrain.cli train "
+                     r"--config \S+\.config\.yaml", script, re.M)
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
+    # An offline stage renders as an array job whose batch shell requeues on the signal.
+    proc = subprocess.run([str(LAUNCH), "slurm", "--profile", str(REPO / "configs/cluster/example_gpu.yaml"),
+                           "--dry-run", "features", "mfcc", "--shards", "/data/shards", "--out", str(tmp_path / "f")],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "#SBATCH --array=0-31%16" in proc.stdout and "#SBATCH --signal=B:USR1@180" in proc.stdout
+    assert "#SBATCH --gpus=1" in proc.stdout and "trap requeue USR1" in proc.stdout
+    # A bad config fails before anything is submitted, naming the field.
+    proc = subprocess.run([str(LAUNCH), "slurm", "--dry-run", "train", "run_dir=x", "data.shards=y",
+                           "deepspeed.zero_stage=5"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2 and "deepspeed.zero_stage" in proc.stderr
+
+
+TRAIN = ["--config", str(REPO / "configs/model/tiny.yaml"), "--config", str(REPO / "configs/train/tiny_cpu.yaml"),
+         "optim.max_steps=16", "log.every=1", "checkpoint.every=8", "data.max_tokens=40000"]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_preempted_training_checkpoints_requeues_and_resumes_exactly(slurm_env, small_shards, tmp_path):
+    straight, preempted, capped = tmp_path / "straight", tmp_path / "preempted", tmp_path / "capped"
+    jobs = {}
+    for name, run, extra in (("straight", straight, []), ("preempted", preempted, []),
+                             ("capped", capped, ["max_requeues=0"])):
+        proc = launch(slurm_env, "train", *TRAIN, f"data.shards={small_shards}", f"run_dir={run}", *extra)
+        jobs[name] = job_ids(proc)[0]
+    # Signal two runs mid-training, as SLURM does before a time limit.
+    signalled = {}
+    end = time.monotonic() + 300
+    while len(signalled) < 2:
+        assert time.monotonic() < end, "training did not reach step 4"
+        for name, run in (("preempted", preempted), ("capped", capped)):
+            if name not in signalled and (run / "metrics.jsonl").exists() and len(losses(run)) >= 4:
+                subprocess.run(["scancel", "--signal=USR1", jobs[name]], check=True, env=slurm_env)
+                signalled[name] = time.time()
+        time.sleep(0.2)
+    wait_gone(slurm_env, list(jobs.values()))
+
+    # Requeued once, resumed from the preemption checkpoint, completed; losses equal the
+    # uninterrupted run's at every step.
+    info = job_info(slurm_env, jobs["preempted"])
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
+    assert job_info(slurm_env, jobs["straight"])["JobState"] == "COMPLETED"
+    assert sorted(losses(straight)) == list(range(1, 17))
+    assert losses(preempted) == losses(straight)
+    log = logs(preempted / "slurm")
+    assert "restart 0 on" in log and "restart 1 on" in log  # the log file keeps both runs
+    step = int(re.search(r"preempted at step (\d+): checkpoint saved; requeueing", log).group(1))
+    assert 4 <= step < 16 and f"resumed from step {step}:" in log
+    # One wandb run id across the restart.
+    run_id = (preempted / "wandb_id").read_text().strip()
+    offline = sorted((preempted / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(p.name.endswith(run_id) for p in offline)
+    # Preemption to resume, measured: signal -> "resumed from step" in the log.
+    resumed = re.search(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d+) INFO pretrain.train.loop: resumed from step", log)
+    t = time.mktime(time.strptime(resumed.group(1), "%Y-%m-%d %H:%M:%S")) + int(resumed.group(2)) / 1000
+    print(f"\npreemption signal -> resumed training: {t - signalled['preempted']:.1f} s")
+
+    # With the requeue budget spent, the run checkpoints and fails with the reason, never COMPLETED.
+    info = job_info(slurm_env, jobs["capped"])
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", info
+    log = logs(capped / "slurm")
+    assert "max_requeues=0" in log and "not requeueing" in log
+    step = int(re.search(r"preempted at step (\d+): checkpoint saved, but", log).group(1))
+    assert (capped / "checkpoints/latest").read_text().strip() == f"step_{step}"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_array_assign_and_a_requeued_task_redoes_only_its_unfinished_shards(slurm_env, small_shards, tmp_path):
+    from pretrain.cli import main
+
+    assert main(["features", "mfcc", "--shards", str(small_shards), "--out", str(tmp_path / "f"),
+                 "--fraction", "0.3", "--no-progress"]) == 0
+    assert main(["kmeans", "fit", "--features", str(tmp_path / "f"), "--out", str(tmp_path / "k"), "--k", "8",
+                 "--no-progress"]) == 0
+    name = f"km8_{tmp_path.name}"
+    proc = launch(slurm_env, "--tasks", "2", "kmeans", "assign", "--kmeans", str(tmp_path / "k"),
+                  "--shards", str(small_shards), "--name", name)
+    array = job_ids(proc)[0]
+    wait_gone(slurm_env, [array])
+    labels = small_shards / "labels" / name
+    shards = sorted(e["name"] for e in json.loads((small_shards / "manifest.json").read_text())["shards"])
+    assert (labels / "meta.json").is_file()
+    for task in (0, 1):
+        assert job_info(slurm_env, f"{array}_{task}")["JobState"] == "COMPLETED"
+    sidecars = {s: next(labels.glob(s.replace(".tar", "") + "*")) for s in shards}
+    before = {s: p.stat().st_mtime_ns for s, p in sidecars.items()}
+
+    # Task 1 owns the odd shards. Leave one of them unfinished (its done-record gone), as a
+    # task cancelled mid-way would, and requeue task 1.
+    unfinished = shards[3]
+    (labels / ".assign" / f"{unfinished}.json").unlink()
+    subprocess.run(["scontrol", "requeue", f"{array}_1"], check=True, env=slurm_env)
+    time.sleep(1)
+    wait_gone(slurm_env, [array])
+    info = job_info(slurm_env, f"{array}_1")
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
+    after = {s: p.stat().st_mtime_ns for s, p in sidecars.items()}
+    assert [s for s in shards if after[s] != before[s]] == [unfinished]
+    assert (labels / ".assign" / f"{unfinished}.json").is_file()
+    assert "restart 1" in "".join(p.read_text() for p in (labels / "slurm").glob("*_1.out"))
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_chain_runs_in_order_and_a_failed_stage_cancels_the_next(slurm_env, small_shards, tmp_path):
+    quality = f"kmeans quality --shards {small_shards} --labels phones50 --reference phones50"
+    proc = launch(slurm_env, "--stage", f"{quality} --out {tmp_path / 'q1'}",
+                  "--stage", f"{quality} --out {tmp_path / 'q2'}")
+    first, second = job_ids(proc)
+    assert job_info(slurm_env, second)["Dependency"].startswith(f"afterok:{first}")
+    # A first stage that fails (no such features) and the stage after it.
+    proc = launch(slurm_env, "--stage", f"kmeans fit --features {tmp_path / 'nowhere'} --out {tmp_path / 'k'} --k 4",
+                  "--stage", f"{quality} --out {tmp_path / 'q3'}")
+    failing, dependent = job_ids(proc)
+    wait_gone(slurm_env, [first, second, failing, dependent])
+    a, b = job_info(slurm_env, first), job_info(slurm_env, second)
+    assert a["JobState"] == b["JobState"] == "COMPLETED"
+    assert b["StartTime"] >= a["EndTime"]
+    assert (tmp_path / "q1/quality.json").stat().st_mtime <= (tmp_path / "q2/quality.json").stat().st_mtime
+    assert job_info(slurm_env, failing)["JobState"] == "FAILED"
+    assert job_info(slurm_env, dependent)["JobState"] == "CANCELLED"
+    assert not (tmp_path / "q3/quality.json").exists()
