@@ -345,6 +345,31 @@ STAGES += (
     ),
 )
 
+def _iterate_schema() -> type:
+    from pretrain.config.iterate import IterateConfig
+
+    return IterateConfig
+
+
+def _iterate_run(cfg: Any, argv: list[str], progress: bool) -> int:
+    from pretrain.iterate import iterate
+
+    return iterate(cfg, argv)
+
+
+STAGES += (
+    Stage(
+        group="iterate",
+        name=None,
+        help="the whole iterative pipeline: corpus -> shards -> N x (features -> k-means -> labels -> "
+             "train) -> export, with a report; rerunning skips finished stages",
+        schema=_iterate_schema,
+        run=_iterate_run,
+        flags=(Flag("--run-dir", "run_dir", str, "run directory"),
+               Flag("--only", "only", str, "run just this stage (SLURM jobs)")),
+    ),
+)
+
 GROUP_HELP = {
     "corpus": "speech corpora for tests and the demo",
     "shards": "WebDataset tar shards: build from a corpus, verify",

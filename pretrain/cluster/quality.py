@@ -79,11 +79,14 @@ def quality(cfg: KmeansQualityConfig) -> dict:
               "provenance": hyp.meta.get("provenance", {}), **scores(counts)}
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "quality.json", report)
     names = _reference_names(ref)
     _plot_cooccurrence(counts, names, out / "cooccurrence.png", report)
     _plot_usage(counts.sum(0), out / "usage.png", report)
-    np.save(out / "counts.npy", counts)
+    with open(out / "counts.npy.tmp", "wb") as f:
+        np.save(f, counts)
+    (out / "counts.npy.tmp").replace(out / "counts.npy")
+    # Last: quality.json marks a finished report (pretrain iterate relies on it).
+    atomic_write_json(out / "quality.json", report)
     return report
 
 

@@ -154,7 +154,19 @@ def load_config(
     cfg = OmegaConf.structured(schema)
     for path in files:
         cfg = _merge(cfg, _read_yaml(path), source=str(path))
-    cfg = _merge(cfg, _parse_dotlist(overrides), source="command line")
+    # A dotlist layer cannot reach into a list (``iterations.1.k=500`` would replace the list
+    # with a mapping), so keys with an index are applied one by one.
+    indexed = [item for item in overrides if any(p.isdigit() for p in item.split("=", 1)[0].split("."))]
+    cfg = _merge(cfg, _parse_dotlist([o for o in overrides if o not in indexed]), source="command line")
+    for item in indexed:
+        key, value = item.split("=", 1)
+        try:
+            parsed = OmegaConf.from_dotlist([f"v={value}"])["v"]
+            if OmegaConf.select(cfg, key.rsplit(".", 1)[0]) is None:
+                raise ConfigKeyError(f"no list entry {key.rsplit('.', 1)[0]}")
+            OmegaConf.update(cfg, key, parsed, merge=True)
+        except OmegaConfBaseException as e:
+            raise ConfigError(_first_line(e), field=key, source="command line") from None
     try:
         obj = OmegaConf.to_object(cfg)
     except MissingMandatoryValue as e:

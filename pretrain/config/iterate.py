@@ -1,0 +1,138 @@
+"""Configuration of ``pretrain iterate``: the whole iterative HuBERT pipeline in one run
+directory. Defaults follow the paper (iteration 1: MFCC, k=100; iteration 2: layer 6 of
+iteration 1's model, k=500); ``configs/demo.yaml`` is the CPU-sized demo."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from omegaconf import MISSING
+
+from pretrain.config.core import ConfigError
+
+
+@dataclass
+class IterCorpusConfig:
+    synth_hours: Optional[float] = None
+    """Synthesize a speech corpus of this many hours into ``run_dir/corpus`` (the demo); unset:
+    use ``input`` or ``shards``."""
+
+    synth_seed: int = 0
+    """Seed of the synthesized corpus."""
+
+    synth_max_clauses: int = 3
+    """Sentence length of the synthesized corpus (1 .. this many clauses)."""
+
+    input: Optional[str] = None
+    """A corpus to shard into ``run_dir/shards`` (folder, TSV or JSONL manifest)."""
+
+    shards: Optional[str] = None
+    """Existing shards to use as they are (no corpus stage, no shard stage). Label sets are
+    added to them (``labels/it<i>_km<k>``)."""
+
+    per_shard: int = 32
+    """Utterances per shard when sharding."""
+
+    def validate(self) -> None:
+        given = [name for name in ("synth_hours", "input", "shards") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ConfigError(f"set exactly one of synth_hours, input and shards (got {given or 'none'})",
+                              field="synth_hours")
+        if self.synth_hours is not None and not self.synth_hours > 0:
+            raise ConfigError(f"must be > 0, got {self.synth_hours}", field="synth_hours")
+        if self.per_shard < 1:
+            raise ConfigError(f"must be >= 1, got {self.per_shard}", field="per_shard")
+
+
+@dataclass
+class IterationConfig:
+    features: str = "mfcc"
+    """``mfcc`` (39-dim MFCC, 100 Hz labels), or ``model``: layer ``layer`` of the previous
+    iteration's final model (50 Hz labels)."""
+
+    layer: int = 6
+    """Transformer layer (1-based) whose hidden states are clustered (``features: model``)."""
+
+    k: int = 100
+    """Clusters."""
+
+    fraction: float = 0.1
+    """Fraction of utterances sampled for k-means."""
+
+    max_frames: int = 5_000_000
+    """Bound on the k-means sample."""
+
+    kmeans_seed: int = 0
+    """Seed of the k-means fit."""
+
+    max_steps: int = 250_000
+    """Training updates of this iteration (paper: 250k for iteration 1, 400k for 2)."""
+
+    train_overrides: list[str] = field(default_factory=list)
+    """``key=value`` overrides of this iteration's training config, after ``train_overrides``
+    of the run."""
+
+    def validate(self) -> None:
+        if self.features not in ("mfcc", "model"):
+            raise ConfigError(f"must be 'mfcc' or 'model', got '{self.features}'", field="features")
+        for name in ("layer", "k", "max_frames", "max_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"must be >= 1, got {getattr(self, name)}", field=name)
+        if not 0 < self.fraction <= 1:
+            raise ConfigError(f"must be in (0, 1], got {self.fraction}", field="fraction")
+
+
+def _paper_iterations() -> list[IterationConfig]:
+    return [IterationConfig(features="mfcc", k=100, max_steps=250_000),
+            IterationConfig(features="model", layer=6, k=500, max_steps=400_000)]
+
+
+@dataclass
+class IterateConfig:
+    run_dir: str = MISSING
+    """Every stage writes under this directory; rerunning the command in it skips finished
+    stages and resumes an interrupted one."""
+
+    corpus: IterCorpusConfig = field(default_factory=IterCorpusConfig)
+    """Where the audio comes from."""
+
+    iterations: list[IterationConfig] = field(default_factory=_paper_iterations)
+    """One entry per iteration; iteration 1 must cluster MFCC, later ones a model's layer."""
+
+    train_configs: list[str] = field(default_factory=lambda: ["configs/model/base.yaml"])
+    """YAML files of the training config (model size, optimizer, ...), relative to the current
+    directory; ``run_dir``, ``data.shards``, ``data.labels`` and ``optim.max_steps`` are set
+    per iteration."""
+
+    train_overrides: list[str] = field(default_factory=list)
+    """``key=value`` overrides of every iteration's training config."""
+
+    nproc: int = 1
+    """Training processes on this machine (one per GPU); under SLURM the profile decides."""
+
+    jobs: int = 0
+    """Worker processes of the offline stages on this machine (0: every core)."""
+
+    reference: Optional[str] = "auto"
+    """Phone label sets for the label-quality report: ``auto`` uses ``phones100`` /
+    ``phones50`` when the shards have them (synthetic corpora), ``null`` skips the report's
+    quality part."""
+
+    export: bool = True
+    """Export the last iteration's model to ``run_dir/hf`` (transformers)."""
+
+    only: Optional[str] = None
+    """Run just this stage (``it2.train``, ...) in this process and stop; SLURM jobs of
+    ``launch slurm iterate`` use it. Unset: every stage that is not done."""
+
+    def validate(self) -> None:
+        if not self.iterations:
+            raise ConfigError("needs at least one iteration", field="iterations")
+        if self.iterations[0].features != "mfcc":
+            raise ConfigError("iteration 1 has no previous model: its features must be 'mfcc'",
+                              field="iterations.0.features")
+        if self.nproc < 1:
+            raise ConfigError(f"must be >= 1, got {self.nproc}", field="nproc")
+        if self.jobs < 0:
+            raise ConfigError(f"must be >= 0, got {self.jobs}", field="jobs")

@@ -1,0 +1,345 @@
+"""``pretrain iterate``: the iterative HuBERT pipeline as one restartable command.
+
+The run is a fixed list of stages (``plan``), each a ``pretrain`` command line whose outputs
+live under ``run_dir``::
+
+    corpus        corpus synth        -> run_dir/corpus            (synth_hours only)
+    shards        shards build        -> run_dir/shards            (unless corpus.shards)
+    it<i>.features features mfcc|model -> run_dir/it<i>/features    (model: it<i-1>'s last checkpoint)
+    it<i>.kmeans  kmeans fit          -> run_dir/it<i>/kmeans
+    it<i>.labels  kmeans assign       -> SHARDS/labels/it<i>_km<k>
+    it<i>.quality kmeans quality      -> run_dir/it<i>/quality     (when phone references exist)
+    it<i>.train   train               -> run_dir/it<i>/train
+    export        export hf           -> run_dir/hf
+
+Bookkeeping, in ``run_dir/stages/<name>.json``: a stage's *fingerprint* is the sha256 of its
+resolved config and of its upstream stages' fingerprints. The record is written when the stage
+starts; the stage is *done* when its outputs are complete (each stage's own completion mark:
+``corpus.json``, ``manifest.json``, ``meta.json``, ``centroids.npy``, ``quality.json``, the
+last checkpoint, ``config.json``). On a rerun a done stage with the same fingerprint is
+skipped; an unfinished one is run again and resumes by itself (shards, features and labels are
+idempotent per shard, training resumes from its newest checkpoint); a stage whose fingerprint
+changed is invalidated together with everything downstream (its outputs are deleted), and the
+run says which fields changed.
+
+Locally every stage runs as a subprocess (training through ``launch local --nproc``); under
+SLURM (``launch slurm iterate``) each stage is a job running ``pretrain iterate --only NAME``,
+chained with ``afterok``; both go through ``run_stage``. ``report.md`` is rewritten at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from pretrain.config.iterate import IterateConfig
+from pretrain.utils import PretrainError, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+STAGES_DIR = "stages"
+
+
+@dataclass
+class PlannedStage:
+    name: str
+    argv: list[str]
+    """The ``pretrain`` command line (without ``pretrain``)."""
+    outputs: list[Path]
+    """What invalidation deletes (all under run_dir or a label set of ours)."""
+    done_mark: Path
+    """Exists when the stage has finished."""
+    upstream: list[str]
+    train: bool = False
+    array: bool = False
+    """Shards split over array tasks under SLURM."""
+    done_check: str | None = None
+    """For training: the text ``checkpoints/latest`` must hold."""
+    fingerprint: str = ""
+    config: dict = field(default_factory=dict)
+
+    def done(self) -> bool:
+        if not self.done_mark.exists():
+            return False
+        return self.done_check is None or self.done_mark.read_text().strip() == self.done_check
+
+
+def shards_dir(cfg: IterateConfig) -> Path:
+    return Path(cfg.corpus.shards) if cfg.corpus.shards else Path(cfg.run_dir) / "shards"
+
+
+def label_name(i: int, k: int) -> str:
+    return f"it{i}_km{k}"
+
+
+def _reference(cfg: IterateConfig, rate: int) -> str | None:
+    if cfg.reference is None:
+        return None
+    if cfg.reference != "auto":
+        return cfg.reference
+    name = f"phones{rate}"
+    manifest = shards_dir(cfg) / "manifest.json"
+    if manifest.is_file():
+        return name if (shards_dir(cfg) / "labels" / name / "meta.json").is_file() else None
+    # Not built yet: a synthesized corpus always has phone alignments (and so does an input
+    # folder that is one).
+    synthetic = cfg.corpus.synth_hours is not None or (
+        cfg.corpus.input is not None and (Path(cfg.corpus.input) / "corpus.json").is_file())
+    return name if synthetic else None
+
+
+def plan(cfg: IterateConfig) -> list[PlannedStage]:
+    run = Path(cfg.run_dir).resolve()
+    shards = shards_dir(cfg).resolve()
+    stages: list[PlannedStage] = []
+    jobs = str(cfg.jobs)
+    if cfg.corpus.synth_hours is not None:
+        stages.append(PlannedStage("corpus", ["corpus", "synth", "--out", str(run / "corpus"), "--hours",
+                                              str(cfg.corpus.synth_hours), "--seed", str(cfg.corpus.synth_seed),
+                                              f"max_clauses={cfg.corpus.synth_max_clauses}", "--jobs", jobs],
+                                   [run / "corpus"], run / "corpus" / "corpus.json", []))
+    if cfg.corpus.shards is None:
+        source = str(run / "corpus") if cfg.corpus.synth_hours is not None else cfg.corpus.input
+        stages.append(PlannedStage("shards", ["shards", "build", "--input", source, "--out", str(shards),
+                                              "--per-shard", str(cfg.corpus.per_shard), "--jobs", jobs],
+                                   [shards], shards / "manifest.json", [s.name for s in stages]))
+    base = [s.name for s in stages if s.name == "shards"]
+    previous_train: PlannedStage | None = None
+    for i, it in enumerate(cfg.iterations, start=1):
+        d = run / f"it{i}"
+        name = label_name(i, it.k)
+        sample = ["--shards", str(shards), "--out", str(d / "features"), "--fraction", str(it.fraction),
+                  "--max-frames", str(it.max_frames), "--jobs", jobs]
+        if it.features == "mfcc":
+            features = PlannedStage(f"it{i}.features", ["features", "mfcc", *sample], [d / "features"],
+                                    d / "features" / "meta.json", base, array=True)
+        else:
+            checkpoint = run / f"it{i - 1}" / "train" / "checkpoints" / f"step_{cfg.iterations[i - 2].max_steps}"
+            features = PlannedStage(f"it{i}.features", ["features", "model", "--checkpoint", str(checkpoint),
+                                                        "--layer", str(it.layer), *sample],
+                                    [d / "features"], d / "features" / "meta.json", [*base, previous_train.name],
+                                    array=True)
+        kmeans = PlannedStage(f"it{i}.kmeans", ["kmeans", "fit", "--features", str(d / "features"), "--out",
+                                                str(d / "kmeans"), "--k", str(it.k), "--seed", str(it.kmeans_seed)],
+                              [d / "kmeans"], d / "kmeans" / "centroids.npy", [features.name])
+        labels = PlannedStage(f"it{i}.labels", ["kmeans", "assign", "--kmeans", str(d / "kmeans"), "--shards",
+                                                str(shards), "--name", name, "--jobs", jobs],
+                              [shards / "labels" / name], shards / "labels" / name / "meta.json",
+                              [*base, kmeans.name], array=True)
+        stages += [features, kmeans, labels]
+        reference = _reference(cfg, 100 if it.features == "mfcc" else 50)
+        if reference:
+            stages.append(PlannedStage(f"it{i}.quality", ["kmeans", "quality", "--shards", str(shards), "--labels",
+                                                          name, "--reference", reference, "--out", str(d / "quality")],
+                                       [d / "quality"], d / "quality" / "quality.json", [labels.name]))
+        train_argv = ["train"]
+        for path in cfg.train_configs:
+            train_argv += ["--config", str(Path(path).resolve())]
+        train_argv += [*cfg.train_overrides, *it.train_overrides, f"run_dir={d / 'train'}",
+                       f"data.shards={shards}", f"data.labels=[{name}]", f"optim.max_steps={it.max_steps}"]
+        previous_train = PlannedStage(f"it{i}.train", train_argv, [d / "train"],
+                                      d / "train" / "checkpoints" / "latest", [labels.name], train=True,
+                                      done_check=f"step_{it.max_steps}")
+        stages.append(previous_train)
+    if cfg.export:
+        last = run / f"it{len(cfg.iterations)}" / "train" / "checkpoints" / f"step_{cfg.iterations[-1].max_steps}"
+        stages.append(PlannedStage("export", ["export", "hf", str(last), str(run / "hf")], [run / "hf"],
+                                   run / "hf" / "config.json", [previous_train.name]))
+    _fingerprint(stages)
+    return stages
+
+
+def _fingerprint(stages: list[PlannedStage]) -> None:
+    from pretrain.cli import resolve
+
+    prints: dict[str, str] = {}
+    for stage in stages:
+        _, cfg, _, _ = resolve(stage.argv)
+        stage.config = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+        # Settings that do not change results are left out: rerunning with more jobs or another
+        # log cadence must not redo a finished stage.
+        for key in ("jobs", "device", "batch_samples", "task", "num_tasks", "overwrite"):
+            stage.config.pop(key, None)
+        if stage.train:
+            stage.config.pop("log", None)
+        h = hashlib.sha256(json.dumps(stage.config, sort_keys=True).encode())
+        for up in stage.upstream:
+            h.update(prints[up].encode())
+        stage.fingerprint = prints[stage.name] = h.hexdigest()
+
+
+def _record_path(run: Path, name: str) -> Path:
+    return run / STAGES_DIR / f"{name}.json"
+
+
+def _read_record(run: Path, name: str) -> dict | None:
+    path = _record_path(run, name)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _changed_fields(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_fields(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a} -> {b}")
+    return out
+
+
+def invalidate_changed(cfg: IterateConfig, stages: list[PlannedStage]) -> list[str]:
+    """Delete the outputs and records of every stage whose fingerprint changed, and of
+    everything downstream of it; returns their names (and logs why)."""
+    run = Path(cfg.run_dir)
+    by_name = {s.name: s for s in stages}
+    stale: list[str] = []
+    for stage in stages:
+        record = _read_record(run, stage.name)
+        upstream_stale = [u for u in stage.upstream if u in stale]
+        if upstream_stale:
+            stale.append(stage.name)
+        elif record is not None and record["fingerprint"] != stage.fingerprint:
+            fields = _changed_fields(record["config"], stage.config) or ["an upstream stage's output"]
+            downstream = _downstream(stages, stage.name)
+            log.warning("stage %s: its config changed (%s); invalidating it and everything downstream: %s",
+                        stage.name, "; ".join(fields[:8]), ", ".join(downstream) or "nothing")
+            stale.append(stage.name)
+    for name in stale:
+        stage = by_name[name]
+        for path in stage.outputs:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        _record_path(run, name).unlink(missing_ok=True)
+    return stale
+
+
+def _downstream(stages: list[PlannedStage], name: str) -> list[str]:
+    out: list[str] = []
+    for stage in stages:
+        if any(u == name or u in out for u in stage.upstream):
+            out.append(stage.name)
+    return out
+
+
+def status(cfg: IterateConfig, stages: list[PlannedStage]) -> dict[str, str]:
+    """done / pending for every stage (after invalidation)."""
+    run = Path(cfg.run_dir)
+    out = {}
+    for stage in stages:
+        record = _read_record(run, stage.name)
+        ok = record is not None and record["fingerprint"] == stage.fingerprint and stage.done()
+        out[stage.name] = "done" if ok else "pending"
+    return out
+
+
+def _start_record(run: Path, stage: PlannedStage) -> None:
+    record = _read_record(run, stage.name)
+    if record is None or record["fingerprint"] != stage.fingerprint:
+        record = {"name": stage.name, "fingerprint": stage.fingerprint, "config": stage.config,
+                  "argv": ["pretrain", *stage.argv], "attempts": []}
+    record["attempts"].append({"started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    atomic_write_json(_record_path(run, stage.name), record)
+
+
+def _finish_record(run: Path, stage: PlannedStage, seconds: float) -> None:
+    record = _read_record(run, stage.name)
+    record["attempts"][-1]["seconds"] = round(seconds, 1)
+    record["seconds"] = round(sum(a.get("seconds", 0.0) for a in record["attempts"]), 1)
+    atomic_write_json(_record_path(run, stage.name), record)
+
+
+def _stage_env(stage: PlannedStage) -> dict:
+    env = dict(os.environ)
+    # Test-only fault injection reaches one chosen stage (see tests/test_iterate.py).
+    only = env.pop("PRETRAIN_FAULT_STAGE", None)
+    if only != stage.name:
+        env.pop("PRETRAIN_FAULT", None)
+    return env
+
+
+def run_stage(cfg: IterateConfig, stage: PlannedStage, in_process: bool = False) -> None:
+    """Run one stage: locally as a subprocess, or (``in_process``, a SLURM job or array task)
+    in this process."""
+    run = Path(cfg.run_dir)
+    from pretrain.distributed import read_env
+
+    main_rank = read_env().rank == 0
+    if main_rank:
+        _start_record(run, stage)
+    started = time.monotonic()
+    if in_process:
+        from pretrain.cli import main
+
+        if stage.train:
+            env = _stage_env(stage)
+            os.environ.pop("PRETRAIN_FAULT", None)
+            if "PRETRAIN_FAULT" in env:
+                os.environ["PRETRAIN_FAULT"] = env["PRETRAIN_FAULT"]
+        code = main([*stage.argv, "--no-progress"])  # training exits inside (engine.shutdown)
+    else:
+        if stage.train:
+            cmd = [str(Path(sys.executable).parent / "launch"), "local", "--nproc", str(cfg.nproc), "pretrain",
+                   *stage.argv]
+        else:
+            cmd = [sys.executable, "-m", "pretrain.cli", *stage.argv]
+        log.info("stage %s: %s", stage.name, " ".join(cmd))
+        code = subprocess.run(cmd, env=_stage_env(stage)).returncode
+    if code != 0:
+        raise PretrainError(f"stage {stage.name} failed (exit status {code}); rerun the same command to "
+                            "resume it")
+    if stage.done():
+        if main_rank:
+            _finish_record(run, stage, time.monotonic() - started)
+    elif not (in_process and stage.array):  # an array task may finish before its siblings
+        raise PretrainError(f"stage {stage.name} ended without finishing ({stage.done_mark} missing or "
+                            "incomplete); rerun the same command to resume it")
+
+
+def iterate(cfg: IterateConfig, argv: list[str] | None = None) -> int:
+    from pretrain.config import write_run_record
+
+    only = cfg.only
+    run = Path(cfg.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    stages = plan(cfg)
+    names = [s.name for s in stages]
+    if only is not None:
+        if only not in names:
+            raise PretrainError(f"no stage '{only}' in this run; stages: {', '.join(names)}")
+        stage = next(s for s in stages if s.name == only)
+        if status(cfg, [stage])[only] == "done":
+            log.info("stage %s: done already, nothing to do", only)
+            return 0
+        run_stage(cfg, stage, in_process=True)
+        return 0
+    write_run_record(run, cfg, argv)
+    invalidate_changed(cfg, stages)
+    states = status(cfg, stages)
+    started = time.monotonic()
+    ran = []
+    for stage in stages:
+        if states[stage.name] == "done":
+            log.info("stage %s: done, skipped", stage.name)
+            continue
+        log.info("stage %s: running", stage.name)
+        run_stage(cfg, stage)
+        ran.append(stage.name)
+    from pretrain.report import write_report
+
+    report = write_report(cfg, stages)
+    print(f"{len(ran)} stages run ({', '.join(ran) or 'none: everything was done'}), "
+          f"{len(stages) - len(ran)} skipped, in {time.monotonic() - started:.0f} s; report: {report}")
+    return 0

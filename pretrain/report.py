@@ -1,0 +1,159 @@
+"""``report.md`` of a ``pretrain iterate`` run, with PNG plots in ``run_dir/report/``: time per
+stage, label quality per iteration (against the phone alignments), training loss, masked
+accuracy and throughput per iteration. Everything is read from the run's own files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pretrain.utils import atomic_write_text
+
+
+def _metrics(train_dir: Path) -> list[dict]:
+    path = train_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    by_step: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            by_step[record["step"]] = record  # a resumed run appends: the later record wins
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _plot(path: Path, series: dict[str, tuple[list, list]], ylabel: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for label, (x, y) in series.items():
+        ax.plot(x, y, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _bars(path: Path, groups: list[str], values: dict[str, list[float]], ylabel: str, title: str,
+          horizontal: bool = False) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, max(3.2, 0.32 * len(groups)) if horizontal else 3.6))
+    width = 0.8 / max(len(values), 1)
+    pos = np.arange(len(groups))
+    for j, (label, v) in enumerate(values.items()):
+        if horizontal:
+            ax.barh(pos + j * width, v, height=width, label=label)
+        else:
+            ax.bar(pos + j * width, v, width=width, label=label)
+    if horizontal:
+        ax.set_yticks(pos + width * (len(values) - 1) / 2, groups)
+        ax.invert_yaxis()
+        ax.set_xlabel(ylabel)
+    else:
+        ax.set_xticks(pos + width * (len(values) - 1) / 2, groups)
+        ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="x" if horizontal else "y")
+    if len(values) > 1:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(cfg, stages) -> Path:
+    """Write ``run_dir/report.md`` and its plots; returns the report's path."""
+    run = Path(cfg.run_dir)
+    out = run / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# pretrain iterate: {run.name}", ""]
+
+    # ---- time per stage
+    records = {}
+    for stage in stages:
+        path = run / "stages" / f"{stage.name}.json"
+        if path.is_file():
+            records[stage.name] = json.loads(path.read_text())
+    timed = [(s.name, records[s.name]["seconds"]) for s in stages if "seconds" in records.get(s.name, {})]
+    lines += ["## Time per stage", "", "| stage | wall time (s) | attempts |", "|---|---|---|"]
+    for name, seconds in timed:
+        lines.append(f"| {name} | {seconds:.1f} | {len(records[name]['attempts'])} |")
+    lines.append(f"| **total** | **{sum(s for _, s in timed):.1f}** | |")
+    if timed:
+        _bars(out / "stages.png", [n for n, _ in timed], {"seconds": [s for _, s in timed]}, "wall time (s)",
+              "time per stage", horizontal=True)
+        lines += ["", "![time per stage](report/stages.png)"]
+
+    # ---- label quality
+    quality = []
+    for i, it in enumerate(cfg.iterations, start=1):
+        path = run / f"it{i}" / "quality" / "quality.json"
+        if path.is_file():
+            quality.append((i, it, json.loads(path.read_text())))
+    lines += ["", "## Label quality per iteration", ""]
+    if quality:
+        lines += ["Against the corpus's phone alignments (`pretrain kmeans quality`): PNMI (HuBERT paper "
+                  "§IV-F), phone purity, cluster purity, label usage (perplexity of the cluster "
+                  "distribution, of k).", "",
+                  "| iteration | features | k | reference | frames | PNMI | phone purity | cluster purity "
+                  "| usage perplexity | empty clusters |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for i, it, q in quality:
+            feats = "MFCC" if it.features == "mfcc" else f"it{i - 1} layer {it.layer}"
+            lines.append(f"| {i} | {feats} | {it.k} | {q['reference']} | {q['frames']} | {q['pnmi']:.3f} | "
+                         f"{q['phone_purity']:.3f} | {q['cluster_purity']:.3f} | {q['usage_perplexity']:.1f} | "
+                         f"{q['empty_clusters']} |")
+        _bars(out / "quality.png", [f"it{i}" for i, _, _ in quality],
+              {m: [q[m] for _, _, q in quality] for m in ("pnmi", "phone_purity", "cluster_purity")},
+              "score", "label quality per iteration")
+        lines += ["", "![label quality](report/quality.png)", ""]
+        mfcc = next((q for i, it, q in quality if it.features == "mfcc"), None)
+        for i, it, q in quality:
+            if it.features == "model" and mfcc is not None:
+                verdict = "beat" if q["pnmi"] > mfcc["pnmi"] else "did **not** beat"
+                lines.append(f"- Iteration {i}'s labels (layer {it.layer}, k={it.k}) {verdict} the MFCC labels "
+                             f"(k={cfg.iterations[0].k}) on PNMI: {q['pnmi']:.3f} vs {mfcc['pnmi']:.3f}.")
+        lines += ["", "Label usage per iteration: "
+                  + ", ".join(f"[it{i}](it{i}/quality/usage.png)" for i, _, _ in quality)
+                  + "; phone/cluster co-occurrence: "
+                  + ", ".join(f"[it{i}](it{i}/quality/cooccurrence.png)" for i, _, _ in quality) + "."]
+    else:
+        lines.append("No phone reference (the corpus has no alignments), so no label-quality figures.")
+
+    # ---- training
+    lines += ["", "## Training per iteration", "",
+              "| iteration | labels | steps | final loss | final masked accuracy | audio-s per s (median) |",
+              "|---|---|---|---|---|---|"]
+    losses, accs = {}, {}
+    for i, it in enumerate(cfg.iterations, start=1):
+        metrics = _metrics(run / f"it{i}" / "train")
+        if not metrics:
+            continue
+        steps = [m["step"] for m in metrics]
+        losses[f"it{i}"] = (steps, [m["loss"] for m in metrics])
+        accs[f"it{i}"] = (steps, [m.get("acc_masked", float("nan")) for m in metrics])
+        speed = float(np.median([m["audio_s_per_s"] for m in metrics]))
+        lines.append(f"| {i} | it{i}_km{it.k} | {steps[-1]} | {metrics[-1]['loss']:.3f} | "
+                     f"{metrics[-1].get('acc_masked', float('nan')):.3f} | {speed:.2f} |")
+    if losses:
+        _plot(out / "loss.png", losses, "loss", "training loss")
+        _plot(out / "accuracy.png", accs, "masked accuracy", "masked-frame accuracy")
+        lines += ["", "![loss](report/loss.png) ![accuracy](report/accuracy.png)", "",
+                  "Masked accuracy is against each iteration's own labels (k differs), so values of "
+                  "different iterations are not comparable with each other."]
+    path = run / "report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
