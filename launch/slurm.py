@@ -55,6 +55,8 @@ class Job:
     script: str
     config_yaml: str
     record: dict
+    config_path: Path
+    """Where the config snapshot the job runs is written."""
 
     @property
     def script_path(self) -> Path:
@@ -107,37 +109,72 @@ def _directives(profile: SlurmProfile, train: bool) -> list[str]:
 
 
 def prepare(argv: Sequence[str], profile: SlurmProfile, job_dir: str | None = None,
-            tasks: int | None = None, launch_argv: Sequence[str] = ()) -> Job:
+            tasks: int | None = None, launch_argv: Sequence[str] = (), dry_run: bool = False) -> list[Job]:
     """Resolve a ``pretrain`` command line (config checked here, before anything is submitted)
-    and render its job."""
+    and render its job; ``iterate`` renders one job per stage that is not done."""
     from pretrain.cli import resolve
 
     argv = list(argv[1:] if argv[:1] == ["pretrain"] else argv)
     stage, cfg, args, _ = resolve(argv)
     name = _stage_name(stage)
+    if name == "iterate":
+        return _prepare_iterate(cfg, profile, job_dir, tasks, argv, launch_argv, dry_run)
     if name not in ARRAY_STAGES | SINGLE_STAGES | {"train"}:
-        raise PretrainError(f"launch slurm runs train, {', '.join(sorted(ARRAY_STAGES | SINGLE_STAGES))}; "
+        raise PretrainError(f"launch slurm runs train, iterate, {', '.join(sorted(ARRAY_STAGES | SINGLE_STAGES))}; "
                             f"not '{name}'")
-    folder = Path(job_dir) if job_dir else default_job_dir(name, cfg)
-    folder = folder.resolve()
+    folder = (Path(job_dir) if job_dir else default_job_dir(name, cfg)).resolve()
     tag = f"{name.replace(' ', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
-    snapshot = folder / f"{tag}.config.yaml"
+    kind = "train" if name == "train" else ("array" if name in ARRAY_STAGES else "single")
+    return [_render(kind, name, [*name.split(), "--config", str(folder / f"{tag}.config.yaml")], to_yaml(cfg),
+                    folder, tag, profile, tasks, ["pretrain", *argv], launch_argv)]
+
+
+def _prepare_iterate(cfg, profile: SlurmProfile, job_dir: str | None, tasks: int | None, argv: list[str],
+                     launch_argv: Sequence[str], dry_run: bool) -> list[Job]:
+    """The stages of ``pretrain iterate`` that are not done, as a chain of jobs that each run
+    ``pretrain iterate --config SNAPSHOT --only STAGE`` (the same bookkeeping as a local run:
+    fingerprints, invalidation, resume)."""
+    from pretrain import iterate as it
+
+    folder = (Path(job_dir) if job_dir else Path(cfg.run_dir) / "slurm").resolve()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    snapshot = folder / f"iterate-{stamp}.config.yaml"
+    stages = it.plan(cfg)
+    it.invalidate_changed(cfg, stages, delete=not dry_run)
+    states = it.status(cfg, stages)
+    jobs = []
+    for stage in stages:
+        if states[stage.name] == "done":
+            continue
+        kind = "train" if stage.train else ("array" if stage.array else "single")
+        command = ["iterate", "--config", str(snapshot), "--only", stage.name]
+        job = _render(kind, f"iterate {stage.name}", command, to_yaml(cfg), folder, f"{stage.name}-{stamp}",
+                      profile, tasks, ["pretrain", *argv], launch_argv)
+        jobs.append(job)
+    if not jobs:
+        raise PretrainError(f"every stage of {cfg.run_dir} is done; nothing to submit")
+    # One snapshot for the whole chain (every job names the same file).
+    for job in jobs:
+        job.config_path = snapshot
+    return jobs
+
+
+def _render(kind: str, name: str, command_argv: list[str], config_yaml: str, folder: Path, tag: str,
+            profile: SlurmProfile, tasks: int | None, command: list[str], launch_argv: Sequence[str]) -> Job:
     python = profile.python or sys.executable
-    words = name.split()
-    command = " ".join(shlex.quote(w) for w in [python, "-m", "pretrain.cli", *words, "--config", str(snapshot),
-                                                 "--no-progress"])
+    words = [python, "-m", "pretrain.cli", *command_argv, "--no-progress"]
     setup = "\n".join(profile.setup)
-    common = {"job_name": f"pretrain-{words[-1]}", "setup": setup, "command": command,
-              "signal_seconds": profile.signal_seconds,
-              "profile_directives": "\n".join(_directives(profile, name == "train"))}
-    if name == "train":
+    common = {"job_name": f"pretrain-{name.split()[-1]}", "setup": setup,
+              "command": " ".join(shlex.quote(w) for w in words), "signal_seconds": profile.signal_seconds,
+              "profile_directives": "\n".join(_directives(profile, kind == "train"))}
+    if kind == "train":
         script = render((TEMPLATES / "train.sbatch").read_text(), {
             **common, "nodes": profile.nodes, "tasks_per_node": profile.tasks,
             "cpus_per_task": profile.cpus_per_task, "time": profile.time,
             "log": folder / f"{tag}-%j.out"})
         shape = {"nodes": profile.nodes, "tasks_per_node": profile.tasks}
     else:
-        n = (tasks or profile.array_tasks) if name in ARRAY_STAGES else 1
+        n = (tasks or profile.array_tasks) if kind == "array" else 1
         array = ""
         if n > 1:
             array = f"#SBATCH --array=0-{n - 1}" + (f"%{profile.array_parallel}" if profile.array_parallel else "")
@@ -148,18 +185,18 @@ def prepare(argv: Sequence[str], profile: SlurmProfile, job_dir: str | None = No
             "tasks_note": f"an array of {n} tasks, each taking every {n}th shard" if n > 1 else "one task",
             "profile_directives": "\n".join([array] * bool(array) + _directives(profile, False))})
         shape = {"array_tasks": n}
-    record = {"stage": name, "command": ["pretrain", *argv], "launch_command": list(launch_argv),
+    record = {"stage": name, "command": command, "launch_command": list(launch_argv),
               "pretrain_version": __version__, "git_commit": _git_commit(),
               "profile": {k: v for k, v in vars(profile).items()}, "shape": shape,
               "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    return Job(name, tag, folder, script, to_yaml(cfg), record)
+    return Job(name, tag, folder, script, config_yaml, record, folder / f"{tag}.config.yaml")
 
 
 def submit(job: Job, after: Sequence[str] = ()) -> str:
     """Write the job's files and ``sbatch`` it (after the jobs in ``after`` succeed); returns
     the job id."""
     job.job_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(job.job_dir / f"{job.tag}.config.yaml", job.config_yaml)
+    atomic_write_text(job.config_path, job.config_yaml)
     atomic_write_text(job.script_path, job.script)
     cmd = ["sbatch", "--parsable"]
     if after:
@@ -184,8 +221,8 @@ def main(args) -> int:
     commands = [shlex.split(s) for s in args.stage] if args.stage else [args.command]
     if not commands or not commands[0]:
         raise PretrainError("give a pretrain command, e.g. launch slurm --profile P train --config C")
-    jobs = [prepare(c, profile, args.job_dir if len(commands) == 1 else None, args.tasks,
-                    ["launch", "slurm", *args.raw]) for c in commands]
+    jobs = [job for c in commands for job in prepare(c, profile, args.job_dir if len(commands) == 1 else None,
+                                                     args.tasks, ["launch", "slurm", *args.raw], args.dry_run)]
     if args.dry_run:
         for job in jobs:
             print(f"# {job.stage}: would write {job.script_path}")
@@ -196,4 +233,6 @@ def main(args) -> int:
         job_id = submit(job, after)
         print(f"{job_id}\t{job.stage}\t{job.script_path}", flush=True)
         after = [job_id]  # a chain: each stage waits for the previous one to succeed
+    # (``iterate``: a stage's record is written by its job, so a resubmission after a failure
+    # submits only what is still not done.)
     return 0

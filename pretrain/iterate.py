@@ -162,9 +162,14 @@ def plan(cfg: IterateConfig) -> list[PlannedStage]:
 def _fingerprint(stages: list[PlannedStage]) -> None:
     from pretrain.cli import resolve
 
+    from pretrain.config import ConfigError
+
     prints: dict[str, str] = {}
     for stage in stages:
-        _, cfg, _, _ = resolve(stage.argv)
+        try:
+            _, cfg, _, _ = resolve(stage.argv)
+        except ConfigError as e:
+            raise PretrainError(f"stage {stage.name}: config error: {e}") from None
         stage.config = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
         # Settings that do not change results are left out: rerunning with more jobs or another
         # log cadence must not redo a finished stage.
@@ -198,9 +203,10 @@ def _changed_fields(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def invalidate_changed(cfg: IterateConfig, stages: list[PlannedStage]) -> list[str]:
+def invalidate_changed(cfg: IterateConfig, stages: list[PlannedStage], delete: bool = True) -> list[str]:
     """Delete the outputs and records of every stage whose fingerprint changed, and of
-    everything downstream of it; returns their names (and logs why)."""
+    everything downstream of it; returns their names (and logs why). ``delete=False`` only
+    reports (a dry run)."""
     run = Path(cfg.run_dir)
     by_name = {s.name: s for s in stages}
     stale: list[str] = []
@@ -215,9 +221,11 @@ def invalidate_changed(cfg: IterateConfig, stages: list[PlannedStage]) -> list[s
             log.warning("stage %s: its config changed (%s); invalidating it and everything downstream: %s",
                         stage.name, "; ".join(fields[:8]), ", ".join(downstream) or "nothing")
             stale.append(stage.name)
-    for name in stale:
+    for name in stale if delete else ():
         stage = by_name[name]
-        for path in stage.outputs:
+        record = _read_record(run, name) or {}
+        # The outputs the stage wrote under its old config too (a label set named by k, ...).
+        for path in {*stage.outputs, *map(Path, record.get("outputs", []))}:
             if path.is_dir():
                 shutil.rmtree(path)
             elif path.exists():
@@ -249,7 +257,7 @@ def _start_record(run: Path, stage: PlannedStage) -> None:
     record = _read_record(run, stage.name)
     if record is None or record["fingerprint"] != stage.fingerprint:
         record = {"name": stage.name, "fingerprint": stage.fingerprint, "config": stage.config,
-                  "argv": ["pretrain", *stage.argv], "attempts": []}
+                  "argv": ["pretrain", *stage.argv], "outputs": [str(p) for p in stage.outputs], "attempts": []}
     record["attempts"].append({"started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     atomic_write_json(_record_path(run, stage.name), record)
 
