@@ -76,3 +76,14 @@ def noise_shards(small_corpus, tmp_path_factory) -> Path:
     build_shards(load_config(ShardsBuildConfig, [], [f"input={noise}", f"out={out}", "per_shard=4", "jobs=2"]),
                  progress=False, argv=["test"])
     return out
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(small_shards, tmp_path_factory) -> Path:
+    """The reference training run of the resume tests (local 2-process DeepSpeed, 16 steps,
+    grad_accum 2); the SLURM preemption test compares its losses with it too."""
+    from tests.train.test_train import launch
+
+    run = tmp_path_factory.mktemp("train") / "straight"
+    launch(run, small_shards, "deepspeed.grad_accum=2")
+    return run

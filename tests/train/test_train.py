@@ -47,13 +47,6 @@ def losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(small_shards, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("train") / "straight"
-    launch(run, small_shards, "deepspeed.grad_accum=2")
-    return run
-
-
 def test_resume_in_a_fresh_process_gives_bitwise_equal_losses(uninterrupted, small_shards, tmp_path):
     run = tmp_path / "resumed"
     launch(run, small_shards, "deepspeed.grad_accum=2", fault={"exit_after_save": 8})
