@@ -307,6 +307,10 @@ def forward_backward(engine, micro: list[dict], masks: list[torch.Tensor], world
         else:
             loss = loss * scale
         outs.append(out)
+        # DeepSpeed's own counter would put the accumulation boundary at every grad_accum-th
+        # engine.step() call, i.e. update every grad_accum optimizer steps; we call step() once
+        # per optimizer step, so the boundary is set explicitly: the last micro-batch.
+        engine.set_gradient_accumulation_boundary(len(outs) == ga)
         engine.backward(loss)
     if hook is not None:
         hook.remove()
@@ -357,6 +361,9 @@ def _metrics(totals, specs, lr, engine, elapsed, data_wait, world) -> dict:
         "mixed_speech_frac": totals["mixed_speech"] / max(totals["utterances"], 1),
         "mixed_noise_frac": totals["mixed_noise"] / max(totals["utterances"], 1),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # DeepSpeed's own count of optimizer steps: equal to `step` when every step reaches
+        # its accumulation boundary (skipped non-finite steps count too).
+        "optimizer_updates": int(engine.global_steps),
     }
     norm = engine.get_global_grad_norm()
     if norm is not None:
