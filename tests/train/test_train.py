@@ -138,12 +138,16 @@ def test_kill_and_a_crash_at_every_save_phase_never_load_a_partial_checkpoint(un
             assert (run / "checkpoints/step_6.tmp").is_dir(), phase
     proc = launch(run, small_shards, *common)
     assert "resumed from step 6" in proc.stderr
-    assert losses(run) == {k: v for k, v in losses(uninterrupted).items() if k <= 8}
+    # Bit for bit through step 7; the 8th loss follows the 7th update, whose learning rate
+    # already depends on max_steps (8 here, 16 in the reference run) through the decay.
+    assert {k: v for k, v in losses(run).items() if k <= 7} == \
+        {k: v for k, v in losses(uninterrupted).items() if k <= 7}
+    assert sorted(losses(run)) == list(range(1, 9))
     assert complete_checkpoints(run) == [6, 8]
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(uninterrupted, small_shards, tmp_path):
-    # With ZeRO 2 (the baseline runs ZeRO 1: with 2 ranks both give the same sums, bit for bit).
+    # With ZeRO 2 (the reference run uses ZeRO 1).
     run = tmp_path / "fallback"
     launch(run, small_shards, "deepspeed.grad_accum=2", "checkpoint.keep_last=3", "deepspeed.zero_stage=2",
            fault={"exit_after_save": 12})
@@ -155,7 +159,13 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(uninterrupte
     proc = launch(run, small_shards, "deepspeed.grad_accum=2", "checkpoint.keep_last=3", "deepspeed.zero_stage=2")
     assert f"skipping checkpoint step_12: {victim} does not match its sha256" in proc.stderr
     assert "removing the unfinished checkpoint" in proc.stderr
-    assert losses(run) == losses(uninterrupted)  # resumed at step 8, same trajectory
+    assert "resumed from step 8" in proc.stderr
+    # The same trajectory as the ZeRO 1 reference up to rounding: ZeRO 2 reduces each
+    # micro-batch's gradients over the ranks before summing the two micro-batches, ZeRO 1
+    # sums them first, so the sums differ in the last bits (measured: about 1e-7 relative).
+    straight, resumed = losses(uninterrupted), losses(run)
+    assert sorted(resumed) == sorted(straight) == list(range(1, 17))
+    assert resumed == pytest.approx(straight, rel=1e-5)
 
 
 @pytest.mark.parametrize("zero_stage", [0, 3])
