@@ -148,19 +148,18 @@ def _prepare_iterate(cfg, profile: SlurmProfile, job_dir: str | None, tasks: int
             continue
         kind = "train" if stage.train else ("array" if stage.array else "single")
         command = ["iterate", "--config", str(snapshot), "--only", stage.name]
-        job = _render(kind, f"iterate {stage.name}", command, to_yaml(cfg), folder, f"{stage.name}-{stamp}",
-                      profile, tasks, ["pretrain", *argv], launch_argv)
-        jobs.append(job)
+        jobs.append(_render(kind, f"iterate {stage.name}", command, to_yaml(cfg), folder, f"{stage.name}-{stamp}",
+                            profile, tasks, ["pretrain", *argv], launch_argv, config_path=snapshot))
     if not jobs:
         raise PretrainError(f"every stage of {cfg.run_dir} is done; nothing to submit")
-    # One snapshot for the whole chain (every job names the same file).
-    for job in jobs:
-        job.config_path = snapshot
     return jobs
 
 
 def _render(kind: str, name: str, command_argv: list[str], config_yaml: str, folder: Path, tag: str,
-            profile: SlurmProfile, tasks: int | None, command: list[str], launch_argv: Sequence[str]) -> Job:
+            profile: SlurmProfile, tasks: int | None, command: list[str], launch_argv: Sequence[str],
+            config_path: Path | None = None) -> Job:
+    """One job; ``config_path`` is the snapshot it runs (default: ``<tag>.config.yaml``; the
+    jobs of an iterate chain share one)."""
     python = profile.python or sys.executable
     words = [python, "-m", "pretrain.cli", *command_argv, "--no-progress"]
     setup = "\n".join(profile.setup)
@@ -189,7 +188,7 @@ def _render(kind: str, name: str, command_argv: list[str], config_yaml: str, fol
               "pretrain_version": __version__, "git_commit": _git_commit(),
               "profile": {k: v for k, v in vars(profile).items()}, "shape": shape,
               "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    return Job(name, tag, folder, script, config_yaml, record, folder / f"{tag}.config.yaml")
+    return Job(name, tag, folder, script, config_yaml, record, config_path or folder / f"{tag}.config.yaml")
 
 
 def submit(job: Job, after: Sequence[str] = ()) -> str:

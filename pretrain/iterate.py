@@ -291,11 +291,8 @@ def run_stage(cfg: IterateConfig, stage: PlannedStage, in_process: bool = False)
     if in_process:
         from pretrain.cli import main
 
-        if stage.train:
-            env = _stage_env(stage)
-            os.environ.pop("PRETRAIN_FAULT", None)
-            if "PRETRAIN_FAULT" in env:
-                os.environ["PRETRAIN_FAULT"] = env["PRETRAIN_FAULT"]
+        os.environ.clear()
+        os.environ.update(_stage_env(stage))
         code = main([*stage.argv, "--no-progress"])  # training exits inside (engine.shutdown)
     else:
         if stage.train:
