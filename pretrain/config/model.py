@@ -23,6 +23,23 @@ class ModelConfig:
     """WavLM: distance in frames at which the logarithmic buckets end; farther frames share the
     last bucket (WavLM Base/Base+/Large: 800)."""
 
+    frontend: str = "conv"
+    """``conv``: HuBERT's convolutional waveform encoder (exported to transformers). ``fbank``:
+    a fixed log-mel filterbank on the same 50 Hz frame grid (``pretrain.model.fbank``), much
+    cheaper on CPUs; transformers' HubertModel/WavLMModel have no such input, so these models
+    are not exportable there."""
+
+    fbank_bins: int = 80
+    """Fbank front end: mel filters per 25 ms window."""
+
+    fbank_context: int = 1
+    """Fbank front end: 10 ms frames stacked on each side of a 50 Hz frame's centre frame (1:
+    three frames, 30 ms of hop around the centre)."""
+
+    fbank_norm: str = "utterance"
+    """Fbank front end: ``utterance`` (mean and variance normalization per utterance and
+    dimension over its valid frames) or ``none``."""
+
     extractor_mode: str = "group_norm"
     """Waveform encoder normalization: ``group_norm`` (one GroupNorm after the first conv, BASE)
     or ``layer_norm`` (a LayerNorm after every conv, LARGE)."""
@@ -71,7 +88,8 @@ class ModelConfig:
     """Dropout on the unmasked features (kept for parity with fairseq; unused by the loss)."""
 
     feature_grad_mult: float = 0.1
-    """Gradient scale into the waveform encoder (0 freezes it)."""
+    """Gradient scale into the waveform encoder (0 freezes it; the Fbank front end has no
+    parameters)."""
 
     normalize_waveform: bool = False
     """Normalize each waveform to zero mean and unit variance over its valid samples (LARGE,
@@ -103,7 +121,8 @@ class ModelConfig:
     """Weight of the cross-entropy on unmasked frames."""
 
     feature_pen_weight: float = 10.0
-    """Weight of the L2 penalty on the waveform encoder's output."""
+    """Weight of the L2 penalty on the waveform encoder's output (none with the Fbank front end:
+    its output is fixed)."""
 
     def validate(self) -> None:
         if self.arch not in ("hubert", "wavlm"):
@@ -113,6 +132,14 @@ class ModelConfig:
         if self.max_distance <= self.num_buckets // 4:
             raise ConfigError(f"must exceed the {self.num_buckets // 4} exact buckets per direction, got "
                               f"{self.max_distance}", field="max_distance")
+        if self.frontend not in ("conv", "fbank"):
+            raise ConfigError(f"must be 'conv' or 'fbank', got '{self.frontend}'", field="frontend")
+        if self.fbank_bins < 1 or self.fbank_bins > 256:
+            raise ConfigError(f"must be in [1, 256] (257 FFT bins), got {self.fbank_bins}", field="fbank_bins")
+        if self.fbank_context < 0:
+            raise ConfigError(f"must be >= 0, got {self.fbank_context}", field="fbank_context")
+        if self.fbank_norm not in ("utterance", "none"):
+            raise ConfigError(f"must be 'utterance' or 'none', got '{self.fbank_norm}'", field="fbank_norm")
         if self.extractor_mode not in ("group_norm", "layer_norm"):
             raise ConfigError(f"must be 'group_norm' or 'layer_norm', got '{self.extractor_mode}'",
                               field="extractor_mode")

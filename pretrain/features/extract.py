@@ -88,7 +88,7 @@ class Extractor:
             self.device = resolve_device(device)
             self.model = load_model(spec.checkpoint, map_location=self.device).eval()
             self.torch = torch
-            if self.model.cfg.extractor_mode == "group_norm":
+            if self.model.cfg.frontend == "conv" and self.model.cfg.extractor_mode == "group_norm":
                 # BASE's first conv layer normalizes over the whole (padded) time axis, so
                 # padding would change a shorter utterance's features (by up to 0.3 here):
                 # one utterance per forward, as fairseq's feature dumper does.

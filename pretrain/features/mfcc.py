@@ -40,14 +40,15 @@ def _mel(f: np.ndarray | float) -> np.ndarray:
     return 1127.0 * np.log(1.0 + np.asarray(f, dtype=np.float64) / 700.0)
 
 
-def _mel_banks() -> np.ndarray:
-    """(NUM_MEL_BINS, FFT_SIZE // 2 + 1) Kaldi triangular filters (Nyquist column zero)."""
+def mel_banks(num_bins: int = NUM_MEL_BINS) -> np.ndarray:
+    """(num_bins, FFT_SIZE // 2 + 1) Kaldi triangular filters (Nyquist column zero); the
+    model's Fbank front end uses the same filters with more bins."""
     num_fft_bins = FFT_SIZE // 2
     mel_low, mel_high = _mel(LOW_FREQ), _mel(SAMPLE_RATE / 2)
-    delta = (mel_high - mel_low) / (NUM_MEL_BINS + 1)
+    delta = (mel_high - mel_low) / (num_bins + 1)
     mels = _mel(np.arange(num_fft_bins) * SAMPLE_RATE / FFT_SIZE)
-    banks = np.zeros((NUM_MEL_BINS, num_fft_bins + 1))
-    for b in range(NUM_MEL_BINS):
+    banks = np.zeros((num_bins, num_fft_bins + 1))
+    for b in range(num_bins):
         left, center, right = mel_low + b * delta, mel_low + (b + 1) * delta, mel_low + (b + 2) * delta
         up = (mels - left) / (center - left)
         down = (right - mels) / (right - center)
@@ -65,11 +66,11 @@ def _dct() -> np.ndarray:
     return dct
 
 
-_BANKS = _mel_banks()
+_BANKS = mel_banks()
 _DCT = _dct()
 _LIFTER = 1.0 + 0.5 * CEPSTRAL_LIFTER * np.sin(np.pi * np.arange(NUM_CEPS) / CEPSTRAL_LIFTER)
-_WINDOW = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(MFCC_WINDOW) / (MFCC_WINDOW - 1))) ** 0.85
-_EPS = float(np.finfo(np.float32).eps)
+WINDOW = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(MFCC_WINDOW) / (MFCC_WINDOW - 1))) ** 0.85
+EPS = float(np.finfo(np.float32).eps)
 
 
 def mfcc(waveform: np.ndarray) -> np.ndarray:
@@ -82,9 +83,9 @@ def mfcc(waveform: np.ndarray) -> np.ndarray:
     f = x[idx]
     f = f - f.mean(axis=1, keepdims=True)
     f = np.concatenate([f[:, :1] * (1 - PREEMPHASIS), f[:, 1:] - PREEMPHASIS * f[:, :-1]], axis=1)
-    f = f * _WINDOW
+    f = f * WINDOW
     power = np.abs(np.fft.rfft(f, n=FFT_SIZE, axis=1)) ** 2
-    logmel = np.log(np.maximum(power @ _BANKS.T, _EPS))
+    logmel = np.log(np.maximum(power @ _BANKS.T, EPS))
     return ((logmel @ _DCT.T) * _LIFTER).astype(np.float32)
 
 

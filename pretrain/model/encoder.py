@@ -61,10 +61,10 @@ class FeatureExtractor(nn.Module):
 
 
 class FeatureProjection(nn.Module):
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, in_dim: int = CONV_CHANNELS):
         super().__init__()
-        self.layer_norm = nn.LayerNorm(CONV_CHANNELS)
-        self.projection = nn.Linear(CONV_CHANNELS, dim)
+        self.layer_norm = nn.LayerNorm(in_dim)
+        self.projection = nn.Linear(in_dim, dim)
 
 
 class PositionalConv(nn.Module):
@@ -207,11 +207,12 @@ class Encoder(nn.Module):
         self.relative_bias = cfg.arch == "wavlm"
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None,
-                output_layer: int | None = None) -> torch.Tensor:
+                output_layer: int | None = None, collect: list | None = None) -> torch.Tensor:
         """Hidden states after layer ``output_layer`` (1-based), or the encoder's output.
 
         ``padding_mask`` is (B, T), True at padded frames; padded frames are zeroed first and
-        never attended to.
+        never attended to. ``collect``, a list, receives every layer's output in turn (raw, as
+        ``output_layer`` gives them), so all layers cost one forward.
         """
         attn_mask = None
         if padding_mask is not None:
@@ -229,6 +230,8 @@ class Encoder(nn.Module):
             if self.training and self.layerdrop > 0 and torch.rand(()) < self.layerdrop:
                 continue  # LayerDrop
             x = layer(x, attn_mask, bias)
+            if collect is not None:
+                collect.append(x)
         # As in fairseq, a requested layer's output is raw; the pre-LN stack's final norm
         # belongs to the full encoder output only.
         if self.pre_ln and output_layer is None:

@@ -55,6 +55,12 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
     except ImportError as e:
         raise PretrainError(f"export needs transformers (pip install transformers): {e}") from None
     model = load_model(checkpoint)
+    if model.cfg.frontend != "conv":
+        raise PretrainError(
+            f"{checkpoint}: model.frontend is '{model.cfg.frontend}'; transformers' HubertModel and "
+            "WavLMModel only take waveforms through the convolutional encoder, so an Fbank model "
+            "cannot be written in their format. Use the checkpoint with pretrain (features model, "
+            "kmeans assign) instead.")
     hf = (WavLMModel if model.cfg.arch == "wavlm" else HubertModel)(hf_config(model.cfg))
     state = model.backbone.state_dict()
     missing, unexpected = hf.load_state_dict(state, strict=False)

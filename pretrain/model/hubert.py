@@ -20,7 +20,8 @@ from torch import nn
 
 from pretrain.config.model import ModelConfig
 from pretrain.frames import conv_num_frames
-from pretrain.model.encoder import Encoder, FeatureExtractor, FeatureProjection
+from pretrain.model.encoder import CONV_CHANNELS, Encoder, FeatureExtractor, FeatureProjection
+from pretrain.model.fbank import FbankFrontEnd
 from pretrain.model.masking import compute_span_mask
 
 FRAME_RATE = 50
@@ -53,13 +54,20 @@ class LabelSpec:
 
 
 class HubertBackbone(nn.Module):
-    """Waveform -> hidden states; the part exported to ``transformers.HubertModel``."""
+    """Waveform -> hidden states; the part exported to ``transformers.HubertModel``. The front
+    end is the conv waveform encoder or a fixed Fbank (``cfg.frontend``); both give frames on
+    the same 50 Hz grid."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.feature_extractor = FeatureExtractor(cfg.extractor_mode, cfg.conv_bias)
-        self.feature_projection = FeatureProjection(cfg.encoder_embed_dim)
+        if cfg.frontend == "fbank":
+            self.fbank = FbankFrontEnd(cfg.fbank_bins, cfg.fbank_context, cfg.fbank_norm)
+            in_dim = self.fbank.out_dim
+        else:
+            self.feature_extractor = FeatureExtractor(cfg.extractor_mode, cfg.conv_bias)
+            in_dim = CONV_CHANNELS
+        self.feature_projection = FeatureProjection(cfg.encoder_embed_dim, in_dim)
         self.masked_spec_embed = nn.Parameter(torch.empty(cfg.encoder_embed_dim).uniform_())
         self.encoder = Encoder(cfg)
 
@@ -76,8 +84,11 @@ class HubertBackbone(nn.Module):
         var = (((waveform - mean) * valid) ** 2).sum(1, keepdim=True) / count
         return (waveform - mean) / torch.sqrt(var + 1e-7) * valid
 
-    def features(self, waveform: torch.Tensor) -> torch.Tensor:
-        """Waveform encoder output (B, T, 512), with the gradient scaled by feature_grad_mult."""
+    def features(self, waveform: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Front-end output (B, T, C): the waveform encoder's (C = 512, gradient scaled by
+        feature_grad_mult) or the Fbank's (in the waveform's dtype)."""
+        if self.cfg.frontend == "fbank":
+            return self.fbank(waveform, lengths).to(waveform.dtype)
         scale = self.cfg.feature_grad_mult
         if scale > 0:
             feats = self.feature_extractor(waveform)
@@ -93,10 +104,23 @@ class HubertBackbone(nn.Module):
                       layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Hidden states of ``layer`` (1-based; None: the last, normed) and the frame padding mask,
         for feature dumping. Call in eval mode."""
-        feats = self.features(self.normalize(waveform, lengths))
+        feats = self.features(self.normalize(waveform, lengths), lengths)
         padding = frame_padding_mask(lengths, feats.shape[1]) if lengths is not None else None
         x = self.feature_projection.projection(self.feature_projection.layer_norm(feats))
         return self.encoder(x, padding, output_layer=layer), padding
+
+
+    @torch.no_grad()
+    def all_hidden_states(self, waveform: torch.Tensor, lengths: torch.Tensor | None = None
+                          ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Every Transformer layer's hidden states (layers 1..L, as ``hidden_states`` gives each)
+        from one forward, and the frame padding mask. Call in eval mode."""
+        feats = self.features(self.normalize(waveform, lengths), lengths)
+        padding = frame_padding_mask(lengths, feats.shape[1]) if lengths is not None else None
+        x = self.feature_projection.projection(self.feature_projection.layer_norm(feats))
+        states: list[torch.Tensor] = []
+        self.encoder(x, padding, output_layer=self.cfg.encoder_layers, collect=states)
+        return states, padding
 
 
 class HubertPretrain(nn.Module):
@@ -148,10 +172,12 @@ class HubertPretrain(nn.Module):
         cross-entropy, independent of how a batch is split over ranks.
         """
         backbone = self.backbone
-        feats = backbone.features(backbone.normalize(audio, lengths))
+        feats = backbone.features(backbone.normalize(audio, lengths), lengths)
         padding = frame_padding_mask(lengths, feats.shape[1])
         unpadded = int((~padding).sum())
-        feature_pen = (feats.float().pow(2).mean(-1) * (~padding)).sum()
+        # The Fbank is fixed: a penalty on it would be a constant without gradient.
+        feature_pen = (feats.float().pow(2).mean(-1) * (~padding)).sum() if self.cfg.frontend == "conv" \
+            else feats.new_zeros((), dtype=torch.float32)
         feats, padding, targets = self._align_targets(feats, padding, targets)
         x = backbone.feature_projection.projection(backbone.feature_projection.layer_norm(feats))
         x = self.dropout_input(x)
