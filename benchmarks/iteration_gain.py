@@ -121,54 +121,85 @@ def pnmi(clusters: list[np.ndarray], phones: list[np.ndarray], k: int, num_phone
 
 
 def layer_states(model, waves: list[np.ndarray]) -> list[list[np.ndarray]]:
-    """Per utterance, every layer's (frames, dim) hidden states (one utterance per forward, so
-    no front end sees padding)."""
+    """Per utterance, the front end's output (the model's input, entry 0) and every layer's
+    (frames, dim) hidden states; one utterance per forward, so no front end sees padding."""
     import torch
 
     out = []
-    for w in waves:
-        audio = torch.from_numpy(w)[None]
-        states, _ = model.backbone.all_hidden_states(audio, torch.tensor([len(w)]))
-        out.append([s[0].float().numpy() for s in states])
+    with torch.no_grad():
+        for w in waves:
+            audio, lengths = torch.from_numpy(w)[None], torch.tensor([len(w)])
+            states, _ = model.backbone.all_hidden_states(audio, lengths)
+            front = model.backbone.features(model.backbone.normalize(audio, lengths), lengths)
+            out.append([t[0, :states[0].shape[1]].float().numpy() for t in [front, *states]])
     return out
 
 
-def evaluate(checkpoint: Path, shards: Path, heldout: Path, ks: list[int], sample_frames: int, seed: int) -> dict:
-    import torch
+class Evaluator:
+    """Held-out PNMI of MFCC and of every layer of a model, each clustered at every k.
 
-    from pretrain.model.checkpoint import load_model
+    The k-means samples are the frames of the same training utterances (a seeded choice of
+    ``sample_frames`` 50 Hz frames) for MFCC and for every layer; MFCC is scored once."""
 
-    torch.set_num_threads(2)
-    model = load_model(checkpoint).eval()
-    layers = model.cfg.encoder_layers
+    def __init__(self, shards: Path, heldout: Path, ks: list[int], sample_frames: int, seed: int, threads: int):
+        import faiss
+        import torch
 
-    train_utts = list(utterances(shards, sample_frames, seed))
-    held_utts = list(utterances(heldout))
-    p50, p100 = phone_labels(heldout, 50), phone_labels(heldout, 100)
-    num_phones = LabelSet(heldout, "phones50").num_classes
-    y50 = [p50[(s, k)] for s, k, _ in held_utts]
-    y100 = [p100[(s, k)] for s, k, _ in held_utts]
+        # Explicit: OpenMP threads beyond the free cores spin against each other (and against
+        # a training run next to this) and made the evaluation several times slower.
+        torch.set_num_threads(threads)
+        faiss.omp_set_num_threads(threads)
+        self.ks, self.seed = ks, seed
+        self.train_utts = [w for _, _, w in utterances(shards, sample_frames, seed)]
+        held = list(utterances(heldout))
+        self.held_utts = [w for _, _, w in held]
+        p50, p100 = phone_labels(heldout, 50), phone_labels(heldout, 100)
+        self.num_phones = LabelSet(heldout, "phones50").num_classes
+        self.y50 = [p50[(s, k)] for s, k, _ in held]
+        self.y100 = [p100[(s, k)] for s, k, _ in held]
+        self.train_frames = int(sum(len(w) // 320 for w in self.train_utts))
+        self.heldout_frames = int(sum(len(y) for y in self.y50))
 
-    # MFCC: fitted on the same utterances' frames (twice as many, at 100 Hz) as the layers.
-    mfcc_train = np.concatenate([mfcc_39(w) for _, _, w in train_utts])
-    mfcc_held = [mfcc_39(w) for _, _, w in held_utts]
-    table: dict = {"mfcc_50hz": {}, "mfcc_100hz": {}, **{f"layer{i}": {} for i in range(1, layers + 1)}}
-    for k in ks:
-        centroids, _ = kmeans(mfcc_train, k, seed=seed)
-        z = [assign(x, centroids)[0] for x in mfcc_held]
-        table["mfcc_100hz"][k] = pnmi(z, y100, k, num_phones)
-        table["mfcc_50hz"][k] = pnmi([zz[::2] for zz in z], y50, k, num_phones)
-
-    train_states = layer_states(model, [w for _, _, w in train_utts])
-    held_states = layer_states(model, [w for _, _, w in held_utts])
-    for layer in range(1, layers + 1):
-        x = np.concatenate([u[layer - 1] for u in train_states])
+        mfcc_train = np.concatenate([mfcc_39(w) for w in self.train_utts])
+        mfcc_held = [mfcc_39(w) for w in self.held_utts]
+        self.mfcc: dict = {"mfcc_50hz": {}, "mfcc_100hz": {}}
         for k in ks:
-            centroids, _ = kmeans(x, k, seed=seed)
-            z = [assign(u[layer - 1], centroids)[0] for u in held_states]
-            table[f"layer{layer}"][k] = pnmi(z, y50, k, num_phones)
-    return {"table": table, "layers": layers, "train_frames_50hz": int(sum(len(w) // 320 for _, _, w in train_utts)),
-            "heldout_frames_50hz": int(sum(len(y) for y in y50)), "checkpoint": str(checkpoint)}
+            centroids, _ = kmeans(mfcc_train, k, seed=seed)
+            z = [assign(x, centroids)[0] for x in mfcc_held]
+            self.mfcc["mfcc_100hz"][k] = pnmi(z, self.y100, k, self.num_phones)
+            # MFCC frame 2i has the centre of 50 Hz frame i: the layers' frames exactly.
+            self.mfcc["mfcc_50hz"][k] = pnmi([zz[::2] for zz in z], self.y50, k, self.num_phones)
+
+    def layers(self, checkpoint: Path) -> dict:
+        """{"layer<i>": {k: PNMI}} of a model file or checkpoint folder."""
+        from pretrain.model.checkpoint import load_model
+
+        model = load_model(checkpoint).eval()
+        train_states = layer_states(model, self.train_utts)
+        held_states = layer_states(model, self.held_utts)
+        table: dict = {}
+        # Entry 0, the front end's output, is the model's own input: a trained layer has to do
+        # better than it for the gain to be the Transformer's.
+        for layer in range(0, model.cfg.encoder_layers + 1):
+            name = f"layer{layer}" if layer else f"input_{model.cfg.frontend}"
+            x = np.concatenate([u[layer] for u in train_states])
+            table[name] = {}
+            for k in self.ks:
+                centroids, _ = kmeans(x, k, seed=self.seed)
+                z = [assign(u[layer], centroids)[0] for u in held_states]
+                table[name][k] = pnmi(z, self.y50, k, self.num_phones)
+        return table
+
+    def verdict(self, table: dict) -> dict:
+        """Per k: MFCC's PNMI (the larger of its two grids), the best layer and the gain."""
+        out = {}
+        layers = [name for name in table if name.startswith("layer")]
+        for k in self.ks:
+            mfcc = max(self.mfcc["mfcc_50hz"][k], self.mfcc["mfcc_100hz"][k])
+            best = max(layers, key=lambda name: table[name][k])
+            out[k] = {"pnmi_mfcc": mfcc, "pnmi_best_layer": table[best][k], "best_layer": int(best[5:]),
+                      "gain": table[best][k] - mfcc}
+        return out
 
 
 def training_summary(run_dir: Path) -> dict:
@@ -180,10 +211,45 @@ def training_summary(run_dir: Path) -> dict:
         if (run_dir / "train_seconds.json").is_file() else None
     speeds = [r["audio_s_per_s"] for r in train_rows if r.get("audio_s_per_s")]
     speed = float(np.median(speeds)) if speeds else None
+    # Minutes of training steps up to each logged step (rows hold the mean step time since the
+    # previous row); the run's wall time adds start-up and checkpoint saves to this.
+    minutes, prev, total = {}, 0, 0.0
+    for r in train_rows:
+        total += r["step_time_s"] * (r["step"] - prev)
+        prev = r["step"]
+        minutes[r["step"]] = total / 60
     return {"steps": last.get("step"), "train_seconds": seconds, "last_loss": last.get("loss"), **acc,
             "audio_s_per_s": speed,
             # from the median logged throughput: the metrics hold rates, not totals
-            "audio_hours_seen": speed * seconds / 3600 if speed and seconds else None}
+            "audio_hours_seen": speed * seconds / 3600 if speed and seconds else None,
+            "step_minutes": minutes,
+            "acc_masked_at": {r["step"]: r.get("acc_masked") for r in train_rows}}
+
+
+def plot_curve(curve: list[dict], mfcc: dict, ks: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(ks), figsize=(5.5 * len(ks), 4), squeeze=False)
+    layers = sorted({name for point in curve for name in point["table"] if name.startswith("layer")},
+                    key=lambda n: int(n[5:]))
+    for ax, k in zip(axes[0], ks):
+        x = [point["minutes"] for point in curve]
+        for name in layers:
+            ax.plot(x, [point["table"][name][k] for point in curve], marker="o", ms=3, label=name)
+        ax.axhline(max(mfcc["mfcc_50hz"][k], mfcc["mfcc_100hz"][k]), color="k", ls="--", label="MFCC")
+        ax.set_xlabel("training minutes (2 CPU cores)")
+        ax.set_ylabel("held-out PNMI")
+        ax.set_title(f"k = {k}")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,8 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ks", default="100,500", help="cluster counts")
     ap.add_argument("--sample-frames", type=int, default=150_000,
                     help="50 Hz training frames the k-means of each layer (and MFCC) is fitted on")
+    ap.add_argument("--threads", type=int, default=2, help="threads of the evaluation (torch and FAISS)")
     ap.add_argument("--eval-only", metavar="RUN_DIR", help="score this trained run; no training")
     ap.add_argument("--checkpoint", help="score this model file or checkpoint folder instead of the run's latest")
+    ap.add_argument("--no-curve", dest="curve", action="store_false",
+                    help="score only the final checkpoint, not every kept one")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -215,35 +284,63 @@ def main(argv: list[str] | None = None) -> int:
     else:
         run_dir = train(out, args.name, Path(args.config).resolve(), args.set, shards, args.nproc, log)
     t1 = time.perf_counter()
-    checkpoint = Path(args.checkpoint) if args.checkpoint else \
-        run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
-    result = evaluate(checkpoint, shards, heldout, ks, args.sample_frames, args.seed)
-    t_eval = time.perf_counter() - t1
+    evaluator = Evaluator(shards, heldout, ks, args.sample_frames, args.seed, args.threads)
     summary = training_summary(run_dir)
+    if args.checkpoint:
+        checkpoints = [Path(args.checkpoint)]
+    else:
+        ckpt = run_dir / "checkpoints"
+        checkpoints = [ckpt / (ckpt / "latest").read_text().strip()]
+        if args.curve:  # every kept checkpoint, oldest first, the final one last
+            kept = sorted((p for p in ckpt.glob("step_*") if (p / "model.pt").is_file()),
+                          key=lambda p: int(p.name[5:]))
+            checkpoints = [p for p in kept if p != checkpoints[0]] + checkpoints
+    curve = []
+    for path in checkpoints:
+        step = int(path.name[5:]) if path.name.startswith("step_") and path.is_dir() else None
+        table = evaluator.layers(path)
+        curve.append({"checkpoint": str(path), "step": step, "minutes": summary["step_minutes"].get(step),
+                      "acc_masked": summary["acc_masked_at"].get(step), "table": table,
+                      "verdict": evaluator.verdict(table)})
+    t_eval = time.perf_counter() - t1
 
-    table, layers = result["table"], result["layers"]
-    print(f"\nrun {run_dir}  ({summary['steps']} steps, "
-          f"{(summary['train_seconds'] or 0) / 60:.1f} min training, {summary})")
-    print(f"held-out PNMI ({result['heldout_frames_50hz']} frames at 50 Hz; k-means on "
-          f"{result['train_frames_50hz']} training frames at 50 Hz)")
+    final = curve[-1]
+    table = {**evaluator.mfcc, **final["table"]}
+    layers = sum(name.startswith("layer") for name in final["table"])
+    front = next(name for name in final["table"] if name.startswith("input_"))
+    print(f"\nrun {run_dir}: {summary['steps']} steps, {(summary['train_seconds'] or 0) / 60:.1f} min training "
+          f"(wall, start-up included), {summary['audio_s_per_s']:.1f} audio-s/s, "
+          f"{summary['audio_hours_seen'] or 0:.1f} h of audio seen, final masked accuracy "
+          f"{summary.get('acc_masked') or 0:.3f}")
+    print(f"held-out PNMI ({evaluator.heldout_frames} frames at 50 Hz; k-means fitted on "
+          f"{evaluator.train_frames} training frames at 50 Hz)")
     print("features       " + "".join(f"  k={k:<6}" for k in ks))
-    for row in ["mfcc_100hz", "mfcc_50hz", *[f"layer{i}" for i in range(1, layers + 1)]]:
+    for row in ["mfcc_100hz", "mfcc_50hz", front, *[f"layer{i}" for i in range(1, layers + 1)]]:
         print(f"{row:<14} " + "".join(f"  {table[row][k]:.3f}  " for k in ks))
-    per_k = {}
-    for k in ks:
-        mfcc = max(table["mfcc_50hz"][k], table["mfcc_100hz"][k])
-        best = max(range(1, layers + 1), key=lambda i: table[f"layer{i}"][k])
-        per_k[k] = {"pnmi_mfcc": mfcc, "pnmi_best_layer": table[f"layer{best}"][k], "best_layer": best,
-                    "gain": table[f"layer{best}"][k] - mfcc}
+    if len(curve) > 1:
+        print("\nbudget curve (best layer per k; MFCC " +
+              ", ".join(f"k={k}: {final['verdict'][k]['pnmi_mfcc']:.3f}" for k in ks) + ")")
+        print("step    minutes  acc_masked  " + "".join(f"  k={k}: best layer (PNMI)" for k in ks))
+        for point in curve:
+            cells = "".join(f"  {point['verdict'][k]['best_layer']:>12} ({point['verdict'][k]['pnmi_best_layer']:.3f})"
+                            for k in ks)
+            print(f"{point['step']!s:<7} {point['minutes'] or 0:7.1f}  {point['acc_masked'] or 0:10.3f}  {cells}")
+        if all(point["minutes"] is not None for point in curve):
+            plot_curve(curve, evaluator.mfcc, ks, run_dir / "iteration_gain.png")
+            print(f"plot: {run_dir / 'iteration_gain.png'}")
+    verdict = final["verdict"]
     k0 = ks[0]
-    record = {"pnmi_mfcc": per_k[k0]["pnmi_mfcc"], "pnmi_best_layer": per_k[k0]["pnmi_best_layer"],
-              "best_layer": per_k[k0]["best_layer"], "k": k0,
-              "beats_mfcc": {str(k): v["gain"] > 0 for k, v in per_k.items()}, "per_k": per_k, "table": table,
-              "train_minutes": (summary["train_seconds"] or 0) / 60, "steps": summary["steps"], "training": summary,
+    record = {"pnmi_mfcc": verdict[k0]["pnmi_mfcc"], "pnmi_best_layer": verdict[k0]["pnmi_best_layer"],
+              "best_layer": verdict[k0]["best_layer"], "k": k0,
+              "beats_mfcc": {str(k): v["gain"] > 0 for k, v in verdict.items()},
+              "per_k": {str(k): v for k, v in verdict.items()}, "table": table,
+              "train_minutes": (summary["train_seconds"] or 0) / 60, "steps": summary["steps"],
+              "audio_s_per_s": summary["audio_s_per_s"], "audio_hours_seen": summary["audio_hours_seen"],
+              "acc_masked": summary.get("acc_masked"),
+              "curve": [{k: v for k, v in point.items() if k != "verdict"} for point in curve],
               "config": args.config, "overrides": args.set, "corpus_hours": args.hours,
               "heldout_hours": args.heldout_hours, "seed": args.seed, "data_seconds": t_data,
-              "eval_seconds": t_eval, "run_dir": str(run_dir)}
-    record["checkpoint"] = str(checkpoint)
+              "eval_seconds": t_eval, "run_dir": str(run_dir), "checkpoint": final["checkpoint"]}
     if not args.checkpoint:
         (run_dir / "iteration_gain.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record))
