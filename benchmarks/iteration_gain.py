@@ -240,6 +240,9 @@ def plot_curve(curve: list[dict], mfcc: dict, ks: list[int], path: Path) -> None
         for name in layers:
             ax.plot(x, [point["table"][name][k] for point in curve], marker="o", ms=3, label=name)
         ax.axhline(max(mfcc["mfcc_50hz"][k], mfcc["mfcc_100hz"][k]), color="k", ls="--", label="MFCC")
+        front = next((name for name in curve[-1]["table"] if name.startswith("input_")), None)
+        if front:  # the model's own input: fixed, so one value
+            ax.axhline(curve[-1]["table"][front][k], color="grey", ls=":", label=f"{front} (model input)")
         ax.set_xlabel("training minutes (2 CPU cores)")
         ax.set_ylabel("held-out PNMI")
         ax.set_title(f"k = {k}")

@@ -132,3 +132,17 @@ def test_fbank_models_round_trip_and_refuse_hf_export(tmp_path):
 def test_front_end_config_errors_name_the_field(field, value):
     with pytest.raises(ConfigError, match=field):
         ModelConfig(**{field: value}).validate()
+
+
+def test_small_cpu_recipe_config_loads_and_builds_an_fbank_model():
+    from pathlib import Path
+
+    from pretrain.config import load_config
+    from pretrain.config.train import TrainConfig
+
+    repo = Path(__file__).resolve().parents[2]
+    cfg = load_config(TrainConfig, [repo / "configs/small_cpu.yaml"],
+                      ["run_dir=/tmp/unused", "data.shards=/tmp/unused", "data.labels=[it1_km100]"])
+    assert cfg.model.frontend == "fbank" and cfg.optim.decay == "linear" and cfg.optim.end_lr == 0.0
+    model = HubertPretrain(cfg.model, [LabelSpec("it1_km100", 100, 100)])
+    assert 4e6 < sum(p.numel() for p in model.parameters()) < 6e6  # the size the README's budget was measured with
