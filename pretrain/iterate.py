@@ -156,6 +156,12 @@ def plan(cfg: IterateConfig) -> list[PlannedStage]:
         stages.append(PlannedStage("export", ["export", "hf", str(last), str(run / "hf")], [run / "hf"],
                                    run / "hf" / "config.json", [previous_train.name]))
     _fingerprint(stages)
+    if cfg.export and previous_train is not None \
+            and previous_train.config.get("model", {}).get("frontend", "conv") != "conv":
+        # Refused here rather than after hours of training, at the export stage.
+        raise PretrainError(f"export: the last iteration's model has model.frontend="
+                            f"'{previous_train.config['model']['frontend']}', which transformers' HubertModel "
+                            "cannot take; set export=false (the checkpoints still work with pretrain)")
     return stages
 
 

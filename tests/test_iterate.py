@@ -115,3 +115,18 @@ def test_two_iterations_rerun_interruption_and_invalidation(tiny_corpus, tmp_pat
     assert "--only it2.train" in fifth.stdout and "#SBATCH --ntasks-per-node=2" in fifth.stdout
     assert "#SBATCH --array=0-1" in fifth.stdout  # label assignment as an array job
     assert not (run / "slurm").exists()  # a dry run writes nothing
+
+
+def test_an_fbank_run_with_export_is_refused_before_anything_runs(tmp_path):
+    from pretrain.config import load_config
+    from pretrain.config.iterate import IterateConfig
+    from pretrain.iterate import plan
+    from pretrain.utils import PretrainError
+
+    overrides = [f"run_dir={tmp_path / 'run'}", f"train_configs=[{REPO / 'configs/small_cpu.yaml'}]"]
+    cfg = load_config(IterateConfig, [REPO / "configs/demo.yaml"], overrides)
+    with pytest.raises(PretrainError, match="export: .*model.frontend='fbank'.*set export=false"):
+        plan(cfg)
+    assert [s.name for s in plan(load_config(IterateConfig, [REPO / "configs/demo.yaml"],
+                                             [*overrides, "export=false"]))][-1] == "it2.train"
+    assert not (tmp_path / "run").exists()
