@@ -9,17 +9,20 @@ corpus (other sentences, same voices, synthesized with another seed):
    k-means (k=100), labels ``it1_km100`` (the pipeline's own stages and bookkeeping, so a rerun
    skips what is done);
 2. ``launch local --nproc N pretrain train`` with the config and ``--set`` overrides into
-   ``OUT/runs/NAME`` (training time is measured from the training process's start to its end);
+   ``OUT/runs/NAME`` (training time is the wall time of that command, start-up included; a
+   rerun after an interruption resumes the run, and then only the last attempt is timed);
 3. held-out corpus and shards (``pretrain corpus synth``, ``pretrain shards build``);
-4. k-means (FAISS, the pipeline's ``kmeans``) of MFCC and of every layer, each at k=100 and
-   k=500, fitted on the same number of training frames; held-out frames assigned and scored.
+4. k-means (FAISS, the pipeline's ``kmeans``) of MFCC, of the model's own input (the front
+   end's output) and of every layer of every kept checkpoint, each at k=100 and k=500, fitted
+   on the frames of the same training utterances; held-out frames assigned and scored; the
+   checkpoints give the budget curve (``--no-curve``: the final one only).
 
 Every layer is compared with MFCC on the *same* 50 Hz frames (MFCC's 100 Hz frame ``2i`` has
 the centre of 50 Hz frame ``i``); MFCC's PNMI on its own 100 Hz grid is printed too, and the
 verdict uses the larger of the two. The last line is JSON: ``pnmi_mfcc``, ``pnmi_best_layer``
 and ``best_layer`` at k=100, everything else per k, the budget and the verdict.
 
-    python benchmarks/iteration_gain.py                      # the recipe, ~70 min on 2 cores
+    python benchmarks/iteration_gain.py                      # the recipe, ~67 min on 2 cores
     python benchmarks/iteration_gain.py --set optim.max_steps=500 --name short
     python benchmarks/iteration_gain.py --eval-only OUT/runs/NAME   # score a trained run again
 """
@@ -28,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
