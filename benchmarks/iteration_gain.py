@@ -131,9 +131,8 @@ def layer_states(model, waves: list[np.ndarray]) -> list[list[np.ndarray]]:
     with torch.no_grad():
         for w in waves:
             audio, lengths = torch.from_numpy(w)[None], torch.tensor([len(w)])
-            states, _ = model.backbone.all_hidden_states(audio, lengths)
-            front = model.backbone.features(model.backbone.normalize(audio, lengths), lengths)
-            out.append([t[0, :states[0].shape[1]].float().numpy() for t in [front, *states]])
+            states, _ = model.backbone.all_hidden_states(audio, lengths, front_end=True)
+            out.append([t[0].float().numpy() for t in states])
     return out
 
 

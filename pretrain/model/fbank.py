@@ -21,7 +21,6 @@ spectral tilt before the model sees it.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -78,24 +77,3 @@ class FbankFrontEnd(nn.Module):
             feats = (feats - mean) / torch.sqrt(var + 1e-5)
         return feats * valid[..., None]
 
-
-def reference_fbank(waveform: np.ndarray, bins: int, context: int, norm: str) -> np.ndarray:
-    """One utterance's front-end features in numpy, written from the definition above (tests
-    check the module against it, and it against kaldi-native-fbank)."""
-    x = np.asarray(waveform, dtype=np.float64)
-    m = mfcc_num_frames(len(x))
-    t = conv_num_frames(len(x))
-    if t == 0:
-        return np.zeros((0, bins * (2 * context + 1)), dtype=np.float32)
-    idx = np.arange(MFCC_WINDOW)[None, :] + MFCC_HOP * np.arange(m)[:, None]
-    f = x[idx]
-    f = f - f.mean(1, keepdims=True)
-    f = np.concatenate([f[:, :1] * (1 - PREEMPHASIS), f[:, 1:] - PREEMPHASIS * f[:, :-1]], axis=1)
-    power = np.abs(np.fft.rfft(f * WINDOW, n=FFT_SIZE, axis=1)) ** 2
-    logmel = np.log(np.maximum(power @ mel_banks(bins).T, EPS))
-    rows = [np.concatenate([logmel[min(max(2 * i + o, 0), m - 1)] for o in range(-context, context + 1)])
-            for i in range(t)]
-    feats = np.stack(rows)
-    if norm == "utterance":
-        feats = (feats - feats.mean(0)) / np.sqrt(feats.var(0) + 1e-5)
-    return feats.astype(np.float32)

@@ -99,26 +99,28 @@ class HubertBackbone(nn.Module):
                 feats = self.feature_extractor(waveform)
         return feats.transpose(1, 2)
 
+    def _encoder_input(self, waveform: torch.Tensor, lengths: torch.Tensor | None):
+        """Front-end output, projected encoder input and frame padding mask."""
+        feats = self.features(self.normalize(waveform, lengths), lengths)
+        padding = frame_padding_mask(lengths, feats.shape[1]) if lengths is not None else None
+        return feats, self.feature_projection.projection(self.feature_projection.layer_norm(feats)), padding
+
     @torch.no_grad()
     def hidden_states(self, waveform: torch.Tensor, lengths: torch.Tensor | None = None,
                       layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Hidden states of ``layer`` (1-based; None: the last, normed) and the frame padding mask,
         for feature dumping. Call in eval mode."""
-        feats = self.features(self.normalize(waveform, lengths), lengths)
-        padding = frame_padding_mask(lengths, feats.shape[1]) if lengths is not None else None
-        x = self.feature_projection.projection(self.feature_projection.layer_norm(feats))
+        _, x, padding = self._encoder_input(waveform, lengths)
         return self.encoder(x, padding, output_layer=layer), padding
 
-
     @torch.no_grad()
-    def all_hidden_states(self, waveform: torch.Tensor, lengths: torch.Tensor | None = None
-                          ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    def all_hidden_states(self, waveform: torch.Tensor, lengths: torch.Tensor | None = None,
+                          front_end: bool = False) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """Every Transformer layer's hidden states (layers 1..L, as ``hidden_states`` gives each)
-        from one forward, and the frame padding mask. Call in eval mode."""
-        feats = self.features(self.normalize(waveform, lengths), lengths)
-        padding = frame_padding_mask(lengths, feats.shape[1]) if lengths is not None else None
-        x = self.feature_projection.projection(self.feature_projection.layer_norm(feats))
-        states: list[torch.Tensor] = []
+        from one forward, preceded by the front end's output when ``front_end``, and the frame
+        padding mask. Call in eval mode."""
+        feats, x, padding = self._encoder_input(waveform, lengths)
+        states: list[torch.Tensor] = [feats] if front_end else []
         self.encoder(x, padding, output_layer=self.cfg.encoder_layers, collect=states)
         return states, padding
 

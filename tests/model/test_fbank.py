@@ -12,9 +12,10 @@ import torch
 
 from pretrain.config import ConfigError
 from pretrain.config.model import ModelConfig
-from pretrain.frames import conv_num_frames, frame_centers
+from pretrain.features.mfcc import EPS, FFT_SIZE, PREEMPHASIS, WINDOW, mel_banks
+from pretrain.frames import MFCC_HOP, MFCC_WINDOW, conv_num_frames, frame_centers, mfcc_num_frames
 from pretrain.model.checkpoint import load_model, save_model
-from pretrain.model.fbank import FbankFrontEnd, reference_fbank
+from pretrain.model.fbank import FbankFrontEnd
 from pretrain.model.hubert import HubertPretrain, LabelSpec
 from pretrain.utils import PretrainError
 
@@ -29,6 +30,28 @@ def speech(tiny_corpus, count: int) -> list[np.ndarray]:
         assert sr == 16000
         out.append(x)
     return out
+
+
+def reference_fbank(waveform: np.ndarray, bins: int, context: int, norm: str) -> np.ndarray:
+    """One utterance's front-end features in numpy, a loop over frames written from the
+    definition in ``pretrain.model.fbank``'s docstring."""
+    x = np.asarray(waveform, dtype=np.float64)
+    m = mfcc_num_frames(len(x))
+    t = conv_num_frames(len(x))
+    if t == 0:
+        return np.zeros((0, bins * (2 * context + 1)), dtype=np.float32)
+    idx = np.arange(MFCC_WINDOW)[None, :] + MFCC_HOP * np.arange(m)[:, None]
+    f = x[idx]
+    f = f - f.mean(1, keepdims=True)
+    f = np.concatenate([f[:, :1] * (1 - PREEMPHASIS), f[:, 1:] - PREEMPHASIS * f[:, :-1]], axis=1)
+    power = np.abs(np.fft.rfft(f * WINDOW, n=FFT_SIZE, axis=1)) ** 2
+    logmel = np.log(np.maximum(power @ mel_banks(bins).T, EPS))
+    rows = [np.concatenate([logmel[min(max(2 * i + o, 0), m - 1)] for o in range(-context, context + 1)])
+            for i in range(t)]
+    feats = np.stack(rows)
+    if norm == "utterance":
+        feats = (feats - feats.mean(0)) / np.sqrt(feats.var(0) + 1e-5)
+    return feats.astype(np.float32)
 
 
 def test_log_mel_matches_kaldi_native_fbank_on_real_speech(tiny_corpus):
