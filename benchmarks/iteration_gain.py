@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -47,6 +48,7 @@ from pretrain.data.labels import LabelSet  # noqa: E402
 from pretrain.data.shards import read_manifest  # noqa: E402
 from pretrain.features.extract import shard_utterances  # noqa: E402
 from pretrain.features.mfcc import mfcc_39  # noqa: E402
+from pretrain.utils import atomic_write_json, atomic_write_text  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -68,7 +70,7 @@ def prepare_data(out: Path, hours: float, heldout_hours: float, seed: int, log: 
     data = out / "data"
     cfg = data / "iterate.yaml"
     data.mkdir(parents=True, exist_ok=True)
-    cfg.write_text(json.dumps({
+    atomic_write_text(cfg, json.dumps({
         "run_dir": str(data), "corpus": {"synth_hours": hours, "synth_seed": seed, "per_shard": 32},
         "iterations": [{"features": "mfcc", "k": 100, "fraction": 0.5, "max_frames": 400_000, "max_steps": 1}],
         "train_configs": [], "train_overrides": ["optim.warmup_steps=0"], "export": False, "jobs": 2}))
@@ -90,7 +92,7 @@ def train(out: Path, name: str, config: Path, overrides: list[str], shards: Path
     cmd = [str(BIN / "launch"), "local", "--nproc", str(nproc), "pretrain", "train", "--config", str(config),
            f"run_dir={run_dir}", f"data.shards={shards}", "data.labels=[it1_km100]", *overrides]
     seconds = run(cmd, log)
-    (run_dir / "train_seconds.json").write_text(json.dumps({"seconds": seconds, "command": cmd}) + "\n")
+    atomic_write_json(run_dir / "train_seconds.json", {"seconds": seconds, "command": cmd})
     return run_dir
 
 
@@ -129,7 +131,7 @@ def layer_states(model, waves: list[np.ndarray]) -> list[list[np.ndarray]]:
 
     out = []
     with torch.no_grad():
-        for w in waves:
+        for w in tqdm(waves, desc="hidden states", unit="utt", leave=False):
             audio, lengths = torch.from_numpy(w)[None], torch.tensor([len(w)])
             states, _ = model.backbone.all_hidden_states(audio, lengths, front_end=True)
             out.append([t[0].float().numpy() for t in states])
@@ -181,7 +183,8 @@ class Evaluator:
         table: dict = {}
         # Entry 0, the front end's output, is the model's own input: a trained layer has to do
         # better than it for the gain to be the Transformer's.
-        for layer in range(0, model.cfg.encoder_layers + 1):
+        for layer in tqdm(range(0, model.cfg.encoder_layers + 1), desc=f"k-means of {checkpoint.name}",
+                          unit="layer"):
             name = f"layer{layer}" if layer else f"input_{model.cfg.frontend}"
             x = np.concatenate([u[layer] for u in train_states])
             table[name] = {}
@@ -346,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
               "heldout_hours": args.heldout_hours, "seed": args.seed, "data_seconds": t_data,
               "eval_seconds": t_eval, "run_dir": str(run_dir), "checkpoint": final["checkpoint"]}
     if not args.checkpoint:
-        (run_dir / "iteration_gain.json").write_text(json.dumps(record, indent=2) + "\n")
+        atomic_write_json(run_dir / "iteration_gain.json", record)
     print(json.dumps(record))
     return 0
 
