@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -342,6 +343,37 @@ STAGES += (
         run=_kmeans_quality_run,
         flags=(Flag("--shards", "shards", str, "shard directory"), Flag("--labels", "labels", str, "cluster label set"),
                Flag("--reference", "reference", str, "phone label set"), Flag("--out", "out", str, "report folder")),
+    ),
+)
+
+def _probe_schema() -> type:
+    from pretrain.config.probe import ProbeConfig
+
+    return ProbeConfig
+
+
+def _probe_run(cfg: Any, argv: list[str], progress: bool) -> int:
+    from pretrain.probe.run import probe
+
+    record = probe(cfg, progress=progress, argv=argv)
+    print((Path(cfg.out) / "probe.md").read_text(), end="")
+    print(f"wrote {cfg.out}/probe.json, probe.md, probe.png in {record['seconds']['total']:.1f} s")
+    return 0
+
+
+STAGES += (
+    Stage(
+        group="probe",
+        name=None,
+        help="frozen-feature probes (ABX, phone, speaker, PNMI) of every layer of a model on held-out "
+             "shards, next to MFCC, log-mel and the untrained model",
+        schema=_probe_schema,
+        run=_probe_run,
+        flags=(Flag("--checkpoint", "checkpoint", str, "model.pt, checkpoint folder or transformers folder"),
+               Flag("--eval-shards", "eval_shards", str, "evaluation shards"),
+               Flag("--out", "out", str, "output folder"),
+               Flag("--layers", "layers", str, "all or 1,3,5"),
+               Flag("--probes", "probes", str, "abx,phone,speaker,pnmi")),
     ),
 )
 

@@ -1,0 +1,213 @@
+"""Configuration of ``pretrain probe``: frozen-feature probes (ABX, phone, speaker, PNMI) of a
+model's layers on held-out evaluation shards, next to the MFCC, log-mel and untrained baselines."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from omegaconf import MISSING
+
+from pretrain.config.core import ConfigError
+
+PROBES = ("abx", "phone", "speaker", "pnmi")
+BASELINES = ("mfcc", "logmel", "untrained")
+
+
+def parse_list(value: str, allowed: tuple[str, ...], field_name: str) -> list[str]:
+    """``"a,b"`` -> ``["a", "b"]``; ``"all"`` -> every allowed name; ``"none"`` or empty -> []."""
+    value = value.strip()
+    if value == "all":
+        return list(allowed)
+    if value in ("", "none"):
+        return []
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    for name in names:
+        if name not in allowed:
+            raise ConfigError(f"unknown entry '{name}'; choose from {', '.join(allowed)}, all or none",
+                              field=field_name)
+    return names
+
+
+def parse_layers(value: str) -> list[int] | None:
+    """``all`` -> None (every layer); ``"1,3,5"`` -> [1, 3, 5]."""
+    value = str(value).strip()
+    if value == "all":
+        return None
+    try:
+        layers = sorted({int(v) for v in value.split(",") if v.strip()})
+    except ValueError:
+        raise ConfigError(f"must be 'all' or comma-separated layer numbers, got '{value}'", field="layers") from None
+    if not layers or layers[0] < 1:
+        raise ConfigError(f"layers are 1-based Transformer layers, got '{value}'", field="layers")
+    return layers
+
+
+@dataclass
+class AbxConfig:
+    max_per_group: int = 5
+    """At most this many items per (context, speaker, centre phone), a seeded choice: bounds the
+    number of DTW pairs so that a layer takes seconds."""
+
+    min_triplets: int = 100
+    """Fewer scorable (A, B, X) triplets than this is an error (the score would be noise)."""
+
+    seed: int = 0
+    """Seed of the item subsample."""
+
+    def validate(self) -> None:
+        if self.max_per_group < 2:
+            raise ConfigError(f"must be >= 2 (A and X are two items), got {self.max_per_group}",
+                              field="max_per_group")
+        if self.min_triplets < 1:
+            raise ConfigError(f"must be >= 1, got {self.min_triplets}", field="min_triplets")
+
+
+@dataclass
+class LinearProbeConfig:
+    lrs: list[float] = field(default_factory=lambda: [1e-2, 3e-2, 1e-1])
+    """Learning rates tried (Adam); the one with the best probe-dev score is reported on
+    probe-test. SUPERB's results swing by 10+ points with this choice, so it is swept."""
+
+    epochs: int = 20
+    """Passes over probe-train per learning rate."""
+
+    ctc_epochs: int = 4
+    """Passes of the CTC head over probe-train per learning rate. The head starts from the
+    frame classifier of the same learning rate (plus a blank class), so a few passes teach it
+    CTC's blank; from scratch it would need several times more (CTC is the probe suite's
+    costliest part on a CPU)."""
+
+    batch: int = 4096
+    """Frames (frame probe) or utterances x 64 (CTC, speaker) per update."""
+
+    seed: int = 0
+    """Seed of the probe's initialization and batch order."""
+
+    def validate(self) -> None:
+        if not self.lrs or any(not lr > 0 for lr in self.lrs):
+            raise ConfigError(f"needs at least one learning rate, all > 0, got {self.lrs}", field="lrs")
+        if self.epochs < 1 or self.batch < 1 or self.ctc_epochs < 0:
+            raise ConfigError("epochs and batch must be >= 1", field="epochs")
+
+
+@dataclass
+class ProbeConfig:
+    checkpoint: Optional[str] = None
+    """The model: a ``model.pt``, a training checkpoint folder (``.../checkpoints/step_N``, whose
+    manifest sha256 is checked), or a ``transformers`` HubertModel / WavLMModel folder (our
+    ``export hf`` output). Unset: only the baselines are probed."""
+
+    eval_shards: str = MISSING
+    """Held-out evaluation shards (``pretrain shards build``) with phone label sets
+    (``phones50``/``phones100``) and a ``speaker`` per utterance in the shard metadata."""
+
+    out: str = MISSING
+    """Output folder: ``probe.json``, ``probe.md``, ``probe.png``."""
+
+    layers: str = "all"
+    """Transformer layers to probe: ``all`` or ``1,3,5`` (1-based)."""
+
+    probes: str = "abx,phone,speaker,pnmi"
+    """Probes to run: any of abx, phone, speaker, pnmi (comma-separated), or ``all``."""
+
+    baselines: str = "mfcc,logmel,untrained"
+    """Baseline rows: MFCC-39, 80-bin log-mel and the checkpoint's architecture at random
+    initialization (``untrained``, needs a checkpoint); ``none`` for the model alone."""
+
+    weighted_sum: bool = True
+    """Also probe SUPERB's learned softmax-weighted sum of all probed layers (the weights are
+    learned by the frame phone probe and reused by ABX and PNMI)."""
+
+    reference: str = "auto"
+    """Phone label set: ``auto`` takes ``phones50``, else ``phones100`` (read at every other
+    frame), else runs no phone-based probe (with the reason in the output)."""
+
+    split_seed: int = 0
+    """Seed of the probe-train / probe-dev / probe-test split: within each speaker, utterances
+    ranked by ``sha256(f"{split_seed}:{key}")`` fill train, dev and test in that order by the
+    fractions below (see ``pretrain/probe/data.py``)."""
+
+    train_fraction: float = 0.6
+    """Share of utterances in probe-train."""
+
+    dev_fraction: float = 0.2
+    """Share of utterances in probe-dev (learning-rate selection); the rest is probe-test."""
+
+    max_utterances: Optional[int] = None
+    """Probe at most this many evaluation utterances (the first ones in shard order)."""
+
+    pnmi_k: int = 100
+    """Clusters of the per-layer k-means (fitted on probe-train frames, scored on probe-test)."""
+
+    untrained_seed: int = 0
+    """Seed of the untrained twin's random initialization."""
+
+    abx: AbxConfig = field(default_factory=AbxConfig)
+    """ABX discriminability (Libri-light / ZeroSpeech style)."""
+
+    phone: LinearProbeConfig = field(default_factory=LinearProbeConfig)
+    """Frame phone classifier and CTC phone recognizer (both linear)."""
+
+    speaker: LinearProbeConfig = field(default_factory=lambda: LinearProbeConfig(epochs=100))
+    """Speaker identification from mean-pooled utterance features (linear)."""
+
+    device: str = "auto"
+    """``auto`` (CUDA when present, bf16 autocast), ``cpu`` or ``cuda``: where features are computed."""
+
+    batch_samples: int = 1_600_000
+    """Utterances per forward, up to this many padded samples."""
+
+    threads: int = 0
+    """Torch, FAISS and numba threads (0: every core)."""
+
+    step: Optional[int] = None
+    """The training step of the checkpoint (recorded; the trainer sets it for ``probe.every``)."""
+
+    def validate(self) -> None:
+        parse_list(self.probes, PROBES, "probes")
+        parse_list(self.baselines, BASELINES, "baselines")
+        parse_layers(self.layers)
+        if not (0 < self.train_fraction < 1 and 0 < self.dev_fraction < 1
+                and self.train_fraction + self.dev_fraction < 1):
+            raise ConfigError("train_fraction and dev_fraction must be in (0, 1) and leave a test share",
+                              field="train_fraction")
+        if self.max_utterances is not None and self.max_utterances < 3:
+            raise ConfigError(f"must be >= 3, got {self.max_utterances}", field="max_utterances")
+        if self.pnmi_k < 2:
+            raise ConfigError(f"must be >= 2, got {self.pnmi_k}", field="pnmi_k")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"must be auto, cpu or cuda, got '{self.device}'", field="device")
+        if self.threads < 0:
+            raise ConfigError(f"must be >= 0, got {self.threads}", field="threads")
+        if "untrained" in parse_list(self.baselines, BASELINES, "baselines") and self.checkpoint is None:
+            raise ConfigError("the untrained baseline is the checkpoint's architecture: set checkpoint, "
+                              "or leave 'untrained' out of baselines", field="baselines")
+
+
+@dataclass
+class TrainProbeConfig:
+    """Probes of the checkpoints a training run saves (``probe.every``), without blocking it."""
+
+    every: int = 0
+    """Probe every checkpoint whose step is a multiple of this (0: never). Locally a background
+    process per checkpoint; under SLURM a job per checkpoint. Results land in
+    ``run_dir/probes/step_N/`` and are logged to the run's TensorBoard and wandb at step N."""
+
+    eval_shards: Optional[str] = None
+    """Evaluation shards (see ``pretrain probe``); required when ``every`` > 0."""
+
+    overrides: list[str] = field(default_factory=lambda: ["probes=abx,phone,speaker", "baselines=none"])
+    """``key=value`` settings of each ``pretrain probe`` run (defaults: no PNMI, no baselines,
+    to keep a probe quick)."""
+
+    threads: int = 1
+    """Threads of a local background probe (it shares the machine with training)."""
+
+    def validate(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"must be >= 0, got {self.every}", field="every")
+        if self.every and not self.eval_shards:
+            raise ConfigError("probe.every > 0 needs probe.eval_shards", field="eval_shards")
+        if self.threads < 0:
+            raise ConfigError(f"must be >= 0, got {self.threads}", field="threads")

@@ -1,0 +1,336 @@
+"""``pretrain probe``: every probe on every probed layer, next to the baselines.
+
+Flow: the evaluation set (``data.load_eval_set``: audio, speakers, 50 Hz phones, splits) ->
+rows of frozen features (``features``: the model's layers from one forward, the untrained twin,
+MFCC, log-mel) -> per row and layer: ABX (``abx``), frame phone accuracy and CTC PER, speaker
+accuracy (``linear``), PNMI of a k-means of the layer -> ``probe.json``, ``probe.md``,
+``probe.png`` in ``out``. A probe whose reference is missing is skipped with its reason (in
+the JSON, the table and the log); nothing else fails.
+
+The weighted-sum row (``weighted``) combines the probed layers with SUPERB's learned softmax
+weights: each linear probe learns its own; ABX and PNMI use the frame phone probe's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pretrain.config.probe import BASELINES, PROBES, ProbeConfig, parse_layers, parse_list
+from pretrain.utils import PretrainError, atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+METRICS = {  # name: (label, higher is better)
+    "abx_within": ("ABX within (%)", False),
+    "abx_across": ("ABX across (%)", False),
+    "phone_acc": ("phone acc (%)", True),
+    "per": ("PER (%)", False),
+    "speaker_acc": ("speaker acc (%)", True),
+    "pnmi": ("PNMI", True),
+}
+PROBE_METRICS = {"abx": ("abx_within", "abx_across"), "phone": ("phone_acc", "per"),
+                 "speaker": ("speaker_acc",), "pnmi": ("pnmi",)}
+
+
+def _threads(n: int) -> int:
+    import torch
+
+    n = n or os.cpu_count() or 1
+    torch.set_num_threads(n)
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(n)
+    except ImportError:
+        pass
+    import numba
+
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    return n
+
+
+class Prober:
+    """Runs the chosen probes on one representation (or a weighted sum of several)."""
+
+    def __init__(self, cfg: ProbeConfig, es, probes: list[str]):
+        from pretrain.probe.abx import build_items
+        from pretrain.probe.features import offsets_of
+
+        self.cfg, self.es, self.probes = cfg, es, probes
+        utts = es.utterances
+        self.offsets = offsets_of([u.audio for u in utts])
+        self.utt_split = [u.split for u in utts]
+        codes = {"train": 0, "dev": 1, "test": 2}
+        self.frame_split = np.repeat([codes[s] for s in self.utt_split], np.diff(self.offsets))
+        self.phones = np.concatenate([u.phones for u in utts]) if es.reference else None
+        self.items = None
+        self.seconds: dict[str, float] = {}
+        if "abx" in probes:
+            speakers = {s: i for i, s in enumerate(es.speakers)}
+            self.items = build_items([u.phones for u in utts], self.offsets, [speakers[u.speaker] for u in utts],
+                                     es.silence, cfg.abx.max_per_group, cfg.abx.seed)
+
+    def _timed(self, name, fn, *args, **kwargs):
+        t = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+        return out
+
+    def layer(self, layers: list[np.ndarray]) -> dict:
+        """Every probe on one representation (``layers`` of one entry) or on the weighted sum of
+        several (the frame probe's weights then define the sum ABX and PNMI see)."""
+        from pretrain.probe import linear
+
+        cfg, es, out = self.cfg, self.es, {}
+        combined = layers[0]
+        if "phone" in self.probes:
+            pc = cfg.phone
+            res = self._timed("phone", linear.frame_probe, layers, self.phones, self.frame_split, es.num_phones,
+                              pc.lrs, pc.epochs, pc.batch, pc.seed)
+            head, heads = res.pop("_head"), res.pop("_heads")
+            out.update(res)
+            out.update(self._timed("ctc", linear.ctc_probe, layers, self.offsets,
+                                   [u.phones for u in es.utterances], self.utt_split, es.num_phones, es.silence,
+                                   pc.lrs, pc.ctc_epochs, pc.batch, pc.seed, init=heads))
+            if len(layers) > 1:
+                w = head.layer_weights()
+                train_rows = self.frame_split == 0
+                combined = sum(wi * linear.Standardizer.fit(x[train_rows])(x) for wi, x in zip(w, layers))
+        elif len(layers) > 1:
+            raise PretrainError("the weighted sum needs the phone probe (its weights come from it)")
+        if "speaker" in self.probes:
+            sc = cfg.speaker
+            out.update(self._timed("speaker", linear.speaker_probe, layers, self.offsets,
+                                   [u.speaker for u in es.utterances], self.utt_split, sc.lrs, sc.epochs, sc.seed))
+        if "abx" in self.probes:
+            from pretrain.probe.abx import abx_errors
+
+            out.update(self._timed("abx", abx_errors, combined, self.items, cfg.abx.min_triplets))
+        if "pnmi" in self.probes:
+            out.update(self._timed("pnmi", self._pnmi, combined))
+        return out
+
+    def _pnmi(self, x: np.ndarray) -> dict:
+        from pretrain.cluster.kmeans import assign, kmeans
+        from pretrain.cluster.quality import scores
+
+        train, test = self.frame_split == 0, self.frame_split == 2
+        k = self.cfg.pnmi_k
+        centroids, _ = kmeans(np.ascontiguousarray(x[train], dtype=np.float32), k, seed=self.cfg.split_seed)
+        z, _ = assign(np.ascontiguousarray(x[test], dtype=np.float32), centroids)
+        counts = np.zeros((self.es.num_phones, k), dtype=np.int64)
+        np.add.at(counts, (self.phones[test], z), 1)
+        s = scores(counts)
+        return {"pnmi": s["pnmi"], "pnmi_k": k, "pnmi_frames": s["frames"]}
+
+
+def probe(cfg: ProbeConfig, progress: bool = True, argv: list[str] | None = None) -> dict:
+    from pretrain.config import write_run_record
+    from pretrain.features.extract import resolve_device
+    from pretrain.probe.data import load_eval_set
+    from pretrain.probe.features import ModelSource, Row, logmel_row, mfcc_row
+
+    started = time.perf_counter()
+    threads = _threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_run_record(out, cfg, argv)
+    probes = parse_list(cfg.probes, PROBES, "probes")
+    baselines = parse_list(cfg.baselines, BASELINES, "baselines")
+    wanted_layers = parse_layers(cfg.layers)
+
+    source = None
+    if cfg.checkpoint is not None:
+        source = ModelSource(cfg.checkpoint, resolve_device(cfg.device))
+        if wanted_layers and wanted_layers[-1] > source.num_layers:
+            raise PretrainError(f"layer {wanted_layers[-1]} is out of range: {cfg.checkpoint} has "
+                                f"{source.num_layers} Transformer layers (layers are 1-based)")
+    layers = wanted_layers or (list(range(1, source.num_layers + 1)) if source else [])
+
+    t = time.perf_counter()
+    es = load_eval_set(cfg.eval_shards, cfg.reference, cfg.split_seed, cfg.train_fraction, cfg.dev_fraction,
+                       cfg.max_utterances)
+    load_seconds = time.perf_counter() - t
+    skipped = {p: es.skipped[p] for p in probes if p in es.skipped}
+    if "abx" in probes and "abx" not in skipped and len(es.speakers) < 2:
+        log.warning("ABX across speakers needs two speakers; %s has one", cfg.eval_shards)
+    for p, reason in skipped.items():
+        log.warning("probe %s skipped: %s", p, reason)
+    run_probes = [p for p in probes if p not in skipped]
+    prober = Prober(cfg, es, run_probes)
+
+    waves = [u.audio for u in es.utterances]
+    rows: list[Row] = []
+    t = time.perf_counter()
+    if "mfcc" in baselines:
+        rows.append(mfcc_row(waves))
+    if "logmel" in baselines:
+        rows.append(logmel_row(waves))
+    if source is not None:
+        rows.append(Row("model", "model", source.layers(waves, layers, cfg.batch_samples, progress, "model forward"),
+                        source.describe()))
+        if "untrained" in baselines:
+            twin = source.untrained(cfg.untrained_seed)
+            rows.append(Row("untrained", "baseline",
+                            twin.layers(waves, layers, cfg.batch_samples, progress, "untrained forward"),
+                            f"the same architecture at random initialization (seed {cfg.untrained_seed})"))
+    feature_seconds = time.perf_counter() - t
+
+    from tqdm import tqdm
+
+    results: dict = {}
+    todo = [(row, layer) for row in rows for layer in row.layers]
+    weighted = cfg.weighted_sum and "phone" in run_probes
+    todo += [(row, "weighted") for row in rows if weighted and len(row.layers) > 1]
+    with tqdm(total=len(todo), desc="probes", unit="layer", disable=not progress) as bar:
+        for row, layer in todo:
+            entry = results.setdefault(row.name, {"kind": row.kind, "description": row.description, "layers": {}})
+            reps = list(row.layers.values()) if layer == "weighted" else [row.layers[layer]]
+            entry["layers"][str(layer)] = prober.layer(reps) if run_probes else {}
+            bar.set_postfix_str(f"{row.name} {layer}")
+            bar.update()
+
+    record = {
+        "format_version": FORMAT_VERSION,
+        "checkpoint": None if cfg.checkpoint is None else str(Path(cfg.checkpoint).resolve()),
+        "checkpoint_sha256": source.sha256 if source else None,
+        "model": source.describe() if source else None,
+        "step": cfg.step,
+        "eval": es.describe(),
+        "probes": probes,
+        "skipped": skipped,
+        "settings": {"split_seed": cfg.split_seed, "train_fraction": cfg.train_fraction,
+                     "dev_fraction": cfg.dev_fraction, "abx": vars(cfg.abx), "phone": vars(cfg.phone),
+                     "speaker": vars(cfg.speaker), "pnmi_k": cfg.pnmi_k, "untrained_seed": cfg.untrained_seed,
+                     "threads": threads},
+        "rows": results,
+        "best": best_layers(results),
+        "seconds": {"total": round(time.perf_counter() - started, 2), "load": round(load_seconds, 2),
+                    "features": round(feature_seconds, 2),
+                    **{k: round(v, 2) for k, v in prober.seconds.items()}},
+    }
+    atomic_write_text(out / "probe.md", markdown(record))
+    plot(record, out / "probe.png")
+    atomic_write_json(out / "probe.json", record)  # last: its presence marks a finished probe run
+    return record
+
+
+def best_layers(results: dict) -> dict:
+    """Per row with several layers, per metric: the best single layer and its value."""
+    best: dict = {}
+    for name, row in results.items():
+        numbered = {k: v for k, v in row["layers"].items() if k.isdigit()}
+        if not numbered:
+            continue
+        for metric, (_, higher) in METRICS.items():
+            have = {k: v[metric] for k, v in numbered.items() if v.get(metric) is not None}
+            if have:
+                k = (max if higher else min)(have, key=have.get)
+                best.setdefault(name, {})[metric] = {"layer": int(k), "value": have[k]}
+    return best
+
+
+def _fmt(v, metric: str) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.3f}" if metric == "pnmi" else f"{v:.1f}"
+
+
+def table_rows(record: dict) -> list[tuple[str, dict]]:
+    out = []
+    for name, row in record["rows"].items():
+        for layer, values in row["layers"].items():
+            label = name if layer == "0" else (f"{name} weighted sum" if layer == "weighted" else f"{name} layer {layer}")
+            out.append((label, values))
+    return out
+
+
+def markdown(record: dict) -> str:
+    metrics = [m for p in record["probes"] if p not in record["skipped"] for m in PROBE_METRICS[p]]
+    ev = record["eval"]
+    lines = [f"# Probes{' of ' + record['checkpoint'] if record['checkpoint'] else ''}", "",
+             f"Evaluation set {ev['shards']}: {ev['utterances']} utterances ({ev['seconds']:.0f} s, "
+             f"{ev['speakers']} speakers), splits train/dev/test {ev['splits']['train']}/{ev['splits']['dev']}/"
+             f"{ev['splits']['test']}, reference {ev['reference']}. Lower is better for ABX and PER.", ""]
+    if metrics:
+        lines += ["| features | " + " | ".join(METRICS[m][0] for m in metrics) + " |",
+                  "|---|" + "---|" * len(metrics)]
+        for label, values in table_rows(record):
+            lines.append(f"| {label} | " + " | ".join(_fmt(values.get(m), m) for m in metrics) + " |")
+    for p, reason in record["skipped"].items():
+        lines.append(f"- probe `{p}` skipped: {reason}")
+    weights = record["rows"].get("model", {}).get("layers", {}).get("weighted", {}).get("layer_weights")
+    if weights:
+        lines += ["", "Weighted sum, learned layer weights (frame phone probe): "
+                  + ", ".join(f"layer {i}: {w:.2f}" for i, w in enumerate(weights, 1))]
+    lines += ["", f"Probe time {record['seconds']['total']:.1f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(record: dict, path: Path) -> None:
+    """One panel per metric: the model's (and untrained twin's) curve over layers, baselines as
+    horizontal lines, the weighted sum as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for p in record["probes"] if p not in record["skipped"] for m in PROBE_METRICS[p]]
+    if not metrics:
+        return
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 3.2), squeeze=False)
+    colors = {"model": "C0", "untrained": "C1", "mfcc": "k", "logmel": "grey"}
+    for ax, metric in zip(axes[0], metrics):
+        for name, row in record["rows"].items():
+            color = colors.get(name, None)
+            numbered = sorted((int(k), v.get(metric)) for k, v in row["layers"].items() if k.isdigit())
+            if len(numbered) == 1 and numbered[0][0] == 0:
+                if numbered[0][1] is not None:
+                    ax.axhline(numbered[0][1], color=color, ls=":", label=name)
+                continue
+            xs = [k for k, v in numbered if v is not None]
+            ax.plot(xs, [v for _, v in numbered if v is not None], marker="o", ms=3, color=color, label=name)
+            wsum = row["layers"].get("weighted", {}).get(metric)
+            if wsum is not None:
+                ax.axhline(wsum, color=color, ls="--", lw=0.8, label=f"{name} weighted sum")
+        ax.set_title(METRICS[metric][0] + (" ↑" if METRICS[metric][1] else " ↓"), fontsize=9)
+        ax.set_xlabel("layer")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def probe_metrics_flat(record: dict) -> dict[str, float]:
+    """Scalars for dashboards: ``probe/<row>/<layer>/<metric>`` plus ``probe/best/<metric>``."""
+    flat = {}
+    for name, row in record["rows"].items():
+        for layer, values in row["layers"].items():
+            for metric in METRICS:
+                if values.get(metric) is not None:
+                    flat[f"probe/{name}/{layer}/{metric}"] = float(values[metric])
+    for metric, b in record["best"].get("model", {}).items():
+        flat[f"probe/best/{metric}"] = float(b["value"])
+        flat[f"probe/best_layer/{metric}"] = float(b["layer"])
+    return flat
+
+
+def read_probe(path: str | Path) -> dict:
+    p = Path(path)
+    p = p / "probe.json" if p.is_dir() else p
+    if not p.is_file():
+        raise PretrainError(f"no probe results at {p}")
+    record = json.loads(p.read_text())
+    if record.get("format_version") != FORMAT_VERSION:
+        raise PretrainError(f"{p}: format_version {record.get('format_version')} is not {FORMAT_VERSION}")
+    return record
