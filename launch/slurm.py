@@ -27,7 +27,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -41,7 +41,7 @@ TEMPLATES = Path(__file__).resolve().parents[1] / "slurm"
 # Stages that split their shards over the tasks of an array job (task/num_tasks from
 # SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT, pretrain.features.extract.task_split).
 ARRAY_STAGES = {"features mfcc", "features model", "kmeans assign"}
-SINGLE_STAGES = {"kmeans fit", "kmeans quality", "export hf", "shards verify"}
+SINGLE_STAGES = {"kmeans fit", "kmeans quality", "export hf", "shards verify", "probe"}
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 
@@ -57,6 +57,9 @@ class Job:
     record: dict
     config_path: Path
     """Where the config snapshot the job runs is written."""
+    extra_files: dict = field(default_factory=dict)
+    """More files the job needs (path -> text): a training job's profile snapshot, with which
+    it submits its probe jobs (``probe.every``)."""
 
     @property
     def script_path(self) -> Path:
@@ -163,6 +166,13 @@ def _render(kind: str, name: str, command_argv: list[str], config_yaml: str, fol
     python = profile.python or sys.executable
     words = [python, "-m", "pretrain.cli", *command_argv, "--no-progress"]
     setup = "\n".join(profile.setup)
+    extra = {}
+    if kind == "train":
+        # A training run submits a probe job per probed checkpoint (probe.every) with the
+        # profile it was launched with.
+        profile_path = folder / f"{tag}.profile.yaml"
+        extra[profile_path] = to_yaml(profile)
+        setup = f"export PRETRAIN_SLURM_PROFILE={shlex.quote(str(profile_path))}\n{setup}"
     common = {"job_name": f"pretrain-{name.split()[-1]}", "setup": setup,
               "command": " ".join(shlex.quote(w) for w in words), "signal_seconds": profile.signal_seconds,
               "profile_directives": "\n".join(_directives(profile, kind == "train"))}
@@ -188,7 +198,7 @@ def _render(kind: str, name: str, command_argv: list[str], config_yaml: str, fol
               "pretrain_version": __version__, "git_commit": _git_commit(),
               "profile": {k: v for k, v in vars(profile).items()}, "shape": shape,
               "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    return Job(name, tag, folder, script, config_yaml, record, config_path or folder / f"{tag}.config.yaml")
+    return Job(name, tag, folder, script, config_yaml, record, config_path or folder / f"{tag}.config.yaml", extra)
 
 
 def submit(job: Job, after: Sequence[str] = ()) -> str:
@@ -196,6 +206,8 @@ def submit(job: Job, after: Sequence[str] = ()) -> str:
     the job id."""
     job.job_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(job.config_path, job.config_yaml)
+    for path, text in job.extra_files.items():
+        atomic_write_text(path, text)
     atomic_write_text(job.script_path, job.script)
     cmd = ["sbatch", "--parsable"]
     if after:

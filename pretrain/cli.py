@@ -243,7 +243,17 @@ def _features_run(cfg: Any, argv: list[str], progress: bool) -> int:
     from pretrain.features.extract import FeatureSpec
     from pretrain.features.sample import dump_features
 
-    spec = FeatureSpec.model(cfg.checkpoint, cfg.layer) if hasattr(cfg, "checkpoint") else FeatureSpec.mfcc()
+    if hasattr(cfg, "checkpoint"):
+        layer = cfg.layer
+        if cfg.layer_from is not None:
+            from pretrain.probe.run import chosen_layer
+
+            layer = chosen_layer(cfg.layer_from, cfg.layer_metric)
+            logging.getLogger("pretrain").info("layer %d: the best on %s in %s", layer, cfg.layer_metric,
+                                               cfg.layer_from)
+        spec = FeatureSpec.model(cfg.checkpoint, layer)
+    else:
+        spec = FeatureSpec.mfcc()
     write_run_record(cfg.out, cfg, argv)
     meta = dump_features(cfg, spec, progress=progress)
     if meta is None:

@@ -10,7 +10,12 @@ live under ``run_dir``::
     it<i>.labels  kmeans assign       -> SHARDS/labels/it<i>_km<k>
     it<i>.quality kmeans quality      -> run_dir/it<i>/quality     (when phone references exist)
     it<i>.train   train               -> run_dir/it<i>/train
+    it<i>.probe   probe               -> run_dir/it<i>/probe       (with eval: held-out probes)
     export        export hf           -> run_dir/hf
+
+With ``eval``, ``eval.corpus`` and ``eval.shards`` make the held-out evaluation shards (or
+``eval.shards`` names existing ones), and ``layer: auto`` makes ``it<i>.features`` read the
+layer from ``it<i-1>.probe``'s ``probe.json`` when it runs.
 
 Bookkeeping, in ``run_dir/stages/<name>.json``: a stage's *fingerprint* is the sha256 of its
 resolved config and of its upstream stages' fingerprints. The record is written when the stage
@@ -114,7 +119,9 @@ def plan(cfg: IterateConfig) -> list[PlannedStage]:
                                               "--per-shard", str(cfg.corpus.per_shard), "--jobs", jobs],
                                    [shards], shards / "manifest.json", [s.name for s in stages]))
     base = [s.name for s in stages if s.name == "shards"]
+    eval_shards, eval_up = _eval_stages(cfg, run, stages, jobs)
     previous_train: PlannedStage | None = None
+    previous_probe: PlannedStage | None = None
     for i, it in enumerate(cfg.iterations, start=1):
         d = run / f"it{i}"
         name = label_name(i, it.k)
@@ -125,10 +132,15 @@ def plan(cfg: IterateConfig) -> list[PlannedStage]:
                                     d / "features" / "meta.json", base, array=True)
         else:
             checkpoint = run / f"it{i - 1}" / "train" / "checkpoints" / f"step_{cfg.iterations[i - 2].max_steps}"
+            if it.layer == "auto":  # the layer the previous iteration's probes rank best
+                layer = [f"layer_from={run / f'it{i - 1}' / 'probe' / 'probe.json'}",
+                         f"layer_metric={cfg.eval.probe_metric}"]
+                up = [*base, previous_train.name, previous_probe.name]
+            else:
+                layer, up = ["--layer", it.layer], [*base, previous_train.name]
             features = PlannedStage(f"it{i}.features", ["features", "model", "--checkpoint", str(checkpoint),
-                                                        "--layer", str(it.layer), *sample],
-                                    [d / "features"], d / "features" / "meta.json", [*base, previous_train.name],
-                                    array=True)
+                                                        *sample, *layer],
+                                    [d / "features"], d / "features" / "meta.json", up, array=True)
         kmeans = PlannedStage(f"it{i}.kmeans", ["kmeans", "fit", "--features", str(d / "features"), "--out",
                                                 str(d / "kmeans"), "--k", str(it.k), "--seed", str(it.kmeans_seed)],
                               [d / "kmeans"], d / "kmeans" / "centroids.npy", [features.name])
@@ -151,6 +163,15 @@ def plan(cfg: IterateConfig) -> list[PlannedStage]:
                                       d / "train" / "checkpoints" / "latest", [labels.name], train=True,
                                       done_check=f"step_{it.max_steps}")
         stages.append(previous_train)
+        if eval_shards is not None:
+            # Baselines (MFCC, log-mel, the untrained twin) once, with the first iteration.
+            baselines = "mfcc,logmel,untrained" if i == 1 else "none"
+            previous_probe = PlannedStage(
+                f"it{i}.probe", ["probe", "--checkpoint", str(d / "train" / "checkpoints" / f"step_{it.max_steps}"),
+                                 "--eval-shards", str(eval_shards), "--out", str(d / "probe"),
+                                 "--probes", cfg.eval.probes, f"baselines={baselines}", *cfg.eval.probe_overrides],
+                [d / "probe"], d / "probe" / "probe.json", [previous_train.name, *eval_up])
+            stages.append(previous_probe)
     if cfg.export:
         last = run / f"it{len(cfg.iterations)}" / "train" / "checkpoints" / f"step_{cfg.iterations[-1].max_steps}"
         stages.append(PlannedStage("export", ["export", "hf", str(last), str(run / "hf")], [run / "hf"],
@@ -163,6 +184,25 @@ def plan(cfg: IterateConfig) -> list[PlannedStage]:
                             f"'{previous_train.config['model']['frontend']}', which transformers' HubertModel "
                             "cannot take; set export=false (the checkpoints still work with pretrain)")
     return stages
+
+
+def _eval_stages(cfg: IterateConfig, run: Path, stages: list[PlannedStage], jobs: str) -> tuple[Path | None, list]:
+    """The held-out evaluation corpus and shards the probes run on (``eval``)."""
+    if cfg.eval.shards is not None:
+        return Path(cfg.eval.shards).resolve(), []
+    if cfg.eval.synth_hours is None:
+        return None, []
+    d = run / "eval"
+    seed = cfg.corpus.synth_seed + cfg.eval.synth_seed_offset
+    corpus = PlannedStage("eval.corpus", ["corpus", "synth", "--out", str(d / "corpus"), "--hours",
+                                          str(cfg.eval.synth_hours), "--seed", str(seed),
+                                          f"max_clauses={cfg.corpus.synth_max_clauses}", "--jobs", jobs],
+                          [d / "corpus"], d / "corpus" / "corpus.json", [])
+    shards = PlannedStage("eval.shards", ["shards", "build", "--input", str(d / "corpus"), "--out", str(d / "shards"),
+                                          "--per-shard", str(cfg.corpus.per_shard), "--jobs", jobs],
+                          [d / "shards"], d / "shards" / "manifest.json", [corpus.name])
+    stages += [corpus, shards]
+    return d / "shards", [shards.name]
 
 
 def _fingerprint(stages: list[PlannedStage]) -> None:
@@ -182,7 +222,9 @@ def _fingerprint(stages: list[PlannedStage]) -> None:
         for key in ("jobs", "device", "batch_samples", "task", "num_tasks", "overwrite"):
             stage.config.pop(key, None)
         if stage.train:
+            # Logging and the probes of saved checkpoints do not change the trained model.
             stage.config.pop("log", None)
+            stage.config.pop("probe", None)
         h = hashlib.sha256(json.dumps(stage.config, sort_keys=True).encode())
         for up in stage.upstream:
             h.update(prints[up].encode())

@@ -75,6 +75,18 @@ def _bars(path: Path, groups: list[str], values: dict[str, list[float]], ylabel:
     plt.close(fig)
 
 
+def _layer(run: Path, i: int, it) -> str:
+    """The layer iteration ``i`` clustered; for ``layer: auto``, the one its features recorded."""
+    if it.layer != "auto":
+        return str(it.layer)
+    meta = run / f"it{i}" / "features" / "meta.json"
+    if meta.is_file():
+        spec = json.loads(meta.read_text()).get("plan", {}).get("spec", {})
+        if spec.get("layer") is not None:
+            return f"{spec['layer']} (auto)"
+    return "auto"
+
+
 def write_report(cfg, stages) -> Path:
     """Write ``run_dir/report.md`` and its plots; returns the report's path."""
     run = Path(cfg.run_dir)
@@ -112,7 +124,7 @@ def write_report(cfg, stages) -> Path:
                   "| iteration | features | k | reference | frames | PNMI | phone purity | cluster purity "
                   "| usage perplexity | empty clusters |", "|---|---|---|---|---|---|---|---|---|---|"]
         for i, it, q in quality:
-            feats = "MFCC" if it.features == "mfcc" else f"it{i - 1} layer {it.layer}"
+            feats = "MFCC" if it.features == "mfcc" else f"it{i - 1} layer {_layer(run, i, it)}"
             lines.append(f"| {i} | {feats} | {it.k} | {q['reference']} | {q['frames']} | {q['pnmi']:.3f} | "
                          f"{q['phone_purity']:.3f} | {q['cluster_purity']:.3f} | {q['usage_perplexity']:.1f} | "
                          f"{q['empty_clusters']} |")
@@ -124,7 +136,7 @@ def write_report(cfg, stages) -> Path:
         for i, it, q in quality:
             if it.features == "model" and mfcc is not None:
                 verdict = "beat" if q["pnmi"] > mfcc["pnmi"] else "did **not** beat"
-                lines.append(f"- Iteration {i}'s labels (layer {it.layer}, k={it.k}) {verdict} the MFCC labels "
+                lines.append(f"- Iteration {i}'s labels (layer {_layer(run, i, it)}, k={it.k}) {verdict} the MFCC labels "
                              f"(k={cfg.iterations[0].k}) on PNMI: {q['pnmi']:.3f} vs {mfcc['pnmi']:.3f}.")
         lines += ["", "Label usage per iteration: "
                   + ", ".join(f"[it{i}](it{i}/quality/usage.png)" for i, _, _ in quality)
@@ -132,6 +144,8 @@ def write_report(cfg, stages) -> Path:
                   + ", ".join(f"[it{i}](it{i}/quality/cooccurrence.png)" for i, _, _ in quality) + "."]
     else:
         lines.append("No phone reference (the corpus has no alignments), so no label-quality figures.")
+
+    lines += _probe_section(cfg, run, out)
 
     # ---- training
     lines += ["", "## Training per iteration", "",
@@ -157,3 +171,87 @@ def write_report(cfg, stages) -> Path:
     path = run / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def _probe_section(cfg, run: Path, out: Path) -> list[str]:
+    """The held-out probes of every iteration's model next to the baselines: best single layer
+    and the learned weighted sum per probe, and every layer in one plot."""
+    from pretrain.probe.run import METRICS, PROBE_METRICS
+
+    records = []
+    for i in range(1, len(cfg.iterations) + 1):
+        path = run / f"it{i}" / "probe" / "probe.json"
+        if path.is_file():
+            records.append((i, json.loads(path.read_text())))
+    if not records:
+        return []
+    first = records[0][1]
+    metrics = [m for p in first["probes"] if p not in first["skipped"] for m in PROBE_METRICS[p]]
+    ev = first["eval"]
+    lines = ["", "## Probes on held-out speech", "",
+             f"`pretrain probe` on {ev['utterances']} held-out utterances ({ev['seconds']:.0f} s, "
+             f"{ev['speakers']} speakers; splits train/dev/test {ev['splits']['train']}/{ev['splits']['dev']}/"
+             f"{ev['splits']['test']}), frozen features, linear probes with a learning-rate sweep selected on "
+             "probe-dev. Per row: the best single layer (its number in brackets) and SUPERB's learned weighted "
+             "sum of all layers. Lower is better for ABX and PER.", ""]
+    for p, reason in first["skipped"].items():
+        lines.append(f"- probe `{p}` skipped: {reason}")
+    if not metrics:
+        return lines
+    lines += ["| features | " + " | ".join(METRICS[m][0] for m in metrics) + " |", "|---|" + "---|" * len(metrics)]
+
+    def cell(row: dict, metric: str, layer: str | None = None) -> str:
+        layers = row["layers"]
+        if layer is not None:
+            v = layers.get(layer, {}).get(metric)
+            return "–" if v is None else (f"{v:.3f}" if metric == "pnmi" else f"{v:.1f}")
+        have = {k: v[metric] for k, v in layers.items() if k.isdigit() and v.get(metric) is not None}
+        if not have:
+            return "–"
+        k = (max if METRICS[metric][1] else min)(have, key=have.get)
+        v = have[k]
+        text = f"{v:.3f}" if metric == "pnmi" else f"{v:.1f}"
+        return text if k == "0" else f"{text} ({k})"
+
+    table = [(label, row) for name, label in (("mfcc", "MFCC-39"), ("logmel", "log-mel 80"), ("untrained", "untrained"))
+             for row in [first["rows"].get(name)] if row]
+    table += [(f"it{i}", r["rows"]["model"]) for i, r in records if "model" in r["rows"]]
+    for label, row in table:
+        lines.append(f"| {label} | " + " | ".join(cell(row, m) for m in metrics) + " |")
+        if "weighted" in row["layers"]:
+            lines.append(f"| {label} weighted sum | " + " | ".join(cell(row, m, "weighted") for m in metrics) + " |")
+    _probe_plot(out / "probes.png", records, metrics)
+    lines += ["", "![probes per layer](report/probes.png)", "",
+              "Per iteration: " + ", ".join(f"[it{i}](it{i}/probe/probe.md)" for i, _ in records) + "."]
+    return lines
+
+
+def _probe_plot(path: Path, records: list, metrics: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pretrain.probe.run import METRICS
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 3.2), squeeze=False)
+    first = records[0][1]
+    for ax, metric in zip(axes[0], metrics):
+        curves = [(f"it{i}", r["rows"]["model"]) for i, r in records if "model" in r["rows"]]
+        if "untrained" in first["rows"]:
+            curves.insert(0, ("untrained", first["rows"]["untrained"]))
+        for label, row in curves:
+            pts = sorted((int(k), v[metric]) for k, v in row["layers"].items()
+                         if k.isdigit() and v.get(metric) is not None)
+            ax.plot([p for p, _ in pts], [v for _, v in pts], marker="o", ms=3, label=label)
+        for name, style in (("mfcc", "k:"), ("logmel", "C7:")):
+            v = first["rows"].get(name, {}).get("layers", {}).get("0", {}).get(metric)
+            if v is not None:
+                ax.axhline(v, color=style[:-1], ls=":", label=name)
+        ax.set_title(METRICS[metric][0] + (" ↑" if METRICS[metric][1] else " ↓"), fontsize=9)
+        ax.set_xlabel("layer")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -16,24 +16,27 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 REPO = Path(__file__).resolve().parents[1]
 
 
-def OVERRIDES(run: Path, corpus: Path) -> list[str]:
+def OVERRIDES(run: Path, corpus: Path, eval_shards: Path) -> list[str]:
     return [f"run_dir={run}", "corpus.synth_hours=null", f"corpus.input={corpus}", "corpus.per_shard=2",
             "iterations.0.k=20", "iterations.0.max_steps=4", "iterations.1.k=30", "iterations.1.max_steps=4",
-            "train_overrides=[log.every=1,checkpoint.every=2,data.max_tokens=40000,optim.warmup_steps=1]"]
+            "train_overrides=[log.every=1,checkpoint.every=2,data.max_tokens=40000,optim.warmup_steps=1]",
+            "eval.synth_hours=null", f"eval.shards={eval_shards}",
+            "eval.probe_overrides=[phone.epochs=4,phone.ctc_epochs=1,speaker.epochs=20,pnmi_k=20]"]
 
 
-def iterate(run: Path, corpus: Path, *overrides: str, fault: dict | None = None) -> subprocess.CompletedProcess:
+def iterate(run: Path, corpus: Path, eval_shards: Path, *overrides: str,
+            fault: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}
     env.pop("PRETRAIN_FAULT", None)
     if fault:
         env["PRETRAIN_FAULT"] = json.dumps(fault)
         env["PRETRAIN_FAULT_STAGE"] = "it2.train"
     cmd = [sys.executable, "-m", "pretrain.cli", "iterate", "--config", str(REPO / "configs/demo.yaml"),
-           *OVERRIDES(run, corpus), *overrides]
+           *OVERRIDES(run, corpus, eval_shards), *overrides]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
 
 
-def test_two_iterations_rerun_interruption_and_invalidation(tiny_corpus, tmp_path, caplog):
+def test_two_iterations_rerun_interruption_and_invalidation(tiny_corpus, small_shards, tmp_path, caplog):
     import numpy as np
     import transformers
 
@@ -44,14 +47,14 @@ def test_two_iterations_rerun_interruption_and_invalidation(tiny_corpus, tmp_pat
 
     run = tmp_path / "run"
     # First attempt: rank 1 is killed in the middle of iteration 2's training.
-    first = iterate(run, tiny_corpus, fault={"kill_at": 3, "rank": 1})
+    first = iterate(run, tiny_corpus, small_shards, fault={"kill_at": 3, "rank": 1})
     assert first.returncode != 0
     assert "stage it2.train failed" in first.stderr, first.stderr[-3000:]
     assert (run / "it2/train/checkpoints/latest").read_text().strip() == "step_2"
     # Second attempt resumes it: the finished stages are skipped, training continues at step 2.
-    second = iterate(run, tiny_corpus)
+    second = iterate(run, tiny_corpus, small_shards)
     assert second.returncode == 0, second.stderr[-4000:]
-    assert "2 stages run (it2.train, export), 10 skipped" in second.stdout
+    assert "3 stages run (it2.train, it2.probe, export), 11 skipped" in second.stdout
     assert "resumed from step 2" in second.stderr
     steps = [json.loads(line)["step"] for line in (run / "it2/train/metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
@@ -69,19 +72,29 @@ def test_two_iterations_rerun_interruption_and_invalidation(tiny_corpus, tmp_pat
         assert 0 < quality["pnmi"] < 1
         model = load_model(run / f"it{i}/train/checkpoints/step_4")
         assert [s.name for s in model.labels] == [f"it{i}_km{k}"]
-    assert json.loads((run / "it2/features/meta.json").read_text())["spec"]["layer"] == 2
+    # layer: auto (the demo's) clustered the layer iteration 1's held-out phone probe ranked best.
+    from pretrain.probe.run import chosen_layer
+
+    probe1 = json.loads((run / "it1/probe/probe.json").read_text())
+    assert set(probe1["rows"]) == {"mfcc", "logmel", "untrained", "model"}
+    assert set(json.loads((run / "it2/probe/probe.json").read_text())["rows"]) == {"model"}
+    assert json.loads((run / "it2/features/meta.json").read_text())["spec"]["layer"] == \
+        chosen_layer(run / "it1/probe/probe.json", "phone_acc")
     hf = transformers.HubertModel.from_pretrained(run / "hf")
     assert hf.config.num_hidden_layers == 2
     report = (run / "report.md").read_text()
-    for png in ("stages", "quality", "loss", "accuracy"):
+    for png in ("stages", "quality", "loss", "accuracy", "probes"):
         assert f"report/{png}.png" in report and (run / "report" / f"{png}.png").stat().st_size > 1000
     assert "PNMI" in report and "on PNMI:" in report
+    assert "## Probes on held-out speech" in report
+    for row in ("| MFCC-39 |", "| log-mel 80 |", "| untrained |", "| it1 |", "| it2 |", "| it2 weighted sum |"):
+        assert row in report, report
     records = {p.stem: json.loads(p.read_text()) for p in (run / "stages").glob("*.json")}
-    assert len(records) == 12 and len(records["it2.train"]["attempts"]) == 2
+    assert len(records) == 14 and len(records["it2.train"]["attempts"]) == 2
 
     # A rerun does no work.
     mtimes = {p: p.stat().st_mtime_ns for p in (run / "stages").glob("*.json")}
-    third = iterate(run, tiny_corpus)
+    third = iterate(run, tiny_corpus, small_shards)
     assert third.returncode == 0 and "0 stages run" in third.stdout
     assert {p: p.stat().st_mtime_ns for p in (run / "stages").glob("*.json")} == mtimes
 
@@ -93,11 +106,12 @@ def test_two_iterations_rerun_interruption_and_invalidation(tiny_corpus, tmp_pat
     from pretrain.config.iterate import IterateConfig
     from pretrain.iterate import invalidate_changed, plan, status
 
-    changed = load_config(IterateConfig, [REPO / "configs/demo.yaml"], [*OVERRIDES(run, tiny_corpus), "iterations.1.k=25"])
+    changed = load_config(IterateConfig, [REPO / "configs/demo.yaml"], [*OVERRIDES(run, tiny_corpus, small_shards),
+                                                                           "iterations.1.k=25"])
     stages = plan(changed)
     with caplog.at_level(logging.WARNING, logger="pretrain.iterate"):
         stale = invalidate_changed(changed, stages)
-    assert stale == ["it2.kmeans", "it2.labels", "it2.quality", "it2.train", "export"]
+    assert stale == ["it2.kmeans", "it2.labels", "it2.quality", "it2.train", "it2.probe", "export"]
     assert "stage it2.kmeans: its config changed (k: 30 -> 25)" in caplog.text
     assert not (run / "it2/kmeans").exists() and not (shards / "labels/it2_km30").exists()
     assert not (run / "it2/train").exists() and (run / "it2/features/meta.json").is_file()
@@ -107,11 +121,12 @@ def test_two_iterations_rerun_interruption_and_invalidation(tiny_corpus, tmp_pat
     # that are not done, each as `pretrain iterate --only STAGE`, and deletes nothing.
     fifth = subprocess.run([str(Path(sys.executable).parent / "launch"), "slurm", "--profile",
                             str(REPO / "configs/cluster/local.yaml"), "--dry-run", "iterate", "--config",
-                            str(REPO / "configs/demo.yaml"), *OVERRIDES(run, tiny_corpus), "iterations.1.k=25"],
+                            str(REPO / "configs/demo.yaml"), *OVERRIDES(run, tiny_corpus, small_shards),
+                            "iterations.1.k=25"],
                            capture_output=True, text=True, timeout=300, cwd=REPO)
     assert fifth.returncode == 0, fifth.stderr
     listed = [line.split()[2].rstrip(":") for line in fifth.stdout.splitlines() if line.startswith("# iterate ")]
-    assert listed == ["it2.kmeans", "it2.labels", "it2.quality", "it2.train", "export"]
+    assert listed == ["it2.kmeans", "it2.labels", "it2.quality", "it2.train", "it2.probe", "export"]
     assert "--only it2.train" in fifth.stdout and "#SBATCH --ntasks-per-node=2" in fifth.stdout
     assert "#SBATCH --array=0-1" in fifth.stdout  # label assignment as an array job
     assert not (run / "slurm").exists()  # a dry run writes nothing
@@ -128,5 +143,5 @@ def test_an_fbank_run_with_export_is_refused_before_anything_runs(tmp_path):
     with pytest.raises(PretrainError, match="export: .*model.frontend='fbank'.*set export=false"):
         plan(cfg)
     assert [s.name for s in plan(load_config(IterateConfig, [REPO / "configs/demo.yaml"],
-                                             [*overrides, "export=false"]))][-1] == "it2.train"
+                                             [*overrides, "export=false"]))][-1] == "it2.probe"
     assert not (tmp_path / "run").exists()

@@ -89,10 +89,22 @@ class FeaturesModelConfig(FeaturesMfccConfig):
     """Transformer layer whose output is the feature (1-based; the paper uses 6 for BASE's
     second iteration, 9 for its third)."""
 
+    layer_from: Optional[str] = None
+    """A ``probe.json`` of this checkpoint (``pretrain probe``): cluster the layer that scored
+    best there on ``layer_metric`` instead of ``layer`` (what ``layer: auto`` in ``pretrain
+    iterate`` sets)."""
+
+    layer_metric: str = "phone_acc"
+    """The probe metric that picks the layer with ``layer_from``: ``phone_acc``, ``per``,
+    ``abx_within``, ``abx_across``, ``speaker_acc`` or ``pnmi`` (lower wins for ABX and PER)."""
+
     def validate(self) -> None:
         super().validate()
         if self.layer < 1:
             raise ConfigError(f"must be >= 1, got {self.layer}", field="layer")
+        metrics = ("phone_acc", "per", "abx_within", "abx_across", "speaker_acc", "pnmi")
+        if self.layer_metric not in metrics:
+            raise ConfigError(f"must be one of {', '.join(metrics)}, got '{self.layer_metric}'", field="layer_metric")
 
 
 @dataclass

@@ -51,8 +51,10 @@ class IterationConfig:
     """``mfcc`` (39-dim MFCC, 100 Hz labels), or ``model``: layer ``layer`` of the previous
     iteration's final model (50 Hz labels)."""
 
-    layer: int = 6
-    """Transformer layer (1-based) whose hidden states are clustered (``features: model``)."""
+    layer: str = "6"
+    """Transformer layer (1-based) whose hidden states are clustered (``features: model``), or
+    ``auto``: the layer of the previous iteration's model that scored best on ``probe_metric``
+    in its probes (needs ``eval``)."""
 
     k: int = 100
     """Clusters."""
@@ -76,7 +78,9 @@ class IterationConfig:
     def validate(self) -> None:
         if self.features not in ("mfcc", "model"):
             raise ConfigError(f"must be 'mfcc' or 'model', got '{self.features}'", field="features")
-        for name in ("layer", "k", "max_frames", "max_steps"):
+        if self.layer != "auto" and not (self.layer.isdigit() and int(self.layer) >= 1):
+            raise ConfigError(f"must be a layer number >= 1 or 'auto', got '{self.layer}'", field="layer")
+        for name in ("k", "max_frames", "max_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"must be >= 1, got {getattr(self, name)}", field=name)
         if not 0 < self.fraction <= 1:
@@ -85,7 +89,45 @@ class IterationConfig:
 
 def _paper_iterations() -> list[IterationConfig]:
     return [IterationConfig(features="mfcc", k=100, max_steps=250_000),
-            IterationConfig(features="model", layer=6, k=500, max_steps=400_000)]
+            IterationConfig(features="model", layer="6", k=500, max_steps=400_000)]
+
+
+@dataclass
+class IterEvalConfig:
+    synth_hours: Optional[float] = None
+    """Synthesize a held-out evaluation corpus of this many hours into ``run_dir/eval`` (other
+    sentences: the corpus seed plus ``synth_seed_offset``); unset: ``shards`` or no probes."""
+
+    synth_seed_offset: int = 1000
+    """The evaluation corpus's seed is the training corpus's plus this."""
+
+    shards: Optional[str] = None
+    """Existing evaluation shards (with ``phones50``/``phones100`` and speakers) instead."""
+
+    probes: str = "abx,phone,speaker,pnmi"
+    """Probes run after each iteration's training (``pretrain probe``)."""
+
+    probe_overrides: list[str] = field(default_factory=list)
+    """More ``key=value`` settings of every ``pretrain probe`` stage."""
+
+    probe_metric: str = "phone_acc"
+    """The probe metric whose best layer ``layer: auto`` clusters in the next iteration:
+    ``phone_acc`` (default: the frame phone probe, the closest to what k-means labels should
+    capture), ``per``, ``abx_within``, ``abx_across``, ``pnmi`` or ``speaker_acc``."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.synth_hours is not None or self.shards is not None
+
+    def validate(self) -> None:
+        if self.synth_hours is not None and self.shards is not None:
+            raise ConfigError("set synth_hours or shards, not both", field="synth_hours")
+        if self.synth_hours is not None and not self.synth_hours > 0:
+            raise ConfigError(f"must be > 0, got {self.synth_hours}", field="synth_hours")
+        metrics = ("phone_acc", "per", "abx_within", "abx_across", "speaker_acc", "pnmi")
+        if self.probe_metric not in metrics:
+            raise ConfigError(f"must be one of {', '.join(metrics)}, got '{self.probe_metric}'",
+                              field="probe_metric")
 
 
 @dataclass
@@ -99,6 +141,11 @@ class IterateConfig:
 
     iterations: list[IterationConfig] = field(default_factory=_paper_iterations)
     """One entry per iteration; iteration 1 must cluster MFCC, later ones a model's layer."""
+
+    eval: IterEvalConfig = field(default_factory=IterEvalConfig)
+    """Held-out evaluation shards: when set, ``pretrain probe`` runs after every iteration's
+    training (ABX, phone, speaker, PNMI per layer; iteration 1 with the MFCC, log-mel and
+    untrained baselines) and ``report.md`` gets the probe table."""
 
     train_configs: list[str] = field(default_factory=lambda: ["configs/model/base.yaml"])
     """YAML files of the training config (model size, optimizer, ...), relative to the current
@@ -136,3 +183,10 @@ class IterateConfig:
             raise ConfigError(f"must be >= 1, got {self.nproc}", field="nproc")
         if self.jobs < 0:
             raise ConfigError(f"must be >= 0, got {self.jobs}", field="jobs")
+        for i, it in enumerate(self.iterations):
+            if it.features == "model" and it.layer == "auto" and not self.eval.enabled:
+                raise ConfigError("layer 'auto' picks the layer by the previous iteration's probes: set "
+                                  "eval.synth_hours or eval.shards", field=f"iterations.{i}.layer")
+        if self.eval.synth_hours is not None and self.corpus.synth_hours is None:
+            raise ConfigError("eval.synth_hours needs a synthesized training corpus (corpus.synth_hours) to "
+                              "take the voices and seed from; give eval.shards instead", field="eval.synth_hours")

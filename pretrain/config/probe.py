@@ -98,6 +98,10 @@ class ProbeConfig:
     manifest sha256 is checked), or a ``transformers`` HubertModel / WavLMModel folder (our
     ``export hf`` output). Unset: only the baselines are probed."""
 
+    checkpoint_sha256: Optional[str] = None
+    """Expected sha256 of the model file; a mismatch is an error (training's probes set it from
+    the checkpoint manifest)."""
+
     eval_shards: str = MISSING
     """Held-out evaluation shards (``pretrain shards build``) with phone label sets
     (``phones50``/``phones100``) and a ``speaker`` per utterance in the shard metadata."""
@@ -190,8 +194,9 @@ class TrainProbeConfig:
     """Probes of the checkpoints a training run saves (``probe.every``), without blocking it."""
 
     every: int = 0
-    """Probe every checkpoint whose step is a multiple of this (0: never). Locally a background
-    process per checkpoint; under SLURM a job per checkpoint. Results land in
+    """Probe every this many checkpoints: steps that are multiples of ``every *
+    checkpoint.every``, and the last step (0: never). Locally a background process per
+    checkpoint (training goes on); under SLURM a job per checkpoint. Results land in
     ``run_dir/probes/step_N/`` and are logged to the run's TensorBoard and wandb at step N."""
 
     eval_shards: Optional[str] = None
@@ -203,6 +208,14 @@ class TrainProbeConfig:
 
     threads: int = 1
     """Threads of a local background probe (it shares the machine with training)."""
+
+    slurm_profile: Optional[str] = None
+    """Cluster profile of the probe jobs under SLURM. Unset: the profile the training job was
+    launched with (``launch slurm`` exports it as ``PRETRAIN_SLURM_PROFILE``)."""
+
+    wait_seconds: float = 1800
+    """At the end of training, wait this long for local probes still running, so their results
+    reach the dashboards (they are in ``run_dir/probes`` either way)."""
 
     def validate(self) -> None:
         if self.every < 0:

@@ -15,6 +15,7 @@ from omegaconf import MISSING
 from pretrain.config.core import ConfigError
 from pretrain.config.data import DataConfig
 from pretrain.config.model import ModelConfig
+from pretrain.config.probe import TrainProbeConfig
 
 
 @dataclass
@@ -166,6 +167,9 @@ class TrainConfig:
 
     log: LogConfig = field(default_factory=LogConfig)
     """Metrics and dashboards."""
+
+    probe: TrainProbeConfig = field(default_factory=TrainProbeConfig)
+    """Probes (ABX, phone, speaker) of saved checkpoints while training runs."""
 
     max_bad_steps: int = 10
     """Stop after this many consecutive steps with a non-finite loss or gradient norm."""

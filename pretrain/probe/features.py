@@ -97,7 +97,7 @@ def is_hf_dir(path: Path) -> bool:
 class ModelSource:
     """A model whose layers are probed: ours (``model.pt``) or a transformers folder."""
 
-    def __init__(self, checkpoint: str | Path, device: str = "cpu"):
+    def __init__(self, checkpoint: str | Path, device: str = "cpu", expected_sha256: str | None = None):
         import torch
 
         path = Path(checkpoint)
@@ -120,6 +120,9 @@ class ModelSource:
             file = resolve_model_file(path)
             self.kind = "pretrain"
             self.sha256 = sha256_file(file)
+            if expected_sha256 is not None and self.sha256 != expected_sha256:
+                raise PretrainError(f"{file} does not match its expected sha256 ({expected_sha256[:12]}…, "
+                                    f"found {self.sha256[:12]}…): the model file is damaged or another one")
             self.model = load_model(file, map_location=device).eval()
             cfg = self.model.cfg
             self.num_layers = cfg.encoder_layers

@@ -148,7 +148,7 @@ def probe(cfg: ProbeConfig, progress: bool = True, argv: list[str] | None = None
 
     source = None
     if cfg.checkpoint is not None:
-        source = ModelSource(cfg.checkpoint, resolve_device(cfg.device))
+        source = ModelSource(cfg.checkpoint, resolve_device(cfg.device), cfg.checkpoint_sha256)
         if wanted_layers and wanted_layers[-1] > source.num_layers:
             raise PretrainError(f"layer {wanted_layers[-1]} is out of range: {cfg.checkpoint} has "
                                 f"{source.num_layers} Transformer layers (layers are 1-based)")
@@ -334,3 +334,14 @@ def read_probe(path: str | Path) -> dict:
     if record.get("format_version") != FORMAT_VERSION:
         raise PretrainError(f"{p}: format_version {record.get('format_version')} is not {FORMAT_VERSION}")
     return record
+
+
+def chosen_layer(path: str | Path, metric: str) -> int:
+    """The model's best single layer on ``metric`` in a ``probe.json``."""
+    record = read_probe(path)
+    best = record["best"].get("model", {}).get(metric)
+    if best is None:
+        ran = sorted(record["best"].get("model", {}))
+        raise PretrainError(f"{path}: no '{metric}' result for the model to choose a layer by "
+                            f"(it has: {', '.join(ran) or 'none'}; skipped: {record['skipped'] or 'none'})")
+    return int(best["layer"])

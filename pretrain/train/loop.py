@@ -30,6 +30,7 @@ from pretrain.distributed import read_env, requeue_slurm_job, slurm_job_id, slur
 from pretrain.distributed import engine as dist_engine
 from pretrain.frames import conv_num_frames
 from pretrain.model.checkpoint import save_model
+from pretrain.train.probes import ProbeScheduler
 from pretrain.model.hubert import HubertPretrain, LabelSpec
 from pretrain.train.checkpoint import CheckpointManager, rng_state, set_rng_state
 from pretrain.train.metrics import MetricsLogger
@@ -129,6 +130,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, fault: dict | None = 
             log.info("resumed from step %d: %s", step, json.dumps(fingerprint))
 
     logger = MetricsLogger(run_dir, cfg.log, config=asdict(cfg), enabled=dist.is_main)
+    probes = ProbeScheduler(cfg, run_dir, enabled=dist.is_main, slurm_job=slurm_job_id())
     batches = _batches(loader)
     ga = cfg.deepspeed.grad_accum
     bad_steps = skipped_total = 0
@@ -196,6 +198,8 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, fault: dict | None = 
             last.update(usage_perplexity(global_hists))
             last["skipped_steps"] = skipped_total
             logger.log(step, last)
+            if dist.is_main:
+                probes.collect(logger)
             sums, hists, data_wait, window_start = {}, {}, 0.0, time.perf_counter()
 
         if cfg.valid_shards and step % cfg.valid_every == 0:
@@ -210,12 +214,16 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, fault: dict | None = 
             checkpoints.save(engine, step, rank_state, config_hash(cfg),
                              model_file=lambda path: save_model(path, model, weights),
                              meta=_shape_record(cfg, specs))
+            if dist.is_main and probes.due(step):
+                probes.start(step, run_dir / "checkpoints" / f"step_{step}")
             if fault.get("exit_after_save") == step:
                 logger.close()
                 dist_engine.shutdown()
         if preempted and step < cfg.optim.max_steps:
             logger.close()
             return {**last, "preempted_at": step, "exit_code": handle_preemption(step, cfg, dist)}
+    if dist.is_main:
+        probes.finish(logger)
     logger.close()
     preemption.restore()
     return last

@@ -73,6 +73,27 @@ class MetricsLogger:
                                                              f"{prefix}grad_norm", f"{prefix}audio_s_per_s"))
         print(f"step {step} {shown}", file=sys.stderr, flush=True)
 
+    def log_probe(self, probe_step: int, metrics: dict[str, float]) -> None:
+        """Probe results of the checkpoint of ``probe_step``, which finished later: TensorBoard
+        takes them at their own step; wandb, whose steps only increase, against the
+        ``probe_step`` axis."""
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": probe_step, "probe_step": probe_step, **metrics}) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, probe_step)
+            self.tb.flush()
+        if self.wandb is not None:
+            if not getattr(self, "_probe_axis", False):
+                self.wandb.define_metric("probe_step")
+                self.wandb.define_metric("probe/*", step_metric="probe_step")
+                self._probe_axis = True
+            self.wandb.log({**metrics, "probe_step": probe_step})
+        best = {k.split("/")[-1]: v for k, v in metrics.items() if k.startswith("probe/best/")}
+        print(f"probe of step {probe_step}: " + " ".join(f"{k}={v:.4g}" for k, v in best.items()),
+              file=sys.stderr, flush=True)
+
     def close(self) -> None:
         if not self.enabled:
             return
