@@ -163,7 +163,8 @@ class ProbeConfig:
     """Utterances per forward, up to this many padded samples."""
 
     threads: int = 0
-    """Torch, FAISS and numba threads (0: every core)."""
+    """Threads of the model forward, the ABX kernel (numba) and k-means (FAISS); 0: every core.
+    The linear probes always use one (their matrices are small)."""
 
     step: Optional[int] = None
     """The training step of the checkpoint (recorded; the trainer sets it for ``probe.every``)."""

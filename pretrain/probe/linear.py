@@ -119,19 +119,19 @@ def frame_probe(layers: list[np.ndarray], phones: np.ndarray, split: np.ndarray,
 # --------------------------------------------------------------------------- CTC phone recognizer
 
 
-def collapse(seq: list[int], silence: int | None) -> list[int]:
-    """Merge runs of one label (silence included)."""
-    out: list[int] = []
-    for s in seq:
-        if not out or out[-1] != s:
-            out.append(s)
-    return out
+def merge_runs(seq: list[int]) -> list[int]:
+    """Runs of one label as one: the phone sequence of an utterance's frame labels."""
+    return [s for i, s in enumerate(seq) if i == 0 or s != seq[i - 1]]
+
+
+def merge_silence(seq: list[int], silence: int | None) -> list[int]:
+    """Runs of silence as one silence (other repeats are real: CTC separates them by a blank)."""
+    return [s for i, s in enumerate(seq) if not (i and s == silence and seq[i - 1] == silence)]
 
 
 def greedy_decode(logits: torch.Tensor, blank: int, silence: int | None) -> list[int]:
-    best = logits.argmax(-1).tolist()
-    merged = [p for i, p in enumerate(best) if i == 0 or p != best[i - 1]]
-    return collapse([p for p in merged if p != blank], silence)
+    """Argmax per frame, repeats merged, blanks dropped, silence runs merged."""
+    return merge_silence([p for p in merge_runs(logits.argmax(-1).tolist()) if p != blank], silence)
 
 
 def edit_distance(a: list[int], b: list[int]) -> int:
@@ -154,7 +154,7 @@ def ctc_probe(layers: list[np.ndarray], offsets: np.ndarray, phones: list[np.nda
     train_u = utt_rows("train")
     train_frames = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in train_u])
     x = torch.from_numpy(_stack(_standardize(layers, train_frames)))
-    targets = [collapse(p.tolist(), silence) for p in phones]
+    targets = [merge_runs(p.tolist()) for p in phones]
     blank = num_classes
     per_batch = max(1, batch // 512)  # utterances per update (batch counts frames)
 

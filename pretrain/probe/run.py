@@ -185,6 +185,13 @@ def probe(cfg: ProbeConfig, progress: bool = True, argv: list[str] | None = None
 
     from tqdm import tqdm
 
+    import torch
+
+    # The probes' matrices are small: a second torch thread only adds synchronization (measured
+    # 3x slower with 2 threads on a 2-core machine that was also training); numba's DTW and
+    # FAISS keep every thread.
+    torch.set_num_threads(1)
+
     results: dict = {}
     todo = [(row, layer) for row in rows for layer in row.layers]
     weighted = cfg.weighted_sum and "phone" in run_probes
