@@ -219,3 +219,26 @@ def test_a_chain_runs_in_order_and_a_failed_stage_cancels_the_next(slurm_env, sm
     assert job_info(slurm_env, failing)["JobState"] == "FAILED"
     assert job_info(slurm_env, dependent)["JobState"] == "CANCELLED"
     assert not (tmp_path / "q3/quality.json").exists()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_training_under_slurm_submits_a_probe_job_per_checkpoint(slurm_env, small_shards, tmp_path):
+    """probe.every under SLURM: the training job submits `pretrain probe` as a job of its own per
+    probed checkpoint, with the profile it was launched with."""
+    run = tmp_path / "run"
+    proc = launch(slurm_env, "train", *TRAIN[:4], "log.every=1", "optim.max_steps=4", "checkpoint.every=4",
+                  "data.max_tokens=40000", "optim.warmup_steps=1", "model.frontend=fbank", f"data.shards={small_shards}",
+                  f"run_dir={run}",
+                  "probe.every=1", f"probe.eval_shards={small_shards}",
+                  "probe.overrides=[probes=phone,baselines=none,layers=2,phone.epochs=4,phone.ctc_epochs=1]")
+    train_job = job_ids(proc)[0]
+    wait_gone(slurm_env, [train_job])
+    assert job_info(slurm_env, train_job)["JobState"] == "COMPLETED", logs(run / "slurm")
+    assert "probe job" in logs(run / "slurm")
+    launched = [json.loads(p.read_text()) for p in (run / "probes/step_4/slurm").glob("*.launch.json")]
+    assert len(launched) == 1 and launched[0]["stage"] == "probe"
+    wait_gone(slurm_env, [launched[0]["job_id"]])
+    assert job_info(slurm_env, launched[0]["job_id"])["JobState"] == "COMPLETED"
+    record = json.loads((run / "probes/step_4/probe.json").read_text())
+    assert record["step"] == 4 and record["rows"]["model"]["layers"]["2"]["phone_acc"] > 0

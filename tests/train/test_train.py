@@ -265,3 +265,26 @@ def test_gpu_training_with_loss_scaling_and_zero2(small_shards, tmp_path, precis
     assert records[-1]["step"] == 6 and records[-1]["loss"] < records[0]["loss"] * 1.5
     if precision == "fp16":
         assert "loss_scale" in records[-1]
+
+
+def test_checkpoints_are_probed_in_the_background_and_logged_at_their_step(small_shards, tmp_path):
+    """probe.every=1: each saved checkpoint gets a background `pretrain probe`; its results land
+    in run_dir/probes/step_N and in metrics.jsonl / TensorBoard at step N."""
+    run = tmp_path / "run"
+    launch(run, small_shards, "model.frontend=fbank", "optim.max_steps=4", "optim.warmup_steps=1", "checkpoint.every=2",
+           "probe.every=1",
+           f"probe.eval_shards={small_shards}",
+           "probe.overrides=[probes=phone,baselines=none,layers=2,phone.epochs=4,phone.ctc_epochs=1]")
+    for step in (2, 4):
+        record = json.loads((run / f"probes/step_{step}/probe.json").read_text())
+        assert record["step"] == step and "phone_acc" in record["rows"]["model"]["layers"]["2"]
+        assert (run / f"probes/step_{step}/.logged").exists()
+        assert not (run / f"probes/step_{step}/model.pt").exists()  # the hard link is dropped once logged
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    probed = {r["probe_step"]: r for r in rows if "probe_step" in r}
+    assert sorted(probed) == [2, 4] and probed[4]["probe/model/2/phone_acc"] > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("probe/best/phone_acc")] == [2, 4]
