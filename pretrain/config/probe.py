@@ -73,9 +73,9 @@ class LinearProbeConfig:
     """Passes over probe-train per learning rate."""
 
     ctc_epochs: int = 4
-    """Passes of the CTC head over probe-train per learning rate. The head starts from the
-    frame classifier of the same learning rate (plus a blank class), so a few passes teach it
-    CTC's blank; from scratch it would need several times more (CTC is the probe suite's
+    """Passes of the CTC head over probe-train. The head starts from the frame classifier that
+    probe-dev chose (plus a blank class) and trains at its learning rate, so a few passes teach
+    it CTC's blank; from scratch it would need several times more (CTC is the probe suite's
     costliest part on a CPU)."""
 
     batch: int = 4096

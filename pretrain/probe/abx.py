@@ -17,8 +17,9 @@ wrong.
 ``d`` is the dynamic-time-warping distance between the two items' frame sequences under the
 frame-wise angular distance ``arccos(cos(u, v)) / pi`` (0 .. 1; a zero vector is at 0.5 from
 everything), normalized by the length of the best path, with steps (1, 0), (0, 1), (1, 1). The
-kernel is compiled with numba and runs over all pairs of a layer in parallel; ``dtw_reference``
-is the plain numpy version it is tested against.
+frame distances of each context come from one matrix product (BLAS); the DTW recursion is
+compiled with numba and runs over all pairs of a layer in parallel. ``dtw_reference`` is the
+plain numpy version both kernels are tested against.
 
 Items are subsampled with a fixed seed to at most ``max_per_group`` per (context, speaker,
 centre phone), so a layer costs seconds.
@@ -62,6 +63,45 @@ def _dtw(x: np.ndarray, y: np.ndarray) -> float:
                 best, best_len = cost[i, j - 1], length[i, j - 1]
             cost[i, j], length[i, j] = best + d, best_len + 1.0
     return cost[n - 1, m - 1] / length[n - 1, m - 1]
+
+
+@numba.njit(cache=True, nogil=True)
+def _dtw_pre(cos: np.ndarray) -> float:
+    """DTW over precomputed frame cosines (the same distance and recursion as ``_dtw``)."""
+    n, m = cos.shape
+    d = np.empty((n, m))
+    for i in range(n):
+        for j in range(m):
+            d[i, j] = math.acos(min(1.0, max(-1.0, cos[i, j]))) / math.pi
+    cost = np.empty((n, m))
+    length = np.empty((n, m))
+    for i in range(n):
+        for j in range(m):
+            if i == 0 and j == 0:
+                cost[i, j], length[i, j] = d[i, j], 1.0
+                continue
+            best, best_len = np.inf, 0.0
+            if i > 0 and j > 0:
+                best, best_len = cost[i - 1, j - 1], length[i - 1, j - 1]
+            if i > 0 and cost[i - 1, j] < best:
+                best, best_len = cost[i - 1, j], length[i - 1, j]
+            if j > 0 and cost[i, j - 1] < best:
+                best, best_len = cost[i, j - 1], length[i, j - 1]
+            cost[i, j], length[i, j] = best + d[i, j], best_len + 1.0
+    return cost[n - 1, m - 1] / length[n - 1, m - 1]
+
+
+@numba.njit(parallel=True, cache=True)
+def _dtw_pairs_pre(dist: np.ndarray, block: np.ndarray, width: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+                   pairs: np.ndarray) -> np.ndarray:
+    """Pairs of items of one context each: ``dist[block[p]:]`` holds that context's frame
+    cosine matrix (``width[p]`` columns), ``starts``/``ends`` are item spans inside it."""
+    out = np.empty(pairs.shape[0])
+    for p in numba.prange(pairs.shape[0]):
+        a, b, w = pairs[p, 0], pairs[p, 1], width[p]
+        m = dist[block[p]:block[p] + w * w].reshape((w, w))
+        out[p] = _dtw_pre(m[starts[a]:ends[a], starts[b]:ends[b]])
+    return out
 
 
 @numba.njit(parallel=True, cache=True)
@@ -165,14 +205,6 @@ def _scorable_contexts(items: Items) -> list[np.ndarray]:
     return [np.array(ix) for ix in by_ctx.values() if len(set(items.centre[ix].tolist())) > 1]
 
 
-def needed_pairs(items: Items) -> tuple[list[np.ndarray], np.ndarray]:
-    """The scorable contexts and every (i, j), i < j, item pair inside one of them."""
-    contexts = _scorable_contexts(items)
-    pairs = [np.stack(np.triu_indices(len(ix), 1), 1) for ix in contexts]
-    flat = np.concatenate([ix[p] for ix, p in zip(contexts, pairs)]) if pairs else np.zeros((0, 2), np.int64)
-    return contexts, flat
-
-
 def _triplet_score(d_ax: np.ndarray, d_bx: np.ndarray, exclude_same: bool) -> tuple[float, int]:
     """Mean of [d(A,X) < d(B,X)] + 0.5 [=] over A (rows of d_ax), X (columns) and B (rows of
     d_bx); with ``exclude_same`` A and X come from one set and A = X is left out."""
@@ -188,14 +220,44 @@ def _triplet_score(d_ax: np.ndarray, d_bx: np.ndarray, exclude_same: bool) -> tu
     return (float(s.sum() / n), n) if n else (float("nan"), 0)
 
 
+def context_distances(feats: np.ndarray, items: Items, contexts: list[np.ndarray]) -> dict[tuple[int, int], float]:
+    """DTW distance of every item pair inside each context. The frame cosines of a context come
+    from one matrix product over all its items' frames (BLAS); the kernel takes the arccos of
+    the cells a pair needs and runs the recursion, pairs in parallel. Equal to ``dtw_pairs`` up
+    to rounding (tested)."""
+    blocks, local_starts, local_ends, pairs, block_of, width_of = [], [], [], [], [], []
+    offset = 0
+    for ix in contexts:
+        lens = items.ends[ix] - items.starts[ix]
+        frames = np.concatenate([np.arange(items.starts[i], items.ends[i]) for i in ix])
+        u = unit_rows(feats[frames])
+        blocks.append((u @ u.T).ravel())
+        first = len(local_starts)
+        ends = np.cumsum(lens)
+        local_starts += (ends - lens).tolist()
+        local_ends += ends.tolist()
+        a, b = np.triu_indices(len(ix), 1)
+        pairs.append(np.stack([a + first, b + first], 1))
+        block_of.append(np.full(len(a), offset))
+        width_of.append(np.full(len(a), len(frames)))
+        offset += len(frames) ** 2
+    if not pairs:
+        return {}
+    pairs_arr = np.concatenate(pairs)
+    dist = _dtw_pairs_pre(np.concatenate(blocks), np.concatenate(block_of).astype(np.int64),
+                          np.concatenate(width_of).astype(np.int64), np.array(local_starts, np.int64),
+                          np.array(local_ends, np.int64), pairs_arr.astype(np.int64))
+    global_ids = np.concatenate(contexts)
+    lookup: dict[tuple[int, int], float] = {}
+    for (a, b), d in zip(global_ids[pairs_arr].tolist(), dist.tolist()):
+        lookup[(a, b)] = lookup[(b, a)] = d
+    return lookup
+
+
 def abx_errors(feats: np.ndarray, items: Items, min_triplets: int = 1) -> dict:
     """Within- and across-speaker ABX error (%) of ``feats`` (frames, dim) on ``items``."""
-    unit = unit_rows(feats)
-    contexts, flat = needed_pairs(items)
-    dist = dtw_pairs(unit, items.starts, items.ends, flat)
-    lookup: dict[tuple[int, int], float] = {}
-    for (i, j), d in zip(flat.tolist(), dist.tolist()):
-        lookup[(i, j)] = lookup[(j, i)] = d
+    contexts = _scorable_contexts(items)
+    lookup = context_distances(feats, items, contexts)
     within: dict[tuple, float] = {}
     across: dict[tuple, float] = {}
     n_within = n_across = 0
@@ -234,7 +296,7 @@ def abx_errors(feats: np.ndarray, items: Items, min_triplets: int = 1) -> dict:
     x = _hier_mean(across, [[0], [1, 2]])
     return {"abx_within": 100 * (1 - w) if not math.isnan(w) else None,
             "abx_across": 100 * (1 - x) if not math.isnan(x) else None,
-            "abx_items": len(items), "abx_pairs": int(len(flat)),
+            "abx_items": len(items), "abx_pairs": len(lookup) // 2,
             "abx_triplets_within": n_within, "abx_triplets_across": n_across}
 
 

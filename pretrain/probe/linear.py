@@ -1,7 +1,10 @@
 """Linear probes on frozen features, each with a learning-rate sweep selected on probe-dev:
 
 - frame phone classifier: ``Linear(dim, phones)``, frame accuracy on probe-test;
-- CTC phone recognizer: ``Linear(dim, phones + 1)`` (the last class is the blank), greedy
+- CTC phone recognizer: ``Linear(dim, phones + 1)`` (the last class is the blank), started
+  from the frame classifier that probe-dev chose (its phone rows; the blank row zero) and
+  trained with CTC at that classifier's learning rate (CTC is the costliest probe on a CPU, so
+  it is not swept again), greedy
   decoding (argmax per frame, repeats merged, blanks dropped, then runs of silence merged into
   one), phone error rate = edit distance / reference length over probe-test, the reference being
   the utterance's phone sequence with runs of the same frame label merged;

@@ -96,9 +96,10 @@ class Prober:
                               pc.lrs, pc.epochs, pc.batch, pc.seed)
             head, heads = res.pop("_head"), res.pop("_heads")
             out.update(res)
+            # CTC starts from the frame classifier probe-dev chose, at its learning rate.
             out.update(self._timed("ctc", linear.ctc_probe, layers, self.offsets,
                                    [u.phones for u in es.utterances], self.utt_split, es.num_phones, es.silence,
-                                   pc.lrs, pc.ctc_epochs, pc.batch, pc.seed, init=heads))
+                                   [res["phone_lr"]], pc.ctc_epochs, pc.batch, pc.seed, init=heads))
             if len(layers) > 1:
                 w = head.layer_weights()
                 train_rows = self.frame_split == 0

@@ -3,7 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pretrain.probe.abx import abx_errors, build_items, dtw_pairs, dtw_reference, unit_rows
+from pretrain.probe.abx import (_scorable_contexts, abx_errors, build_items, context_distances, dtw_pairs,
+                                dtw_reference, unit_rows)
 from pretrain.utils import PretrainError
 
 
@@ -21,6 +22,22 @@ def test_numba_dtw_equals_the_numpy_reference_on_random_pairs():
     np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-8)
     assert fast[0] < 1e-8  # a sequence against itself
     assert np.all((fast >= 0) & (fast <= 1))
+
+
+def test_per_context_distances_equal_the_pairwise_kernel():
+    rng = np.random.default_rng(5)
+    seqs, spk, offsets = _corpus(rng, speakers=3, utts_per_speaker=4)
+    items = build_items(seqs, offsets, spk, silence=0, max_per_group=5, seed=0)
+    feats = rng.normal(size=(offsets[-1], 12))
+    contexts = _scorable_contexts(items)
+    lookup = context_distances(feats, items, contexts)
+    pairs = np.array(sorted({(min(a, b), max(a, b)) for a, b in lookup}))
+    assert len(pairs) > 50
+    direct = dtw_pairs(unit_rows(feats), items.starts, items.ends, pairs)
+    np.testing.assert_allclose([lookup[tuple(p)] for p in pairs.tolist()], direct, rtol=0, atol=1e-8)
+    a, b = pairs[0]
+    assert abs(lookup[(a, b)] - dtw_reference(feats[items.starts[a]:items.ends[a]],
+                                              feats[items.starts[b]:items.ends[b]])) < 1e-8
 
 
 def _corpus(rng, speakers=4, utts_per_speaker=6, phones=6, length=40):
