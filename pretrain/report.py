@@ -81,7 +81,7 @@ def _layer(run: Path, i: int, it) -> str:
         return str(it.layer)
     meta = run / f"it{i}" / "features" / "meta.json"
     if meta.is_file():
-        spec = json.loads(meta.read_text()).get("plan", {}).get("spec", {})
+        spec = json.loads(meta.read_text()).get("spec", {})
         if spec.get("layer") is not None:
             return f"{spec['layer']} (auto)"
     return "auto"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,3 +133,18 @@ def test_a_transformers_folder_gives_the_same_layers_as_our_model(small_shards, 
     for layer, x in theirs.layers(waves, [1, 2], 1_600_000).items():
         assert x.shape == ours[layer].shape
         assert np.abs(x - ours[layer]).max() < 1e-4
+
+
+ASSET = Path(__file__).resolve().parents[1] / "assets" / "small_cpu_step3000.pt"
+
+
+def test_the_trained_recipe_model_beats_its_untrained_twin_on_the_phone_probe(small_shards, tmp_path):
+    """The small-compute recipe's iteration-1 model (tests/assets/README.md says how it was
+    made) against the same architecture at random initialization, on speech it never saw."""
+    out = tmp_path / "probe"
+    assert main(["probe", "--checkpoint", str(ASSET), "--eval-shards", str(small_shards), "--out", str(out),
+                 "--probes", "phone", "baselines=untrained", "weighted_sum=false", *FAST]) == 0
+    best = json.loads((out / "probe.json").read_text())["best"]
+    trained, untrained = best["model"], best["untrained"]
+    assert trained["phone_acc"]["value"] > untrained["phone_acc"]["value"] + 3, best
+    assert trained["per"]["value"] < untrained["per"]["value"] - 3, best
