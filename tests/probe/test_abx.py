@@ -24,7 +24,7 @@ def test_numba_dtw_equals_the_numpy_reference_on_random_pairs():
     assert np.all((fast >= 0) & (fast <= 1))
 
 
-def test_per_context_distances_equal_the_pairwise_kernel():
+def test_context_distances_cover_every_pair_of_a_context_and_equal_the_reference():
     rng = np.random.default_rng(5)
     seqs, spk, offsets = _corpus(rng, speakers=3, utts_per_speaker=4)
     items = build_items(seqs, offsets, spk, silence=0, max_per_group=5, seed=0)
