@@ -48,7 +48,7 @@ from pretrain.data.labels import LabelSet  # noqa: E402
 from pretrain.data.shards import read_manifest  # noqa: E402
 from pretrain.features.extract import shard_utterances  # noqa: E402
 from pretrain.features.mfcc import mfcc_39  # noqa: E402
-from pretrain.utils import atomic_write_json, atomic_write_text  # noqa: E402
+from pretrain.utils import atomic_savefig, atomic_write_json, atomic_write_text  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -253,10 +253,7 @@ def plot_curve(curve: list[dict], mfcc: dict, ks: list[int], path: Path) -> None
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    atomic_savefig(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from pretrain.config.probe import BASELINES, PROBES, ProbeConfig, parse_layers, parse_list
-from pretrain.utils import PretrainError, atomic_write_json, atomic_write_text
+from pretrain.utils import PretrainError, atomic_savefig, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -313,10 +313,7 @@ def plot(record: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=6)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    atomic_savefig(fig, path, dpi=100)
 
 
 def probe_metrics_flat(record: dict) -> dict[str, float]:
