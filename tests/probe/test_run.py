@@ -148,3 +148,17 @@ def test_the_trained_recipe_model_beats_its_untrained_twin_on_the_phone_probe(sm
     trained, untrained = best["model"], best["untrained"]
     assert trained["phone_acc"]["value"] > untrained["phone_acc"]["value"] + 3, best
     assert trained["per"]["value"] < untrained["per"]["value"] - 3, best
+
+
+@pytest.mark.gpu
+def test_gpu_features_under_bf16_autocast_match_the_cpu(fbank_model, small_shards):
+    from pretrain.probe.data import load_eval_set
+    from pretrain.probe.features import ModelSource
+
+    waves = [u.audio for u in load_eval_set(small_shards).utterances[:4]]
+    cpu = ModelSource(fbank_model, "cpu").layers(waves, [1, 2], 1_600_000)
+    gpu = ModelSource(fbank_model, "cuda").layers(waves, [1, 2], 1_600_000)
+    for layer in (1, 2):
+        assert gpu[layer].dtype == np.float32 and gpu[layer].shape == cpu[layer].shape
+        # bf16 keeps 8 bits of mantissa: compare relative to the features' scale.
+        assert np.abs(gpu[layer] - cpu[layer]).max() < 0.05 * np.abs(cpu[layer]).max()
