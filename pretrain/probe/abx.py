@@ -242,28 +242,15 @@ def abx_errors(feats: np.ndarray, items: Items, min_triplets: int = 1) -> dict:
 
 
 def _hier_mean(scores: dict[tuple, float], steps: list[list[int]]) -> float:
-    """Average out the key positions of each step in turn (positions refer to the original
-    key), then the mean of what is left (the phone pairs)."""
+    """Average out the key positions of each step in turn (positions of the original key), then
+    take the mean of what is left (the phone pairs)."""
     if not scores:
         return float("nan")
-    keys = {k: k for k in scores}
-    current = {k: v for k, v in scores.items()}
-    removed: set[int] = set()
-    width = len(next(iter(scores)))
+    current, removed = dict(scores), set()
     for drop in steps:
         removed |= set(drop)
-        keep = [i for i in range(width) if i not in removed]
         grouped: dict[tuple, list[float]] = defaultdict(list)
         for key, v in current.items():
-            full = keys[key]
-            grouped[tuple(full[i] for i in keep)].append(v)
-        new_keys = {}
-        new_current = {}
-        for g, vals in grouped.items():
-            padded = [None] * width
-            for pos, val in zip(keep, g):
-                padded[pos] = val
-            new_keys[g] = tuple(padded)
-            new_current[g] = float(np.mean(vals))
-        keys, current = new_keys, new_current
+            grouped[tuple(None if i in removed else k for i, k in enumerate(key))].append(v)
+        current = {k: float(np.mean(v)) for k, v in grouped.items()}
     return float(np.mean(list(current.values())))

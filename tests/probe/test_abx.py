@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pretrain.probe.abx import (_scorable_contexts, abx_errors, build_items, context_distances, dtw_pairs,
+from pretrain.probe.abx import (_hier_mean, _scorable_contexts, abx_errors, build_items, context_distances, dtw_pairs,
                                 dtw_reference, unit_rows)
 from pretrain.utils import PretrainError
 
@@ -85,3 +85,15 @@ def test_too_few_triplets_is_an_error_naming_the_count():
     items = build_items(seqs, offsets, spk, silence=0, max_per_group=5, seed=0)
     with pytest.raises(PretrainError, match=r"too few ABX triplets: \d+ within and 0 across .* at least 100000"):
         abx_errors(rng.normal(size=(offsets[-1], 4)), items, min_triplets=100_000)
+
+
+def test_scores_are_averaged_over_contexts_then_speakers_then_phone_pairs():
+    # (context, speaker, a, b): speaker 0 has 1.0 and 0.0 in two contexts, speaker 1 has 1.0.
+    scores = {(0, 0, 1, 2): 1.0, (1, 0, 1, 2): 0.0, (0, 1, 1, 2): 1.0, (0, 0, 2, 1): 0.5}
+    # Pair (1, 2): speaker 0 averages to 0.5 over its contexts, speaker 1 has 1.0 -> 0.75 (a flat
+    # mean of the three would give 2/3); with pair (2, 1) at 0.5 the phone pairs average 0.625.
+    assert _hier_mean({k: v for k, v in scores.items() if k[2:] == (1, 2)}, [[0], [1]]) == 0.75
+    assert _hier_mean(scores, [[0], [1]]) == 0.625
+    # across keys (context, speaker A/B, speaker X, a, b): speaker pairs averaged together
+    across = {(0, 0, 1, 1, 2): 1.0, (1, 0, 1, 1, 2): 0.0, (0, 1, 0, 1, 2): 1.0}
+    assert _hier_mean(across, [[0], [1, 2]]) == 0.75
