@@ -14,8 +14,8 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from pretrain import __version__

@@ -219,7 +219,7 @@ def _fingerprint(stages: list[PlannedStage]) -> None:
         stage.config = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
         # Settings that do not change results are left out: rerunning with more jobs or another
         # log cadence must not redo a finished stage.
-        for key in ("jobs", "device", "batch_samples", "task", "num_tasks", "overwrite"):
+        for key in ("jobs", "device", "batch_samples", "task", "num_tasks", "overwrite", "threads"):
             stage.config.pop(key, None)
         if stage.train:
             # Logging and the probes of saved checkpoints do not change the trained model.

@@ -72,15 +72,14 @@ def _standardize(layers: list[np.ndarray], train_rows: np.ndarray) -> list[np.nd
 
 
 def _sweep(train_one, lrs: list[float], higher_is_better: bool):
-    """Train at every learning rate; the (dev score, lr, head) with the best dev score, the dev
-    score per learning rate and the head per learning rate."""
+    """Train at every learning rate; the (dev score, lr, head) with the best dev score and the
+    dev score per learning rate."""
     results = []
     for lr in lrs:
         head, dev = train_one(lr)
         results.append((dev, lr, head))
     pick = max if higher_is_better else min
-    return (pick(results, key=lambda r: r[0]), {str(lr): dev for dev, lr, _ in results},
-            {lr: head for _, lr, head in results})
+    return pick(results, key=lambda r: r[0]), {str(lr): dev for dev, lr, _ in results}
 
 
 # --------------------------------------------------------------------------- frame phone probe
@@ -113,10 +112,10 @@ def frame_probe(layers: list[np.ndarray], phones: np.ndarray, split: np.ndarray,
                 opt.step()
         return head, accuracy(head, dev_rows)
 
-    (dev, lr, head), by_lr, heads = _sweep(train_one, lrs, higher_is_better=True)
+    (dev, lr, head), by_lr = _sweep(train_one, lrs, higher_is_better=True)
     return {"phone_acc": 100 * accuracy(head, test_rows), "phone_acc_dev": 100 * dev, "phone_lr": lr,
             "phone_acc_dev_by_lr": {k: 100 * v for k, v in by_lr.items()}, "layer_weights": head.layer_weights(),
-            "_head": head, "_heads": heads}
+            "_head": head}
 
 
 # --------------------------------------------------------------------------- CTC phone recognizer
@@ -149,10 +148,9 @@ def edit_distance(a: list[int], b: list[int]) -> int:
 
 def ctc_probe(layers: list[np.ndarray], offsets: np.ndarray, phones: list[np.ndarray], split: list[str],
               num_classes: int, silence: int | None, lrs: list[float], epochs: int, batch: int, seed: int,
-              init: dict[float, Head] | None = None) -> dict:
-    """``phones``: per utterance, its 50 Hz frame labels; ``split`` per utterance. ``init``: the
-    frame classifier per learning rate, which the CTC head of that rate starts from (its phone
-    rows copied, the blank row zero)."""
+              init: Head | None = None) -> dict:
+    """``phones``: per utterance, its 50 Hz frame labels; ``split`` per utterance. ``init``: a
+    frame classifier the CTC head starts from (its phone rows copied, the blank row zero)."""
     utt_rows = lambda s: [i for i, sp in enumerate(split) if sp == s]  # noqa: E731
     train_u = utt_rows("train")
     train_frames = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in train_u])
@@ -180,10 +178,10 @@ def ctc_probe(layers: list[np.ndarray], offsets: np.ndarray, phones: list[np.nda
             with torch.no_grad():
                 head.linear.weight.zero_()
                 head.linear.bias.zero_()
-                head.linear.weight[:num_classes] = init[lr].linear.weight
-                head.linear.bias[:num_classes] = init[lr].linear.bias
+                head.linear.weight[:num_classes] = init.linear.weight
+                head.linear.bias[:num_classes] = init.linear.bias
                 if head.weights is not None:
-                    head.weights.copy_(init[lr].weights)
+                    head.weights.copy_(init.weights)
         opt = torch.optim.Adam(head.parameters(), lr=lr)
         rng = np.random.default_rng(seed)
         for _ in range(epochs):
@@ -201,7 +199,7 @@ def ctc_probe(layers: list[np.ndarray], offsets: np.ndarray, phones: list[np.nda
                 opt.step()
         return head, per(head, utt_rows("dev"))
 
-    (dev, lr, head), by_lr, _ = _sweep(train_one, lrs, higher_is_better=False)
+    (dev, lr, head), by_lr = _sweep(train_one, lrs, higher_is_better=False)
     return {"per": per(head, utt_rows("test")), "per_dev": dev, "per_lr": lr, "per_dev_by_lr": by_lr,
             "ctc_layer_weights": head.layer_weights()}
 
@@ -237,7 +235,7 @@ def speaker_probe(layers: list[np.ndarray], offsets: np.ndarray, speakers: list[
             opt.step()
         return head, accuracy(head, rows["dev"])
 
-    (dev, lr, head), by_lr, _ = _sweep(train_one, lrs, higher_is_better=True)
+    (dev, lr, head), by_lr = _sweep(train_one, lrs, higher_is_better=True)
     return {"speaker_acc": 100 * accuracy(head, rows["test"]), "speaker_acc_dev": 100 * dev, "speaker_lr": lr,
             "speaker_acc_dev_by_lr": {k: 100 * v for k, v in by_lr.items()}, "speakers": len(names),
             "speaker_layer_weights": head.layer_weights()}

@@ -94,12 +94,12 @@ class Prober:
             pc = cfg.phone
             res = self._timed("phone", linear.frame_probe, layers, self.phones, self.frame_split, es.num_phones,
                               pc.lrs, pc.epochs, pc.batch, pc.seed)
-            head, heads = res.pop("_head"), res.pop("_heads")
+            head = res.pop("_head")
             out.update(res)
             # CTC starts from the frame classifier probe-dev chose, at its learning rate.
             out.update(self._timed("ctc", linear.ctc_probe, layers, self.offsets,
                                    [u.phones for u in es.utterances], self.utt_split, es.num_phones, es.silence,
-                                   [res["phone_lr"]], pc.ctc_epochs, pc.batch, pc.seed, init=heads))
+                                   [res["phone_lr"]], pc.ctc_epochs, pc.batch, pc.seed, init=head))
             if len(layers) > 1:
                 w = head.layer_weights()
                 train_rows = self.frame_split == 0

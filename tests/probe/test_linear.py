@@ -34,7 +34,7 @@ def test_linear_probes_learn_separable_data_and_not_noise():
     frame_split = np.repeat([codes[s] for s in split], np.diff(offsets))
     res = frame_probe([x], np.concatenate(phones), frame_split, 5, [1e-2, 1e-1], 20, 256, 0)
     assert res["phone_acc"] > 95 and set(res["phone_acc_dev_by_lr"]) == {"0.01", "0.1"}
-    ctc = ctc_probe([x], offsets, phones, split, 5, None, [1e-2, 1e-1], 4, 4096, 0, init=res["_heads"])
+    ctc = ctc_probe([x], offsets, phones, split, 5, None, [1e-2, 1e-1], 4, 4096, 0, init=res["_head"])
     assert ctc["per"] < 20
     _, noise, _, _ = _data(rng, informative=False)
     assert frame_probe([noise], np.concatenate(phones), frame_split, 5, [1e-2], 20, 256, 0)["phone_acc"] < 40
