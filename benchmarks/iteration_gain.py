@@ -65,13 +65,20 @@ def run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
-def prepare_data(out: Path, hours: float, heldout_hours: float, seed: int, log: Path) -> tuple[Path, Path]:
-    """Training shards with MFCC k=100 labels, and held-out shards with phone alignments."""
+def prepare_data(out: Path, hours: float, heldout_hours: float, seed: int, log: Path,
+                 voices: list[str] | None = None, max_clauses: int = 3, stretch: float = 1.0) -> tuple[Path, Path]:
+    """Training shards with MFCC k=100 labels, and held-out shards with phone alignments:
+    other sentences (seed + 1000), every voice (so voices left out of ``voices`` are unseen in
+    training), the same sentence length and speaking rate."""
     data = out / "data"
     cfg = data / "iterate.yaml"
     data.mkdir(parents=True, exist_ok=True)
+    corpus = {"synth_hours": hours, "synth_seed": seed, "per_shard": 32, "synth_max_clauses": max_clauses,
+              "synth_stretch": stretch}
+    if voices is not None:
+        corpus["synth_voices"] = voices
     atomic_write_text(cfg, json.dumps({
-        "run_dir": str(data), "corpus": {"synth_hours": hours, "synth_seed": seed, "per_shard": 32},
+        "run_dir": str(data), "corpus": corpus,
         "iterations": [{"features": "mfcc", "k": 100, "fraction": 0.5, "max_frames": 400_000, "max_steps": 1}],
         "train_configs": [], "train_overrides": ["optim.warmup_steps=0"], "export": False, "jobs": 2}))
     for stage in ("corpus", "shards", "it1.features", "it1.kmeans", "it1.labels", "it1.quality"):
@@ -79,7 +86,7 @@ def prepare_data(out: Path, hours: float, heldout_hours: float, seed: int, log: 
     held = out / "heldout"
     if not (held / "shards" / "manifest.json").is_file():
         run([str(BIN / "pretrain"), "corpus", "synth", "--out", str(held / "corpus"), "--hours", str(heldout_hours),
-             "--seed", str(seed + 1000), "--jobs", "2"], log)
+             "--seed", str(seed + 1000), f"max_clauses={max_clauses}", f"stretch={stretch}", "--jobs", "2"], log)
         run([str(BIN / "pretrain"), "shards", "build", "--input", str(held / "corpus"), "--out",
              str(held / "shards"), "--per-shard", "32", "--jobs", "2"], log)
     return data / "shards", held / "shards"
@@ -138,11 +145,24 @@ def layer_states(model, waves: list[np.ndarray]) -> list[list[np.ndarray]]:
     return out
 
 
+def voice_of(key: str) -> str:
+    """The synthetic corpus's utterance ids are ``<voice>_<index>``."""
+    return key.rsplit("_", 1)[0]
+
+
+def logmel_50hz(wave: np.ndarray) -> np.ndarray:
+    """80-bin Kaldi log-mel on the models' 50 Hz grid (the probes' log-mel baseline)."""
+    from pretrain.probe.features import logmel_row
+
+    return logmel_row([wave]).layers[0]
+
+
 class Evaluator:
-    """Held-out PNMI of MFCC and of every layer of a model, each clustered at every k.
+    """Held-out PNMI of MFCC, log-mel and every layer of a model, each clustered at every k,
+    overall and per voice.
 
     The k-means samples are the frames of the same training utterances (a seeded choice of
-    ``sample_frames`` 50 Hz frames) for MFCC and for every layer; MFCC is scored once."""
+    ``sample_frames`` 50 Hz frames) for every row; the baselines are scored once."""
 
     def __init__(self, shards: Path, heldout: Path, ks: list[int], sample_frames: int, seed: int, threads: int):
         import faiss
@@ -156,6 +176,10 @@ class Evaluator:
         self.train_utts = [w for _, _, w in utterances(shards, sample_frames, seed)]
         held = list(utterances(heldout))
         self.held_utts = [w for _, _, w in held]
+        self.by_voice: dict[str, list[int]] = {}
+        for i, (_, key, _) in enumerate(held):
+            self.by_voice.setdefault(voice_of(key), []).append(i)
+        self.per_voice: dict = {}
         p50, p100 = phone_labels(heldout, 50), phone_labels(heldout, 100)
         self.num_phones = LabelSet(heldout, "phones50").num_classes
         self.y50 = [p50[(s, k)] for s, k, _ in held]
@@ -166,33 +190,66 @@ class Evaluator:
         mfcc_train = np.concatenate([mfcc_39(w) for w in self.train_utts])
         mfcc_held = [mfcc_39(w) for w in self.held_utts]
         self.mfcc: dict = {"mfcc_50hz": {}, "mfcc_100hz": {}}
+        self.per_voice["mfcc_50hz"] = {}
         for k in ks:
             centroids, _ = kmeans(mfcc_train, k, seed=seed)
             z = [assign(x, centroids)[0] for x in mfcc_held]
             self.mfcc["mfcc_100hz"][k] = pnmi(z, self.y100, k, self.num_phones)
             # MFCC frame 2i has the centre of 50 Hz frame i: the layers' frames exactly.
-            self.mfcc["mfcc_50hz"][k] = pnmi([zz[::2] for zz in z], self.y50, k, self.num_phones)
+            z50 = [zz[::2] for zz in z]
+            self.mfcc["mfcc_50hz"][k] = pnmi(z50, self.y50, k, self.num_phones)
+            self.per_voice["mfcc_50hz"][k] = self._voices(z50, k)
+        logmel = self.score(np.concatenate([logmel_50hz(w) for w in self.train_utts]),
+                            [logmel_50hz(w) for w in self.held_utts])
+        self.mfcc["logmel_50hz"] = {k: v for k, (v, _) in logmel.items()}
+        self.per_voice["logmel_50hz"] = {k: pv for k, (_, pv) in logmel.items()}
 
-    def layers(self, checkpoint: Path) -> dict:
-        """{"layer<i>": {k: PNMI}} of a model file or checkpoint folder."""
+    def _voices(self, z: list[np.ndarray], k: int) -> dict[str, float]:
+        return {v: pnmi([z[i] for i in idx], [self.y50[i] for i in idx], k, self.num_phones)
+                for v, idx in sorted(self.by_voice.items())}
+
+    def score(self, x_train: np.ndarray, held: list[np.ndarray]) -> dict[int, tuple[float, dict]]:
+        """{k: (held-out PNMI, per-voice PNMI)} of k-means fitted on ``x_train``."""
+        out = {}
+        for k in self.ks:
+            centroids, _ = kmeans(x_train, k, seed=self.seed)
+            z = [assign(u, centroids)[0] for u in held]
+            out[k] = (pnmi(z, self.y50, k, self.num_phones), self._voices(z, k))
+        return out
+
+    def layers(self, checkpoint: Path | None = None, model=None, per_voice: dict | None = None) -> dict:
+        """{"layer<i>": {k: PNMI}} of a model file or checkpoint folder (or of ``model``);
+        per-voice PNMI goes into ``per_voice`` when given."""
         from pretrain.model.checkpoint import load_model
 
-        model = load_model(checkpoint).eval()
+        if model is None:
+            model = load_model(checkpoint)
+        model = model.eval()
         train_states = layer_states(model, self.train_utts)
         held_states = layer_states(model, self.held_utts)
         table: dict = {}
         # Entry 0, the front end's output, is the model's own input: a trained layer has to do
         # better than it for the gain to be the Transformer's.
-        for layer in tqdm(range(0, model.cfg.encoder_layers + 1), desc=f"k-means of {checkpoint.name}",
-                          unit="layer"):
+        desc = f"k-means of {checkpoint.name if checkpoint else 'the model'}"
+        for layer in tqdm(range(0, model.cfg.encoder_layers + 1), desc=desc, unit="layer"):
             name = f"layer{layer}" if layer else f"input_{model.cfg.frontend}"
-            x = np.concatenate([u[layer] for u in train_states])
-            table[name] = {}
-            for k in self.ks:
-                centroids, _ = kmeans(x, k, seed=self.seed)
-                z = [assign(u[layer], centroids)[0] for u in held_states]
-                table[name][k] = pnmi(z, self.y50, k, self.num_phones)
+            scored = self.score(np.concatenate([u[layer] for u in train_states]), [u[layer] for u in held_states])
+            table[name] = {k: v for k, (v, _) in scored.items()}
+            if per_voice is not None:
+                per_voice[name] = {k: pv for k, (_, pv) in scored.items()}
         return table
+
+    def untrained(self, checkpoint: Path, seed: int = 0) -> dict:
+        """The same table for the model's untrained twin (same architecture, random weights)."""
+        import torch
+
+        from pretrain.model.checkpoint import load_model
+        from pretrain.model.hubert import HubertPretrain
+
+        trained = load_model(checkpoint)
+        torch.manual_seed(seed)
+        table = self.layers(model=HubertPretrain(trained.cfg, trained.labels))
+        return {name: row for name, row in table.items() if name.startswith("layer")}
 
     def verdict(self, table: dict) -> dict:
         """Per k: MFCC's PNMI (the larger of its two grids), the best layer and the gain."""
@@ -319,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"held-out PNMI ({evaluator.heldout_frames} frames at 50 Hz; k-means fitted on "
           f"{evaluator.train_frames} training frames at 50 Hz)")
     print("features       " + "".join(f"  k={k:<6}" for k in ks))
-    for row in ["mfcc_100hz", "mfcc_50hz", front, *[f"layer{i}" for i in range(1, layers + 1)]]:
+    for row in ["mfcc_100hz", "mfcc_50hz", "logmel_50hz", front, *[f"layer{i}" for i in range(1, layers + 1)]]:
         print(f"{row:<14} " + "".join(f"  {table[row][k]:.3f}  " for k in ks))
     if len(curve) > 1:
         print("\nbudget curve (best layer per k; MFCC " +

@@ -291,8 +291,9 @@ def _kmeans_assign_run(cfg: Any, argv: list[str], progress: bool) -> int:
 def _kmeans_quality_run(cfg: Any, argv: list[str], progress: bool) -> int:
     from pretrain.cluster.quality import quality
 
-    r = quality(cfg)
-    print(f"'{cfg.labels}' vs '{cfg.reference}' over {r['frames']} frames: PNMI {r['pnmi']:.4f}, phone purity "
+    r = quality(cfg, progress)
+    what = f"'{cfg.labels}'" if cfg.labels else f"k-means {cfg.kmeans}"
+    print(f"{what} vs '{cfg.reference}' over {r['frames']} frames: PNMI {r['pnmi']:.4f}, phone purity "
           f"{r['phone_purity']:.4f}, cluster purity {r['cluster_purity']:.4f}, usage perplexity "
           f"{r['usage_perplexity']:.1f} of {r['clusters']} ({r['empty_clusters']} empty); report in {cfg.out}")
     return 0

@@ -9,6 +9,9 @@ live under ``run_dir``::
     it<i>.kmeans  kmeans fit          -> run_dir/it<i>/kmeans
     it<i>.labels  kmeans assign       -> SHARDS/labels/it<i>_km<k>
     it<i>.quality kmeans quality      -> run_dir/it<i>/quality     (when phone references exist)
+    it<i>.heldout kmeans quality      -> run_dir/it<i>/heldout     (with eval: the k-means scored on held-out
+                                                                    shards; it<i>.mfcc_kmeans/.mfcc_heldout
+                                                                    an MFCC k-means at iteration i's k)
     it<i>.train   train               -> run_dir/it<i>/train
     it<i>.probe   probe               -> run_dir/it<i>/probe       (with eval: held-out probes)
     export        export hf           -> run_dir/hf
@@ -53,6 +56,9 @@ from pretrain.utils import PretrainError, atomic_write_json
 log = logging.getLogger(__name__)
 
 STAGES_DIR = "stages"
+
+ADDED_FIELDS = {"stretch": 1.0}
+"""Stage config fields added later, with the value runs made before them had."""
 
 
 @dataclass
@@ -111,7 +117,7 @@ def plan(cfg: IterateConfig) -> list[PlannedStage]:
     if cfg.corpus.synth_hours is not None:
         stages.append(PlannedStage("corpus", ["corpus", "synth", "--out", str(run / "corpus"), "--hours",
                                               str(cfg.corpus.synth_hours), "--seed", str(cfg.corpus.synth_seed),
-                                              f"max_clauses={cfg.corpus.synth_max_clauses}", "--jobs", jobs],
+                                              *_synth_options(cfg, cfg.corpus.synth_voices), "--jobs", jobs],
                                    [run / "corpus"], run / "corpus" / "corpus.json", []))
     if cfg.corpus.shards is None:
         source = str(run / "corpus") if cfg.corpus.synth_hours is not None else cfg.corpus.input
@@ -154,13 +160,19 @@ def plan(cfg: IterateConfig) -> list[PlannedStage]:
             stages.append(PlannedStage(f"it{i}.quality", ["kmeans", "quality", "--shards", str(shards), "--labels",
                                                           name, "--reference", reference, "--out", str(d / "quality")],
                                        [d / "quality"], d / "quality" / "quality.json", [labels.name]))
+        if eval_shards is not None and _has_phones50(cfg, eval_shards):
+            stages += _heldout_stages(cfg, run, i, it, eval_shards, eval_up, kmeans)
         train_argv = ["train"]
         for path in cfg.train_configs:
             train_argv += ["--config", str(Path(path).resolve())]
         train_argv += [*cfg.train_overrides, *it.train_overrides, f"run_dir={d / 'train'}",
                        f"data.shards={shards}", f"data.labels=[{name}]", f"optim.max_steps={it.max_steps}"]
+        train_up = [labels.name]
+        if it.init_from_previous:
+            train_argv.append(f"init_from={run / f'it{i - 1}' / 'train' / 'checkpoints' / f'step_{cfg.iterations[i - 2].max_steps}'}")
+            train_up.append(previous_train.name)
         previous_train = PlannedStage(f"it{i}.train", train_argv, [d / "train"],
-                                      d / "train" / "checkpoints" / "latest", [labels.name], train=True,
+                                      d / "train" / "checkpoints" / "latest", train_up, train=True,
                                       done_check=f"step_{it.max_steps}")
         stages.append(previous_train)
         if eval_shards is not None:
@@ -186,6 +198,45 @@ def plan(cfg: IterateConfig) -> list[PlannedStage]:
     return stages
 
 
+def _has_phones50(cfg: IterateConfig, eval_shards: Path) -> bool:
+    """Whether the evaluation shards have (or, synthesized, will have) 50 Hz phone labels."""
+    if cfg.eval.shards is None:
+        return True
+    return (eval_shards / "labels" / "phones50" / "meta.json").is_file()
+
+
+def _heldout_stages(cfg: IterateConfig, run: Path, i: int, it, eval_shards: Path, eval_up: list[str],
+                    kmeans: PlannedStage) -> list[PlannedStage]:
+    """Held-out PNMI of iteration ``i``'s k-means (fitted on the training shards, scored on the
+    evaluation shards), and for a model iteration whose k differs from iteration 1's, of an
+    MFCC k-means at the same k: the iteration gain compared at equal k."""
+    d = run / f"it{i}"
+
+    def score(name: str, kmeans_dir: Path, out: Path, up: list[str]) -> PlannedStage:
+        return PlannedStage(name, ["kmeans", "quality", "--shards", str(eval_shards), f"kmeans={kmeans_dir}",
+                                   "--reference", "phones50", "--out", str(out)],
+                            [out], out / "quality.json", [*up, *eval_up])
+
+    stages = [score(f"it{i}.heldout", d / "kmeans", d / "heldout", [kmeans.name])]
+    if i > 1 and it.k != cfg.iterations[0].k:
+        mfcc = PlannedStage(f"it{i}.mfcc_kmeans", ["kmeans", "fit", "--features", str(run / "it1" / "features"),
+                                                   "--out", str(d / "mfcc_kmeans"), "--k", str(it.k),
+                                                   "--seed", str(it.kmeans_seed)],
+                            [d / "mfcc_kmeans"], d / "mfcc_kmeans" / "centroids.npy", ["it1.features"])
+        stages += [mfcc, score(f"it{i}.mfcc_heldout", d / "mfcc_kmeans", d / "mfcc_heldout", [mfcc.name])]
+    return stages
+
+
+def _synth_options(cfg: IterateConfig, voices: list[str] | None) -> list[str]:
+    """The corpus options both synthesized corpora share (sentence length, speaking rate)."""
+    options = [f"max_clauses={cfg.corpus.synth_max_clauses}"]
+    if cfg.corpus.synth_stretch != 1.0:
+        options.append(f"stretch={cfg.corpus.synth_stretch}")
+    if voices is not None:
+        options.append(f"voices=[{','.join(voices)}]")
+    return options
+
+
 def _eval_stages(cfg: IterateConfig, run: Path, stages: list[PlannedStage], jobs: str) -> tuple[Path | None, list]:
     """The held-out evaluation corpus and shards the probes run on (``eval``)."""
     if cfg.eval.shards is not None:
@@ -196,7 +247,7 @@ def _eval_stages(cfg: IterateConfig, run: Path, stages: list[PlannedStage], jobs
     seed = cfg.corpus.synth_seed + cfg.eval.synth_seed_offset
     corpus = PlannedStage("eval.corpus", ["corpus", "synth", "--out", str(d / "corpus"), "--hours",
                                           str(cfg.eval.synth_hours), "--seed", str(seed),
-                                          f"max_clauses={cfg.corpus.synth_max_clauses}", "--jobs", jobs],
+                                          *_synth_options(cfg, cfg.eval.synth_voices), "--jobs", jobs],
                           [d / "corpus"], d / "corpus" / "corpus.json", [])
     shards = PlannedStage("eval.shards", ["shards", "build", "--input", str(d / "corpus"), "--out", str(d / "shards"),
                                           "--per-shard", str(cfg.corpus.per_shard), "--jobs", jobs],
@@ -221,6 +272,11 @@ def _fingerprint(stages: list[PlannedStage]) -> None:
         # log cadence must not redo a finished stage.
         for key in ("jobs", "device", "batch_samples", "task", "num_tasks", "overwrite", "threads"):
             stage.config.pop(key, None)
+        for key, default in ADDED_FIELDS.items():
+            # A field added to a stage's config after runs were made must not invalidate (and
+            # so delete) those runs while it keeps the value they were made with.
+            if stage.config.get(key, default) == default:
+                stage.config.pop(key, None)
         if stage.train:
             # Logging and the probes of saved checkpoints do not change the trained model.
             stage.config.pop("log", None)

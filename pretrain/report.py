@@ -24,13 +24,38 @@ def _metrics(train_dir: Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def _plot(path: Path, series: dict[str, tuple[list, list]], ylabel: str, title: str) -> None:
+REFERENCE_CURVES = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "reference_curves.json"
+"""Loss and masked accuracy per step of measured reference runs (``benchmarks/demo_gain.py``
+writes the demo's), drawn faintly behind a run's own: is my curve normal?"""
+
+
+def _reference_curves(cfg) -> tuple[dict, str]:
+    """{"reference it<i>": {"step", "loss", "acc_masked"}} of ``cfg.reference_curves``, and a
+    sentence saying where they come from (or why there are none)."""
+    name = getattr(cfg, "reference_curves", None)
+    if not name:
+        return {}, ""
+    if not REFERENCE_CURVES.is_file():
+        return {}, f"Reference curves '{name}' not drawn: {REFERENCE_CURVES} is not here (a source checkout has it)."
+    runs = json.loads(REFERENCE_CURVES.read_text())
+    if name not in runs:
+        return {}, f"Reference curves '{name}' not drawn: {REFERENCE_CURVES.name} has {', '.join(sorted(runs))}."
+    ref = runs[name]
+    curves = {f"reference {it}": c for it, c in ref["curves"].items()}
+    return curves, (f"Faint lines: the reference run '{name}' ({ref['description']}), for telling whether this "
+                    "run's curves are normal.")
+
+
+def _plot(path: Path, series: dict[str, tuple[list, list]], ylabel: str, title: str,
+          faint: dict[str, tuple[list, list]] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for j, (label, (x, y)) in enumerate((faint or {}).items()):
+        ax.plot(x, y, color=f"C{j}", alpha=0.25, lw=2.5, label=label)
     for label, (x, y) in series.items():
         ax.plot(x, y, label=label)
     ax.set_xlabel("step")
@@ -93,6 +118,7 @@ def write_report(cfg, stages) -> Path:
     out = run / "report"
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# pretrain iterate: {run.name}", ""]
+    lines += _verdict_section(cfg, run, out)
 
     # ---- time per stage
     records = {}
@@ -163,11 +189,16 @@ def write_report(cfg, stages) -> Path:
         lines.append(f"| {i} | it{i}_km{it.k} | {steps[-1]} | {metrics[-1]['loss']:.3f} | "
                      f"{metrics[-1].get('acc_masked', float('nan')):.3f} | {speed:.2f} |")
     if losses:
-        _plot(out / "loss.png", losses, "loss", "training loss")
-        _plot(out / "accuracy.png", accs, "masked accuracy", "masked-frame accuracy")
+        reference, ref_note = _reference_curves(cfg)
+        _plot(out / "loss.png", losses, "loss", "training loss",
+              {name: (c["step"], c["loss"]) for name, c in reference.items()})
+        _plot(out / "accuracy.png", accs, "masked accuracy", "masked-frame accuracy",
+              {name: (c["step"], c["acc_masked"]) for name, c in reference.items()})
         lines += ["", "![loss](report/loss.png) ![accuracy](report/accuracy.png)", "",
                   "Masked accuracy is against each iteration's own labels (k differs), so values of "
                   "different iterations are not comparable with each other."]
+        if ref_note:
+            lines += ["", ref_note]
     path = run / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
@@ -252,6 +283,107 @@ def _probe_plot(path: Path, records: list, metrics: list[str]) -> None:
         ax.set_xlabel("layer")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _best(row: dict | None, metric: str) -> tuple[float | None, str | None]:
+    """The best layer's value of a probe row (``None`` when the probe did not run)."""
+    from pretrain.probe.run import METRICS
+
+    if not row:
+        return None, None
+    have = {k: v[metric] for k, v in row["layers"].items() if k.isdigit() and v.get(metric) is not None}
+    if not have:
+        return None, None
+    k = (max if METRICS[metric][1] else min)(have, key=have.get)
+    return have[k], k
+
+
+def _heldout(run: Path, i: int, name: str) -> dict | None:
+    path = run / f"it{i}" / name / "quality.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _verdict_section(cfg, run: Path, out: Path) -> list[str]:
+    """The report's opening: does the method work on held-out speech? (a) each model
+    iteration's labels against MFCC labels at the same k (held-out PNMI); (b) the last
+    iteration's model against the one before on the best layer's phone probe and ABX within;
+    (c) every iteration's model against MFCC and the untrained twin on the phone probe."""
+    n = len(cfg.iterations)
+    probes = {i: json.loads(p.read_text()) for i in range(1, n + 1)
+              for p in [run / f"it{i}" / "probe" / "probe.json"] if p.is_file()}
+    claims: list[tuple[str, bool]] = []
+    pnmi_bars: dict[str, float] = {}
+    for i, it in enumerate(cfg.iterations, start=1):
+        if i == 1:
+            continue
+        mine = _heldout(run, i, "heldout")
+        mfcc = _heldout(run, 1, "heldout") if it.k == cfg.iterations[0].k else _heldout(run, i, "mfcc_heldout")
+        if mine and mfcc:
+            held = mine["pnmi"] > mfcc["pnmi"]
+            pnmi_bars[f"MFCC k={it.k}"] = mfcc["pnmi"]
+            pnmi_bars[f"it{i} labels k={it.k}"] = mine["pnmi"]
+            claims.append((f"(a) iteration {i}'s labels (it{i - 1} layer {_layer(run, i, it)}, k={it.k}) "
+                           f"{'beat' if held else 'did **not** beat'} MFCC labels at the same k on held-out "
+                           f"PNMI: {mine['pnmi']:.3f} vs {mfcc['pnmi']:.3f}", held))
+    first = probes.get(1, {}).get("rows", {})
+    models = {i: p["rows"].get("model") for i, p in probes.items()}
+    if n > 1 and models.get(n) and models.get(n - 1):
+        for metric, label in (("phone_acc", "frame phone accuracy"), ("abx_within", "ABX within speakers")):
+            new, new_l = _best(models[n], metric)
+            old, old_l = _best(models[n - 1], metric)
+            if new is None or old is None:
+                continue
+            held = new > old if metric == "phone_acc" else new < old
+            claims.append((f"(b) the iteration-{n} model {'beat' if held else 'did **not** beat'} the "
+                           f"iteration-{n - 1} model on {label} (best layers): {new:.1f} % (layer {new_l}) vs "
+                           f"{old:.1f} % (layer {old_l})", held))
+    mfcc_acc, _ = _best(first.get("mfcc"), "phone_acc")
+    untrained_acc, _ = _best(first.get("untrained"), "phone_acc")
+    for i, row in sorted(models.items()):
+        acc, layer = _best(row, "phone_acc")
+        for base, value in (("MFCC", mfcc_acc), ("the untrained twin", untrained_acc)):
+            if acc is not None and value is not None:
+                held = acc > value
+                claims.append((f"(c) the iteration-{i} model {'beat' if held else 'did **not** beat'} {base} on "
+                               f"frame phone accuracy: {acc:.1f} % (layer {layer}) vs {value:.1f} %", held))
+    if not claims:
+        return []
+    kept = sum(held for _, held in claims)
+    lines = ["## Verdict", "",
+             f"On held-out speech (the evaluation shards: other sentences, another seed), {kept} of "
+             f"{len(claims)} comparisons held. " + "; ".join(text for text, _ in claims) + ".", ""]
+    _verdict_plot(out / "verdict.png", pnmi_bars, first, models)
+    lines += ["![verdict](report/verdict.png)", ""]
+    return lines
+
+
+def _verdict_plot(path: Path, pnmi_bars: dict, first: dict, models: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(name, first.get(key)) for key, name in (("mfcc", "MFCC"), ("logmel", "log-mel"),
+                                                      ("untrained", "untrained"))]
+    rows += [(f"it{i}", row) for i, row in sorted(models.items())]
+    panels = [("held-out PNMI of the labels ↑", list(pnmi_bars), list(pnmi_bars.values()))]
+    for metric, title in (("phone_acc", "phone accuracy, best layer (%) ↑"), ("abx_within", "ABX within, best layer (%) ↓")):
+        got = [(name, _best(row, metric)[0]) for name, row in rows]
+        got = [(name, v) for name, v in got if v is not None]
+        panels.append((title, [name for name, _ in got], [v for _, v in got]))
+    panels = [p for p in panels if p[1]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.4), squeeze=False)
+    for ax, (title, names, values) in zip(axes[0], panels):
+        colors = ["C7" if not name.startswith("it") else f"C{j}" for j, name in enumerate(names)]
+        ax.bar(range(len(names)), values, color=colors)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        for x, v in enumerate(values):
+            ax.text(x, v, f"{v:.3f}" if v < 1 else f"{v:.1f}", ha="center", va="bottom", fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -146,3 +146,40 @@ def test_an_fbank_run_with_export_is_refused_before_anything_runs(tmp_path):
     assert [s.name for s in plan(load_config(IterateConfig, [REPO / "configs/demo.yaml"],
                                              [*overrides, "export=false"]))][-1] == "it2.probe"
     assert not (tmp_path / "run").exists()
+
+
+def test_the_protocol_corpus_axes_reach_both_corpora_and_old_runs_keep_their_fingerprints(tmp_path):
+    """Voices, sentence length and speaking rate of the synthesized corpora; the held-out one has
+    every voice unless told otherwise; a rate left at 1.0 fingerprints as runs made before
+    the field existed did (so upgrading never invalidates, and deletes, a finished corpus)."""
+    from pretrain.config import load_config
+    from pretrain.config.iterate import IterateConfig
+    from pretrain.iterate import plan
+
+    base = [f"run_dir={tmp_path / 'run'}", "export=false"]
+
+    def stages(*overrides: str) -> dict:
+        return {s.name: s for s in plan(load_config(IterateConfig, [REPO / "configs/demo.yaml"], [*base, *overrides]))}
+
+    plain = stages()
+    assert "stretch" not in plain["corpus"].config and "stretch" not in " ".join(plain["corpus"].argv)
+    varied = stages("corpus.synth_voices=[flite-awb,espeak-m3]", "corpus.synth_stretch=1.2",
+                    "corpus.synth_max_clauses=1")
+    corpus, held = varied["corpus"].config, varied["eval.corpus"].config
+    assert corpus["voices"] == ["flite-awb", "espeak-m3"] and corpus["stretch"] == 1.2 and corpus["max_clauses"] == 1
+    assert len(held["voices"]) == 11 and held["stretch"] == 1.2 and held["max_clauses"] == 1
+    assert varied["corpus"].fingerprint != plain["corpus"].fingerprint
+    assert stages("eval.synth_voices=[flite-rms]")["eval.corpus"].config["voices"] == ["flite-rms"]
+    # Held-out label quality: each iteration's k-means on the evaluation shards; an MFCC
+    # k-means at a model iteration's k only where it differs from iteration 1's.
+    same_k = stages("iterations.1.k=100")
+    assert "it2.heldout" in same_k and "it2.mfcc_heldout" not in same_k
+    assert same_k["it2.heldout"].argv[:4] == ["kmeans", "quality", "--shards", str(tmp_path / "run/eval/shards")]
+    other_k = stages("iterations.1.k=300")
+    assert other_k["it2.mfcc_kmeans"].upstream == ["it1.features"] and "it2.mfcc_heldout" in other_k
+    # init_from_previous: iteration 2 trains from iteration 1's final backbone.
+    init = stages("iterations.0.max_steps=70", "iterations.1.init_from_previous=true")["it2.train"]
+    assert f"init_from={tmp_path / 'run/it1/train/checkpoints/step_70'}" in init.argv
+    assert "it1.train" in init.upstream
+    with pytest.raises(Exception, match="iteration 1 has no previous model to start from"):
+        stages("iterations.0.init_from_previous=true")

@@ -73,10 +73,53 @@ def scores(counts: np.ndarray) -> dict:
     }
 
 
-def quality(cfg: KmeansQualityConfig) -> dict:
-    counts, hyp, ref = joint_counts(cfg.shards, cfg.labels, cfg.reference)
-    report = {"labels": cfg.labels, "reference": cfg.reference, "label_rate": hyp.label_rate,
-              "provenance": hyp.meta.get("provenance", {}), **scores(counts)}
+def kmeans_counts(shards: str | Path, kmeans_dir: str | Path, reference: str,
+                  progress: bool = True) -> tuple[np.ndarray, dict, LabelSet]:
+    """(reference classes, clusters) frame counts of the labels a k-means gives these shards,
+    computed in memory: the held-out score of a k-means fitted elsewhere."""
+    from tqdm import tqdm
+
+    from pretrain.cluster.kmeans import assign, load_kmeans
+    from pretrain.features.extract import Extractor, FeatureSpec, check_features, shard_utterances
+
+    centroids, record = load_kmeans(kmeans_dir)
+    spec = FeatureSpec.from_dict(record["spec"])
+    ref = LabelSet(shards, reference)
+    if spec.rate % ref.label_rate:
+        raise PretrainError(f"k-means {kmeans_dir} labels at {spec.rate} Hz cannot be scored against "
+                            f"'{reference}' at {ref.label_rate} Hz")
+    step = spec.rate // ref.label_rate
+    extractor = Extractor(spec)
+    counts = np.zeros((ref.num_classes, len(centroids)), dtype=np.int64)
+    names = [s["name"] for s in read_manifest(shards)["shards"]]
+    for name in tqdm(names, desc=f"score {Path(kmeans_dir).name}", unit="shard", disable=not progress):
+        y_shard = ref.load_shard(name)
+        for key, wave in shard_utterances(Path(shards) / name):
+            if key not in y_shard:
+                raise LabelError(f"shard {name}, key '{key}': no '{reference}' labels")
+            feats = extractor([wave])[0]
+            check_features(feats, spec, len(wave), f"shard {name}, key '{key}'")
+            # A 100 Hz frame 2i has the centre of 50 Hz frame i.
+            z, y = assign(feats, centroids)[0][::step], y_shard[key]
+            if abs(len(y) - len(z)) > 1:
+                raise LabelError(f"shard {name}, key '{key}': {len(z)} labels from {kmeans_dir} vs "
+                                 f"{len(y)} '{reference}' labels")
+            n = min(len(y), len(z))
+            np.add.at(counts, (y[:n], z[:n]), 1)
+    return counts, record, ref
+
+
+def quality(cfg: KmeansQualityConfig, progress: bool = True) -> dict:
+    if cfg.kmeans is not None:
+        counts, record, ref = kmeans_counts(cfg.shards, cfg.kmeans, cfg.reference, progress)
+        report = {"labels": None, "kmeans": str(Path(cfg.kmeans).resolve()), "reference": cfg.reference,
+                  "label_rate": ref.label_rate, "provenance": {"spec": record["spec"], "k": record["k"],
+                                                               "centroids_sha256": record["centroids_sha256"]},
+                  **scores(counts)}
+    else:
+        counts, hyp, ref = joint_counts(cfg.shards, cfg.labels, cfg.reference)
+        report = {"labels": cfg.labels, "reference": cfg.reference, "label_rate": hyp.label_rate,
+                  "provenance": hyp.meta.get("provenance", {}), **scores(counts)}
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     names = _reference_names(ref)
@@ -124,7 +167,7 @@ def _plot_cooccurrence(counts: np.ndarray, names: list[str], path: Path, report:
     ax.set_yticks(range(len(names)))
     ax.set_yticklabels(names, fontsize=6)
     ax.set_xlabel(f"cluster ({len(used)} used, ordered by most likely phone)")
-    ax.set_title(f"p(phone | cluster) — {report['labels']}: PNMI {report['pnmi']:.3f}, "
+    ax.set_title(f"p(phone | cluster) — {report['labels'] or Path(report['kmeans']).parent.name}: PNMI {report['pnmi']:.3f}, "
                  f"phone purity {report['phone_purity']:.3f}")
     fig.tight_layout()
     _save(fig, path)

@@ -184,8 +184,15 @@ class KmeansQualityConfig:
     shards: str = MISSING
     """Shard directory holding both label sets."""
 
-    labels: str = MISSING
-    """The cluster label set to judge."""
+    labels: Optional[str] = None
+    """The cluster label set to judge (a label set stored in ``shards``)."""
+
+    kmeans: Optional[str] = None
+    """Instead of ``labels``: a ``kmeans fit`` folder whose labels are computed for these
+    shards in memory (features as it was fitted on, nothing written into the shards). This is
+    the held-out check: k-means fitted on training shards, scored on evaluation shards. A
+    100 Hz k-means scored against a 50 Hz reference uses every second frame (frame ``2i`` has
+    the centre of 50 Hz frame ``i``)."""
 
     reference: str = "phones100"
     """The reference label set (phone alignments) at the same label rate: the synthetic
@@ -193,3 +200,7 @@ class KmeansQualityConfig:
 
     out: str = MISSING
     """Report folder: ``quality.json``, ``cooccurrence.png``, ``usage.png``."""
+
+    def validate(self) -> None:
+        if (self.labels is None) == (self.kmeans is None):
+            raise ConfigError("set exactly one of 'labels' and 'kmeans'", field="labels")

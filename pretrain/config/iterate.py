@@ -24,6 +24,12 @@ class IterCorpusConfig:
     synth_max_clauses: int = 3
     """Sentence length of the synthesized corpus (1 .. this many clauses)."""
 
+    synth_voices: Optional[list[str]] = None
+    """Voices of the synthesized corpus (``pretrain corpus synth``'s ``voices``); unset: all."""
+
+    synth_stretch: float = 1.0
+    """Speaking-rate factor of the synthesized corpus (``pretrain corpus synth``'s ``stretch``)."""
+
     input: Optional[str] = None
     """A corpus to shard into ``run_dir/shards`` (folder, TSV or JSONL manifest)."""
 
@@ -75,6 +81,12 @@ class IterationConfig:
     """``key=value`` overrides of this iteration's training config, after ``train_overrides``
     of the run."""
 
+    init_from_previous: bool = False
+    """Start this iteration's training from the previous iteration's final backbone (train
+    ``init_from``; new label embeddings and projection) instead of from scratch, as the
+    paper does. Continuing pays when training is short (the demo); at the paper's budget each
+    iteration starts from scratch."""
+
     def validate(self) -> None:
         if self.features not in ("mfcc", "model"):
             raise ConfigError(f"must be 'mfcc' or 'model', got '{self.features}'", field="features")
@@ -100,6 +112,10 @@ class IterEvalConfig:
 
     synth_seed_offset: int = 1000
     """The evaluation corpus's seed is the training corpus's plus this."""
+
+    synth_voices: Optional[list[str]] = None
+    """Voices of the evaluation corpus; unset: every voice, so voices left out of
+    ``corpus.synth_voices`` are speakers the model never heard."""
 
     shards: Optional[str] = None
     """Existing evaluation shards (with ``phones50``/``phones100`` and speakers) instead."""
@@ -166,6 +182,11 @@ class IterateConfig:
     ``phones50`` when the shards have them (synthetic corpora), ``null`` skips the report's
     quality part."""
 
+    reference_curves: Optional[str] = None
+    """A reference run in ``benchmarks/results/reference_curves.json`` (``demo``,
+    ``small_cpu``) whose loss and masked-accuracy curves the report draws faintly behind this
+    run's, to tell a normal run from a broken one; unset: none."""
+
     export: bool = True
     """Export the last iteration's model to ``run_dir/hf`` (transformers)."""
 
@@ -183,6 +204,8 @@ class IterateConfig:
             raise ConfigError(f"must be >= 1, got {self.nproc}", field="nproc")
         if self.jobs < 0:
             raise ConfigError(f"must be >= 0, got {self.jobs}", field="jobs")
+        if self.iterations[0].init_from_previous:
+            raise ConfigError("iteration 1 has no previous model to start from", field="iterations.0.init_from_previous")
         for i, it in enumerate(self.iterations):
             if it.features == "model" and it.layer == "auto" and not self.eval.enabled:
                 raise ConfigError("layer 'auto' picks the layer by the previous iteration's probes: set "

@@ -171,6 +171,14 @@ class TrainConfig:
     probe: TrainProbeConfig = field(default_factory=TrainProbeConfig)
     """Probes (ABX, phone, speaker) of saved checkpoints while training runs."""
 
+    init_from: Optional[str] = None
+    """A model file or checkpoint folder whose backbone (front end, Transformer, mask
+    embedding) a new run starts from; the label embeddings and ``final_proj`` start fresh,
+    since they belong to the old label set (the choice of HuBERT's continued iterations in
+    later work, and what continued pretraining needs). The backbone's shape fields of
+    ``model`` must match the file's. Read only when the run has no checkpoint: a resumed run
+    continues from its own."""
+
     max_bad_steps: int = 10
     """Stop after this many consecutive steps with a non-finite loss or gradient norm."""
 

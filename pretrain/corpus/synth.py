@@ -76,7 +76,7 @@ class Plan:
 def plan_utterance(cfg: CorpusSynthConfig, index: int) -> Plan:
     rng = np.random.default_rng([cfg.seed, index])
     text = sentence(rng, cfg.max_clauses)
-    stretch = float(rng.uniform(1 - cfg.rate_jitter, 1 + cfg.rate_jitter))
+    stretch = cfg.stretch * float(rng.uniform(1 - cfg.rate_jitter, 1 + cfg.rate_jitter))
     lo, hi = cfg.edge_silence
     lead, trail = (float(x) for x in rng.uniform(lo, hi, size=2))
     return Plan(index, cfg.voices[index % len(cfg.voices)], text, stretch, lead, trail,

@@ -29,7 +29,7 @@ from pretrain.data.pipeline import ShardLoader
 from pretrain.distributed import read_env, requeue_slurm_job, slurm_job_id, slurm_restart_count
 from pretrain.distributed import engine as dist_engine
 from pretrain.frames import conv_num_frames
-from pretrain.model.checkpoint import save_model
+from pretrain.model.checkpoint import load_model, resolve_model_file, save_model
 from pretrain.train.probes import ProbeScheduler
 from pretrain.model.hubert import HubertPretrain, LabelSpec
 from pretrain.train.checkpoint import CheckpointManager, rng_state, set_rng_state
@@ -68,6 +68,23 @@ def check_resumable(manifest: dict, cfg: TrainConfig, specs: list[LabelSpec], st
         raise PretrainError(f"cannot resume from checkpoint step_{step}: these fields shape the model and "
                             f"differ from the checkpoint: {'; '.join(changes)}. Start a new run_dir to "
                             "train another model.")
+
+
+def init_backbone(model: HubertPretrain, path: str) -> str:
+    """Copy the backbone of the model at ``path`` into ``model``; a clear error naming the
+    differing ``model`` fields when the shapes do not fit. Returns the file it read."""
+    file = resolve_model_file(path)
+    source = load_model(file)
+    mine, theirs = model.backbone.state_dict(), source.backbone.state_dict()
+    misfit = sorted(set(mine) ^ set(theirs)) + sorted(k for k in set(mine) & set(theirs)
+                                                       if mine[k].shape != theirs[k].shape)
+    if misfit:
+        fields = [f"model.{k}: {v!r} (init_from) vs {getattr(model.cfg, k)!r}"
+                  for k, v in asdict(source.cfg).items() if getattr(model.cfg, k) != v]
+        raise PretrainError(f"init_from {file}: its backbone does not fit this model config "
+                            f"({', '.join(misfit[:3])}); fields that differ: {'; '.join(fields)}")
+    model.backbone.load_state_dict(theirs, strict=True)
+    return str(file)
 
 
 def _batches(loader: ShardLoader):
@@ -113,6 +130,10 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, fault: dict | None = 
         universal = checkpoints.prepare_load(resume, cfg.deepspeed.zero_stage)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = HubertPretrain(cfg.model, specs)
+    if resume is None and cfg.init_from is not None:
+        source = init_backbone(model, cfg.init_from)
+        if dist.is_main:
+            log.info("new run: backbone from %s; label embeddings and final_proj initialized fresh", source)
     engine = dist_engine.build_engine(model, cfg, load_universal=universal)
 
     step = 0

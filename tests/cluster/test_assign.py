@@ -85,3 +85,38 @@ def test_centroids_of_another_feature_dimension_are_refused(fitted, tmp_path):
     np.save(other / "centroids.npy", np.zeros((25, 40), np.float32))
     with pytest.raises(PretrainError, match=r"centroids.npy has shape \(25, 40\)"):
         assign_labels(assign_cfg(shards, other), progress=False)
+
+
+def test_a_kmeans_scored_in_memory_equals_its_stored_labels_and_never_writes(fitted, tmp_path):
+    """``kmeans quality kmeans=DIR``, the held-out check, counts exactly what scoring the
+    assigned label set counts, writes nothing into the shards, and scores a 100 Hz k-means
+    against 50 Hz phones on every second frame."""
+    from pretrain.cluster.quality import kmeans_counts, quality
+    from pretrain.config.cluster import KmeansQualityConfig
+    from pretrain.config.core import ConfigError
+
+    shards, km = fitted
+    assign_labels(assign_cfg(shards, km, "name=held"), progress=False)
+    stored = quality(load_config(KmeansQualityConfig, [], [f"shards={shards}", "labels=held", "reference=phones100",
+                                                           f"out={tmp_path / 'stored'}"]))
+    before = sorted(p.name for p in (shards / "labels").iterdir())
+    memory = quality(load_config(KmeansQualityConfig, [], [f"shards={shards}", f"kmeans={km}",
+                                                           "reference=phones100", f"out={tmp_path / 'mem'}"]),
+                     progress=False)
+    assert sorted(p.name for p in (shards / "labels").iterdir()) == before
+    for key in ("frames", "pnmi", "phone_purity", "cluster_purity", "usage_perplexity"):
+        assert memory[key] == stored[key], key
+    assert memory["labels"] is None and memory["kmeans"] == str(km.resolve())
+
+    counts50, _, _ = kmeans_counts(shards, km, "phones50", progress=False)
+    labels, phones = LabelSet(shards, "held"), LabelSet(shards, "phones50")
+    expected = np.zeros_like(counts50)
+    for shard in read_manifest(shards)["shards"]:
+        z, y = labels.load_shard(shard["name"]), phones.load_shard(shard["name"])
+        for key in y:
+            n = min(len(y[key]), len(z[key][::2]))
+            np.add.at(expected, (y[key][:n], z[key][::2][:n]), 1)
+    assert (counts50 == expected).all() and 0 < counts50.sum() < memory["frames"]
+
+    with pytest.raises(ConfigError, match="exactly one of 'labels' and 'kmeans'"):
+        load_config(KmeansQualityConfig, [], [f"shards={shards}", "labels=held", f"kmeans={km}", "out=x"])

@@ -9,6 +9,7 @@ import pytest
 import soundfile as sf
 
 from pretrain.config import load_config
+from pretrain.config.core import ConfigError
 from pretrain.config.corpus import CorpusSynthConfig
 from pretrain.corpus import synth as synth_mod
 from pretrain.corpus.engines import VOICES, RawUtterance, SynthesisError
@@ -87,6 +88,25 @@ def test_seed_changes_the_corpus():
     cfg1 = load_config(CorpusSynthConfig, [], ["out=x", "count=5", "seed=1"])
     assert [plan_utterance(cfg0, i).text for i in range(5)] != [plan_utterance(cfg1, i).text for i in range(5)]
     assert plan_utterance(cfg0, 3) == plan_utterance(cfg0, 3)
+
+
+def test_stretch_slows_every_voice_and_leaves_the_default_corpus_as_it_was(tmp_path):
+    """The protocol's speaking-rate axis: ``stretch`` scales each utterance's drawn duration
+    factor; at 1.0 the plans are those of a config without it."""
+    base = load_config(CorpusSynthConfig, [], ["out=x", "count=6", "seed=4"])
+    slow = load_config(CorpusSynthConfig, [], ["out=x", "count=6", "seed=4", "stretch=1.3"])
+    for i in range(6):
+        a, b = plan_utterance(base, i), plan_utterance(slow, i)
+        assert b.stretch == pytest.approx(1.3 * a.stretch) and (b.text, b.lead) == (a.text, a.lead)
+    voices = ["festival-kal", "flite-awb", "espeak-m3"]  # one per engine
+    args = ("count=3", "max_clauses=1", "seed=4", "jobs=2", f"voices=[{','.join(voices)}]")
+    synthesize_corpus(corpus_cfg(tmp_path / "a", *args), progress=False)
+    synthesize_corpus(corpus_cfg(tmp_path / "b", *args, "stretch=1.3"), progress=False)
+    for a, b in zip(records(tmp_path / "a"), records(tmp_path / "b")):
+        speech_a = a["duration"] - 0.6  # at most 0.3 s of added silence at each end
+        assert b["duration"] > 1.15 * speech_a, (a["voice"], a["duration"], b["duration"])
+    with pytest.raises(ConfigError, match="stretch"):
+        load_config(CorpusSynthConfig, [], ["out=x", "count=1", "stretch=3"])
 
 
 def test_hours_gives_the_shortest_prefix_reaching_the_target(tmp_path):

@@ -42,3 +42,30 @@ def test_resume_refuses_changed_model_fields_by_name_and_allows_safe_ones():
     assert "step_8" in str(err.value)
     with pytest.raises(PretrainError, match=r"data.labels .*\[\['km', 100, 50\]\] -> \[\['km', 500, 50\]\]"):
         check_resumable(saved, cfg(), [LabelSpec("km", 500, 50)], 8)
+
+
+def test_init_from_copies_the_backbone_and_starts_the_label_heads_fresh(tmp_path):
+    import torch
+
+    from pretrain.model.checkpoint import save_model
+    from pretrain.model.hubert import HubertPretrain
+    from pretrain.train.loop import init_backbone
+
+    torch.manual_seed(0)
+    old = HubertPretrain(cfg().model, [LabelSpec("it1_km100", 100, 100)])
+    save_model(tmp_path / "model.pt", old)
+    torch.manual_seed(1)
+    new = HubertPretrain(cfg().model, [LabelSpec("it2_km500", 500, 50)])
+    fresh_proj = new.final_proj.weight.detach().clone()
+    assert init_backbone(new, str(tmp_path)) == str(tmp_path / "model.pt")  # a folder holding model.pt
+    for (name, a), b in zip(old.backbone.state_dict().items(), new.backbone.state_dict().values()):
+        assert torch.equal(a, b), name
+    # The heads belong to the new label set: untouched by the copy.
+    assert torch.equal(new.final_proj.weight, fresh_proj) and new.label_embs[0].shape == (500, 32)
+
+    wider = HubertPretrain(cfg("model.encoder_embed_dim=96").model, [LabelSpec("km", 10, 50)])
+    with pytest.raises(PretrainError, match=r"does not fit this model config.*model.encoder_embed_dim: 64 "
+                                            r"\(init_from\) vs 96"):
+        init_backbone(wider, str(tmp_path / "model.pt"))
+    with pytest.raises(PretrainError, match="no model file"):
+        init_backbone(new, str(tmp_path / "missing"))
