@@ -207,6 +207,41 @@ def plot(results: list[dict], ks: list[int], path: Path) -> None:
     atomic_savefig(fig, path, dpi=110)
 
 
+def curve_points(result: dict, k: int) -> list[tuple[float, float]]:
+    """(training minutes, best layer's PNMI minus MFCC's) at every scored checkpoint."""
+    mfcc = result["per_k"][k]["pnmi_mfcc"]
+    points = [(p["minutes"], max(v[str(k)] if str(k) in v else v[k] for n, v in p["table"].items()
+                                 if n.startswith("layer")) - mfcc)
+              for p in result["curve"] if p.get("minutes") is not None]
+    final_minutes = max((p["minutes"] for p in result["curve"] if p.get("minutes")), default=0.0)
+    steps = result["steps"] or 1
+    last = result["curve"][-1]["step"] if result["curve"] else 0
+    # The final checkpoint's minutes, extrapolated from the last scored one's step time.
+    final = final_minutes * steps / last if last else result["train_minutes"]
+    return points + [(final, result["per_k"][k]["gain"])]
+
+
+def plot_curves(results: list[dict], ks: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(ks), figsize=(5.5 * len(ks), 3.6), squeeze=False)
+    for ax, k in zip(axes[0], ks):
+        for r in results:
+            pts = curve_points(r, k)
+            ax.plot([m for m, _ in pts], [g for _, g in pts], marker="o", ms=3, label=r["corpus"])
+        ax.axhline(0, color="k", ls="--", lw=1)
+        ax.set_xlabel("training minutes (2 CPU cores)")
+        ax.set_ylabel("best layer PNMI − MFCC PNMI (held out)")
+        ax.set_title(f"k = {k}")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    atomic_savefig(fig, path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs" / "small_cpu.yaml"), help="training config")
@@ -221,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample-frames", type=int, default=150_000, help="training frames each k-means is fitted on")
     ap.add_argument("--threads", type=int, default=2, help="threads of the evaluation (torch and FAISS)")
     ap.add_argument("--curve", action="store_true", help="also score every kept checkpoint (the budget curve)")
+    ap.add_argument("--write-reference", action="store_true",
+                    help="store the first corpus's training curves as the 'small_cpu' reference curves")
+    ap.add_argument("--report-only", action="store_true",
+                    help="no training or scoring: summarize the per-corpus results already in OUT")
     args = ap.parse_args(argv)
     args.ks = [int(k) for k in args.ks.split(",")]
     out = Path(args.out).resolve()
@@ -233,16 +272,33 @@ def main(argv: list[str] | None = None) -> int:
     crops = train_config_fields(config, args.set)
     results = []
     for name in names:
-        result = run_corpus(name, CORPORA[name], args, config, crops, out / f"{name}.commands.log")
-        atomic_write_json(out / name / f"{args.name}.json", result)
+        saved = out / name / f"{args.name}.json"
+        if args.report_only:
+            result = json.loads(saved.read_text())
+            result["per_k"] = {int(k): v for k, v in result["per_k"].items()}
+        else:
+            result = run_corpus(name, CORPORA[name], args, config, crops, out / f"{name}.commands.log")
+            atomic_write_json(saved, result)
         results.append(result)
+    if args.write_reference:
+        from demo_gain import curves_of, write_reference
+
+        first = results[0]
+        write_reference("small_cpu", {
+            "description": f"configs/small_cpu.yaml on the protocol's {first['corpus']} corpus, iteration 1, "
+                           f"{first['train_minutes']:.1f} min on 2 CPU cores (benchmarks/gain_protocol.py)",
+            "curves": {"it1": curves_of(Path(first["run_dir"]))}})
     verdict, md = report(results, args.ks, args)
     atomic_write_text(out / f"protocol_{args.name}.md", md)
     plot(results, args.ks, out / f"protocol_{args.name}.png")
+    if any(r["curve"] for r in results):
+        plot_curves(results, args.ks, out / f"protocol_{args.name}_curve.png")
     print(md)
     record = {"name": args.name, "config": args.config, "overrides": args.set, **verdict,
               "corpora": {r["corpus"]: {"per_k": r["per_k"], "train_minutes": r["train_minutes"],
-                                        "steps": r["steps"], "acc_masked": r["acc_masked"], "stats": r["stats"]}
+                                        "steps": r["steps"], "acc_masked": r["acc_masked"], "stats": r["stats"],
+                                        "table": r["table"], "untrained": r["untrained"],
+                                        "curve": {str(k): curve_points(r, k) for k in args.ks}}
                           for r in results}}
     atomic_write_json(out / f"protocol_{args.name}.json", record)
     print(json.dumps(record))

@@ -146,8 +146,8 @@ def layer_states(model, waves: list[np.ndarray]) -> list[list[np.ndarray]]:
 
 
 def voice_of(key: str) -> str:
-    """The synthetic corpus's utterance ids are ``<voice>_<index>``."""
-    return key.rsplit("_", 1)[0]
+    """The synthetic corpus's shard keys are ``<voice>/<voice>_<index>``."""
+    return key.rsplit("/", 1)[-1].rsplit("_", 1)[0]
 
 
 def logmel_50hz(wave: np.ndarray) -> np.ndarray:

@@ -19,6 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 def OVERRIDES(run: Path, corpus: Path, eval_shards: Path) -> list[str]:
     return [f"run_dir={run}", "corpus.synth_hours=null", f"corpus.input={corpus}", "corpus.per_shard=2",
             "iterations.0.k=20", "iterations.0.max_steps=4", "iterations.1.k=30", "iterations.1.max_steps=4",
+            # The tiny waveform model, so that the export to transformers is exercised too (the
+            # demo's own Fbank model is run by tests/test_demo.py).
+            f"train_configs=[{REPO / 'configs/model/tiny.yaml'},{REPO / 'configs/train/tiny_cpu.yaml'}]", "export=true",
             "train_overrides=[log.every=1,checkpoint.every=2,data.max_tokens=40000,optim.warmup_steps=1]",
             "eval.synth_hours=null", f"eval.shards={eval_shards}",
             # 3 utterances of each of the 11 voices: one per split
@@ -55,7 +58,7 @@ def test_two_iterations_rerun_interruption_and_invalidation(tiny_corpus, small_s
     # Second attempt resumes it: the finished stages are skipped, training continues at step 2.
     second = iterate(run, tiny_corpus, small_shards)
     assert second.returncode == 0, second.stderr[-4000:]
-    assert "3 stages run (it2.train, it2.probe, export), 11 skipped" in second.stdout
+    assert "3 stages run (it2.train, it2.probe, export), 15 skipped" in second.stdout
     assert "resumed from step 2" in second.stderr
     steps = [json.loads(line)["step"] for line in (run / "it2/train/metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
@@ -73,6 +76,8 @@ def test_two_iterations_rerun_interruption_and_invalidation(tiny_corpus, small_s
         assert 0 < quality["pnmi"] < 1
         model = load_model(run / f"it{i}/train/checkpoints/step_4")
         assert [s.name for s in model.labels] == [f"it{i}_km{k}"]
+    # init_from_previous (the demo's): iteration 2 started from iteration 1's final backbone.
+    assert f"backbone from {run / 'it1/train/checkpoints/step_4/model.pt'}" in first.stderr
     # layer: auto (the demo's) clustered the layer iteration 1's held-out phone probe ranked best.
     from pretrain.probe.run import chosen_layer
 
@@ -84,14 +89,25 @@ def test_two_iterations_rerun_interruption_and_invalidation(tiny_corpus, small_s
     hf = transformers.HubertModel.from_pretrained(run / "hf")
     assert hf.config.num_hidden_layers == 2
     report = (run / "report.md").read_text()
-    for png in ("stages", "quality", "loss", "accuracy", "probes"):
+    for png in ("verdict", "stages", "quality", "loss", "accuracy", "probes"):
         assert f"report/{png}.png" in report and (run / "report" / f"{png}.png").stat().st_size > 1000
     assert "PNMI" in report and "on PNMI:" in report
     assert "## Probes on held-out speech" in report
+    # The report opens with the verdict: held-out label PNMI at equal k (iteration 2's k=30
+    # differs from iteration 1's, so an MFCC k-means at k=30 was fitted for it), then the
+    # models' probes against each other and the baselines.
+    assert report.index("## Verdict") < report.index("## Time per stage")
+    held = {name: json.loads((run / f"{name}/quality.json").read_text())
+            for name in ("it1/heldout", "it2/heldout", "it2/mfcc_heldout")}
+    assert {h["label_rate"] for h in held.values()} == {50}
+    assert held["it2/mfcc_heldout"]["clusters"] == held["it2/heldout"]["clusters"] == 30
+    assert (f"MFCC labels at the same k on held-out PNMI: {held['it2/heldout']['pnmi']:.3f} vs "
+            f"{held['it2/mfcc_heldout']['pnmi']:.3f}") in report
+    assert "(b) the iteration-2 model" in report and "(c) the iteration-1 model" in report
     for row in ("| MFCC-39 |", "| log-mel 80 |", "| untrained |", "| it1 |", "| it2 |", "| it2 weighted sum |"):
         assert row in report, report
     records = {p.stem: json.loads(p.read_text()) for p in (run / "stages").glob("*.json")}
-    assert len(records) == 14 and len(records["it2.train"]["attempts"]) == 2
+    assert len(records) == 18 and len(records["it2.train"]["attempts"]) == 2
 
     # A rerun does no work.
     mtimes = {p: p.stat().st_mtime_ns for p in (run / "stages").glob("*.json")}
@@ -112,7 +128,8 @@ def test_two_iterations_rerun_interruption_and_invalidation(tiny_corpus, small_s
     stages = plan(changed)
     with caplog.at_level(logging.WARNING, logger="pretrain.iterate"):
         stale = invalidate_changed(changed, stages)
-    assert stale == ["it2.kmeans", "it2.labels", "it2.quality", "it2.train", "it2.probe", "export"]
+    assert stale == ["it2.kmeans", "it2.labels", "it2.quality", "it2.heldout", "it2.mfcc_kmeans", "it2.mfcc_heldout",
+                     "it2.train", "it2.probe", "export"]
     assert "stage it2.kmeans: its config changed (k: 30 -> 25)" in caplog.text
     assert not (run / "it2/kmeans").exists() and not (shards / "labels/it2_km30").exists()
     assert not (run / "it2/train").exists() and (run / "it2/features/meta.json").is_file()
@@ -127,7 +144,8 @@ def test_two_iterations_rerun_interruption_and_invalidation(tiny_corpus, small_s
                            capture_output=True, text=True, timeout=300, cwd=REPO)
     assert fifth.returncode == 0, fifth.stderr
     listed = [line.split()[2].rstrip(":") for line in fifth.stdout.splitlines() if line.startswith("# iterate ")]
-    assert listed == ["it2.kmeans", "it2.labels", "it2.quality", "it2.train", "it2.probe", "export"]
+    assert listed == ["it2.kmeans", "it2.labels", "it2.quality", "it2.heldout", "it2.mfcc_kmeans",
+                      "it2.mfcc_heldout", "it2.train", "it2.probe", "export"]
     assert "--only it2.train" in fifth.stdout and "#SBATCH --ntasks-per-node=2" in fifth.stdout
     assert "#SBATCH --array=0-1" in fifth.stdout  # label assignment as an array job
     assert not (run / "slurm").exists()  # a dry run writes nothing

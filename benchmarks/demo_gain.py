@@ -1,0 +1,119 @@
+"""The demo, measured: `pretrain iterate --config configs/demo.yaml` into an empty folder, timed,
+then the iteration gain read from its own outputs on the held-out shards:
+
+- ``pnmi_mfcc`` / ``pnmi_it2``: held-out PNMI of the MFCC labels and of iteration 2's labels at
+  iteration 2's k (``it<i>.heldout`` / ``it2.mfcc_heldout``);
+- ``phone_acc_it1`` / ``phone_acc_it2``: frame phone accuracy of each model's best layer;
+- ``abx_within_it1`` / ``abx_within_it2``: ABX error within speakers of each model's best layer;
+- the baselines' phone accuracy (MFCC, log-mel, the untrained twin) and the verdict lines of
+  the report.
+
+``--write-reference`` stores the run's loss and masked-accuracy curves as the ``demo`` entry of
+``benchmarks/results/reference_curves.json`` (drawn faintly in every report that names it).
+The last line is JSON.
+
+    python benchmarks/demo_gain.py --out /tmp/demo_gain              # about 15 min on 2 cores
+    python benchmarks/demo_gain.py --out /tmp/demo_gain --set iterations.0.max_steps=300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pretrain.report import REFERENCE_CURVES, _best, _metrics  # noqa: E402
+from pretrain.utils import atomic_write_json  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def curves_of(train_dir: Path) -> dict:
+    """A training run's loss and masked accuracy per logged step."""
+    rows = _metrics(train_dir)
+    return {"step": [r["step"] for r in rows], "loss": [r["loss"] for r in rows],
+            "acc_masked": [r.get("acc_masked") for r in rows]}
+
+
+def reference_entry(run: Path, iterations: int, description: str) -> dict:
+    return {"description": description,
+            "curves": {f"it{i}": curves_of(run / f"it{i}" / "train") for i in range(1, iterations + 1)}}
+
+
+def write_reference(name: str, entry: dict) -> None:
+    runs = json.loads(REFERENCE_CURVES.read_text()) if REFERENCE_CURVES.is_file() else {}
+    runs[name] = entry
+    atomic_write_json(REFERENCE_CURVES, runs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="iterate override")
+    ap.add_argument("--out", default="/tmp/demo_gain", help="run directory (emptied first)")
+    ap.add_argument("--keep", action="store_true", help="reuse what is in --out (no fresh run, no timing)")
+    ap.add_argument("--write-reference", action="store_true",
+                    help="store this run's curves as the 'demo' reference curves")
+    args = ap.parse_args(argv)
+    run = Path(args.out).resolve()
+    if run.exists() and not args.keep:
+        shutil.rmtree(run)
+    start = time.perf_counter()
+    cmd = [str(BIN / "pretrain"), "iterate", "--config", args.config, f"run_dir={run}", *args.set, "--no-progress"]
+    rc = subprocess.run(cmd, cwd=ROOT).returncode
+    minutes = (time.perf_counter() - start) / 60
+    if rc:
+        sys.exit(f"the demo failed (exit {rc}): {' '.join(cmd)}")
+    from pretrain.cli import resolve
+
+    _, cfg, _, _ = resolve(["iterate", "--config", args.config, f"run_dir={run}", *args.set])
+    n = len(cfg.iterations)
+    k = cfg.iterations[-1].k
+
+    def heldout(i: int, name: str) -> float:
+        return json.loads((run / f"it{i}" / name / "quality.json").read_text())["pnmi"]
+
+    probes = {i: json.loads((run / f"it{i}" / "probe" / "probe.json").read_text()) for i in range(1, n + 1)}
+    rows = probes[1]["rows"]
+    record = {"minutes": minutes, "k": k,
+              "pnmi_mfcc": heldout(1, "heldout") if k == cfg.iterations[0].k else heldout(n, "mfcc_heldout"),
+              f"pnmi_it{n}": heldout(n, "heldout"), "pnmi_it1_labels": heldout(1, "heldout")}
+    for i in range(1, n + 1):
+        for metric, key in (("phone_acc", "phone_acc"), ("abx_within", "abx_within"), ("abx_across", "abx_across")):
+            value, layer = _best(probes[i]["rows"]["model"], metric)
+            record[f"{key}_it{i}"], record[f"{key}_it{i}_layer"] = value, layer
+    for name in ("mfcc", "logmel", "untrained"):
+        for metric in ("phone_acc", "abx_within"):
+            record[f"{metric}_{name}"] = _best(rows.get(name), metric)[0]
+    stages = {p.stem: json.loads(p.read_text()).get("seconds") for p in (run / "stages").glob("*.json")}
+    record["stage_seconds"] = stages
+    report = (run / "report.md").read_text()
+    verdict = next((line for line in report.splitlines() if line.startswith("On held-out speech")), "")
+    record["verdict"] = verdict
+    record["criteria"] = {
+        "a_it2_labels_beat_mfcc": record[f"pnmi_it{n}"] > record["pnmi_mfcc"],
+        "b_phone_acc_it2_beats_it1": record[f"phone_acc_it{n}"] > record["phone_acc_it1"],
+        "b_abx_within_it2_beats_it1": record[f"abx_within_it{n}"] < record["abx_within_it1"],
+        "c_models_beat_mfcc_phone_acc": all(record[f"phone_acc_it{i}"] > record["phone_acc_mfcc"]
+                                            for i in range(1, n + 1)),
+        "c_models_beat_untrained_phone_acc": all(record[f"phone_acc_it{i}"] > record["phone_acc_untrained"]
+                                                 for i in range(1, n + 1)),
+    }
+    if args.write_reference:
+        write_reference("demo", reference_entry(run, n, f"configs/demo.yaml as measured by benchmarks/demo_gain.py, "
+                                                        f"{minutes:.1f} min on 2 CPU cores"))
+    atomic_write_json(run / "demo_gain.json", record)
+    print(verdict)
+    print(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
