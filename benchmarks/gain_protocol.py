@@ -25,7 +25,6 @@ gives mean and spread of the gain over corpora; ``OUT/protocol.json``, ``OUT/pro
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -38,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from iteration_gain import Evaluator, prepare_data, train, training_summary  # noqa: E402
+from iteration_gain import (Evaluator, finish_minutes_plot, prepare_data, train,  # noqa: E402
+                            training_arguments, training_summary)
 
 from pretrain.corpus.engines import VOICES  # noqa: E402
 from pretrain.corpus.phones import PHONES, SILENCE  # noqa: E402
@@ -233,23 +233,12 @@ def plot_curves(results: list[dict], ks: list[int], path: Path) -> None:
             pts = curve_points(r, k)
             ax.plot([m for m, _ in pts], [g for _, g in pts], marker="o", ms=3, label=r["corpus"])
         ax.axhline(0, color="k", ls="--", lw=1)
-        ax.set_xlabel("training minutes (2 CPU cores)")
-        ax.set_ylabel("best layer PNMI − MFCC PNMI (held out)")
-        ax.set_title(f"k = {k}")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    atomic_savefig(fig, path, dpi=110)
+    finish_minutes_plot(fig, axes, ks, "best layer PNMI − MFCC PNMI (held out)", path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(ROOT / "configs" / "small_cpu.yaml"), help="training config")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training override")
-    ap.add_argument("--name", default="small_cpu", help="run name (one run per corpus under OUT/<corpus>/runs)")
-    ap.add_argument("--out", default="/tmp/gain_protocol", help="work folder (data is reused across runs)")
+    ap = training_arguments(__doc__, "run name (one run per corpus under OUT/<corpus>/runs)", "/tmp/gain_protocol")
     ap.add_argument("--corpora", default=",".join(CORPORA), help=f"which of {', '.join(CORPORA)}")
-    ap.add_argument("--hours", type=float, default=1.5, help="training corpus hours")
     ap.add_argument("--heldout-hours", type=float, default=0.3, help="held-out corpus hours")
     ap.add_argument("--nproc", type=int, default=2, help="training processes")
     ap.add_argument("--ks", default="100,500", help="cluster counts")

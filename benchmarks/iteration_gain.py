@@ -12,8 +12,8 @@ corpus (other sentences, same voices, synthesized with another seed):
    ``OUT/runs/NAME`` (training time is the wall time of that command, start-up included; a
    rerun after an interruption resumes the run, and then only the last attempt is timed);
 3. held-out corpus and shards (``pretrain corpus synth``, ``pretrain shards build``);
-4. k-means (FAISS, the pipeline's ``kmeans``) of MFCC, of the model's own input (the front
-   end's output) and of every layer of every kept checkpoint, each at k=100 and k=500, fitted
+4. k-means (FAISS, the pipeline's ``kmeans``) of MFCC, 80-bin log-mel, the model's own input
+   (the front end's output) and every layer of every kept checkpoint, each at k=100 and k=500, fitted
    on the frames of the same training utterances; held-out frames assigned and scored; the
    checkpoints give the budget curve (``--no-curve``: the final one only).
 
@@ -22,7 +22,7 @@ the centre of 50 Hz frame ``i``); MFCC's PNMI on its own 100 Hz grid is printed 
 verdict uses the larger of the two. The last line is JSON: ``pnmi_mfcc``, ``pnmi_best_layer``
 and ``best_layer`` at k=100, everything else per k, the budget and the verdict.
 
-    python benchmarks/iteration_gain.py                      # the recipe, ~67 min on 2 cores
+    python benchmarks/iteration_gain.py                      # the recipe, ~15 min on 2 cores
     python benchmarks/iteration_gain.py --set optim.max_steps=500 --name short
     python benchmarks/iteration_gain.py --eval-only OUT/runs/NAME   # score a trained run again
 """
@@ -304,8 +304,14 @@ def plot_curve(curve: list[dict], mfcc: dict, ks: list[int], path: Path) -> None
         front = next((name for name in curve[-1]["table"] if name.startswith("input_")), None)
         if front:  # the model's own input: fixed, so one value
             ax.axhline(curve[-1]["table"][front][k], color="grey", ls=":", label=f"{front} (model input)")
+    finish_minutes_plot(fig, axes, ks, "held-out PNMI", path)
+
+
+def finish_minutes_plot(fig, axes, ks: list[int], ylabel: str, path: Path) -> None:
+    """Axes of training minutes, one panel per k; legend on the first; saved atomically."""
+    for ax, k in zip(axes[0], ks):
         ax.set_xlabel("training minutes (2 CPU cores)")
-        ax.set_ylabel("held-out PNMI")
+        ax.set_ylabel(ylabel)
         ax.set_title(f"k = {k}")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
@@ -313,13 +319,19 @@ def plot_curve(curve: list[dict], mfcc: dict, ks: list[int], path: Path) -> None
     atomic_savefig(fig, path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def training_arguments(doc: str, name_help: str, out: str) -> argparse.ArgumentParser:
+    """The options both gain benchmarks share: the training config and the corpus size."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs" / "small_cpu.yaml"), help="training config")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training override")
-    ap.add_argument("--name", default="small_cpu", help="run name under OUT/runs")
-    ap.add_argument("--out", default="/tmp/iteration_gain", help="work folder (data is reused across runs)")
+    ap.add_argument("--name", default="small_cpu", help=name_help)
+    ap.add_argument("--out", default=out, help="work folder (data is reused across runs)")
     ap.add_argument("--hours", type=float, default=1.5, help="training corpus hours")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = training_arguments(__doc__, "run name under OUT/runs", "/tmp/iteration_gain")
     ap.add_argument("--heldout-hours", type=float, default=0.3, help="held-out corpus hours")
     ap.add_argument("--seed", type=int, default=0, help="corpus seed (held-out: seed + 1000)")
     ap.add_argument("--nproc", type=int, default=2, help="training processes")

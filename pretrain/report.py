@@ -301,6 +301,12 @@ def _best(row: dict | None, metric: str) -> tuple[float | None, str | None]:
     return have[k], k
 
 
+def _pct(v: float) -> str:
+    """A percentage with the digits that matter: ABX errors of one or two percent differ in
+    the second decimal."""
+    return f"{v:.2f}" if v < 10 else f"{v:.1f}"
+
+
 def _heldout(run: Path, i: int, name: str) -> dict | None:
     path = run / f"it{i}" / name / "quality.json"
     return json.loads(path.read_text()) if path.is_file() else None
@@ -338,8 +344,8 @@ def _verdict_section(cfg, run: Path, out: Path) -> list[str]:
                 continue
             held = new > old if metric == "phone_acc" else new < old
             claims.append((f"(b) the iteration-{n} model {'beat' if held else 'did **not** beat'} the "
-                           f"iteration-{n - 1} model on {label} (best layers): {new:.1f} % (layer {new_l}) vs "
-                           f"{old:.1f} % (layer {old_l})", held))
+                           f"iteration-{n - 1} model on {label} (best layers): {_pct(new)} % (layer {new_l}) vs "
+                           f"{_pct(old)} % (layer {old_l})", held))
     mfcc_acc, _ = _best(first.get("mfcc"), "phone_acc")
     untrained_acc, _ = _best(first.get("untrained"), "phone_acc")
     for i, row in sorted(models.items()):
@@ -377,11 +383,14 @@ def _verdict_plot(path: Path, pnmi_bars: dict, first: dict, models: dict) -> Non
     panels = [p for p in panels if p[1]]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.4), squeeze=False)
     for ax, (title, names, values) in zip(axes[0], panels):
-        colors = ["C7" if not name.startswith("it") else f"C{j}" for j, name in enumerate(names)]
+        # One colour per iteration in every panel, grey for the baselines.
+        colors = [f"C{int(name[2:].split()[0]) - 1}" if name.startswith("it") else "C7" for name in names]
         ax.bar(range(len(names)), values, color=colors)
+        if title.startswith("held-out PNMI"):  # the differences are hundredths: no zero baseline
+            ax.set_ylim(min(values) - 0.05, max(values) + 0.02)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
         for x, v in enumerate(values):
-            ax.text(x, v, f"{v:.3f}" if v < 1 else f"{v:.1f}", ha="center", va="bottom", fontsize=7)
+            ax.text(x, v, f"{v:.3f}" if v < 1 else _pct(v), ha="center", va="bottom", fontsize=7)
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
