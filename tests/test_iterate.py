@@ -158,7 +158,7 @@ def test_an_fbank_run_with_export_is_refused_before_anything_runs(tmp_path):
     from pretrain.utils import PretrainError
 
     overrides = [f"run_dir={tmp_path / 'run'}", f"train_configs=[{REPO / 'configs/small_cpu.yaml'}]"]
-    cfg = load_config(IterateConfig, [REPO / "configs/demo.yaml"], overrides)
+    cfg = load_config(IterateConfig, [REPO / "configs/demo.yaml"], [*overrides, "export=true"])
     with pytest.raises(PretrainError, match="export: .*model.frontend='fbank'.*set export=false"):
         plan(cfg)
     assert [s.name for s in plan(load_config(IterateConfig, [REPO / "configs/demo.yaml"],
