@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pretrain.report import REFERENCE_CURVES, _best, _metrics  # noqa: E402
+from pretrain.report import REFERENCE_CURVES, _metrics, best_of  # noqa: E402
 from pretrain.utils import atomic_write_json  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -81,17 +81,16 @@ def main(argv: list[str] | None = None) -> int:
         return json.loads((run / f"it{i}" / name / "quality.json").read_text())["pnmi"]
 
     probes = {i: json.loads((run / f"it{i}" / "probe" / "probe.json").read_text()) for i in range(1, n + 1)}
-    rows = probes[1]["rows"]
     record = {"minutes": minutes, "k": k,
               "pnmi_mfcc": heldout(1, "heldout") if k == cfg.iterations[0].k else heldout(n, "mfcc_heldout"),
               f"pnmi_it{n}": heldout(n, "heldout"), "pnmi_it1_labels": heldout(1, "heldout")}
     for i in range(1, n + 1):
         for metric, key in (("phone_acc", "phone_acc"), ("abx_within", "abx_within"), ("abx_across", "abx_across")):
-            value, layer = _best(probes[i]["rows"]["model"], metric)
+            value, layer = best_of(probes[i], "model", metric)
             record[f"{key}_it{i}"], record[f"{key}_it{i}_layer"] = value, layer
     for name in ("mfcc", "logmel", "untrained"):
         for metric in ("phone_acc", "abx_within"):
-            record[f"{metric}_{name}"] = _best(rows.get(name), metric)[0]
+            record[f"{metric}_{name}"] = best_of(probes[1], name, metric)[0]
     stages = {p.stem: json.loads(p.read_text()).get("seconds") for p in (run / "stages").glob("*.json")}
     record["stage_seconds"] = stages
     report = (run / "report.md").read_text()

@@ -105,7 +105,7 @@ def run_corpus(name: str, spec: dict, args, config: Path, crops: dict, log: Path
     ckpt = run_dir / "checkpoints"
     final = ckpt / (ckpt / "latest").read_text().strip()
     per_voice = dict(ev.per_voice)
-    table = {**ev.mfcc, **ev.layers(final, per_voice=per_voice)}
+    table = {**ev.baselines, **ev.layers(final, per_voice=per_voice)}
     untrained = ev.untrained(final)
     curve = []
     if args.curve:
@@ -210,15 +210,19 @@ def plot(results: list[dict], ks: list[int], path: Path) -> None:
 def curve_points(result: dict, k: int) -> list[tuple[float, float]]:
     """(training minutes, best layer's PNMI minus MFCC's) at every scored checkpoint."""
     mfcc = result["per_k"][k]["pnmi_mfcc"]
-    points = [(p["minutes"], max(v[str(k)] if str(k) in v else v[k] for n, v in p["table"].items()
-                                 if n.startswith("layer")) - mfcc)
-              for p in result["curve"] if p.get("minutes") is not None]
-    final_minutes = max((p["minutes"] for p in result["curve"] if p.get("minutes")), default=0.0)
-    steps = result["steps"] or 1
-    last = result["curve"][-1]["step"] if result["curve"] else 0
-    # The final checkpoint's minutes, extrapolated from the last scored one's step time.
-    final = final_minutes * steps / last if last else result["train_minutes"]
-    return points + [(final, result["per_k"][k]["gain"])]
+    points = [(p["minutes"], max(row[k] for name, row in p["table"].items() if name.startswith("layer")) - mfcc)
+              for p in result["curve"]]
+    minutes = training_summary(Path(result["run_dir"]))["step_minutes"][result["steps"]]
+    return points + [(minutes, result["per_k"][k]["gain"])]
+
+
+def load_result(path: Path) -> dict:
+    """A corpus's saved result with its k keys back as integers (JSON made them strings)."""
+    result = json.loads(path.read_text())
+    result["per_k"] = {int(k): v for k, v in result["per_k"].items()}
+    for point in result["curve"]:
+        point["table"] = {name: {int(k): v for k, v in row.items()} for name, row in point["table"].items()}
+    return result
 
 
 def plot_curves(results: list[dict], ks: list[int], path: Path) -> None:
@@ -263,8 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         saved = out / name / f"{args.name}.json"
         if args.report_only:
-            result = json.loads(saved.read_text())
-            result["per_k"] = {int(k): v for k, v in result["per_k"].items()}
+            result = load_result(saved)
         else:
             result = run_corpus(name, CORPORA[name], args, config, crops, out / f"{name}.commands.log")
             atomic_write_json(saved, result)

@@ -189,19 +189,19 @@ class Evaluator:
 
         mfcc_train = np.concatenate([mfcc_39(w) for w in self.train_utts])
         mfcc_held = [mfcc_39(w) for w in self.held_utts]
-        self.mfcc: dict = {"mfcc_50hz": {}, "mfcc_100hz": {}}
+        self.baselines: dict = {"mfcc_50hz": {}, "mfcc_100hz": {}}
         self.per_voice["mfcc_50hz"] = {}
         for k in ks:
             centroids, _ = kmeans(mfcc_train, k, seed=seed)
             z = [assign(x, centroids)[0] for x in mfcc_held]
-            self.mfcc["mfcc_100hz"][k] = pnmi(z, self.y100, k, self.num_phones)
+            self.baselines["mfcc_100hz"][k] = pnmi(z, self.y100, k, self.num_phones)
             # MFCC frame 2i has the centre of 50 Hz frame i: the layers' frames exactly.
             z50 = [zz[::2] for zz in z]
-            self.mfcc["mfcc_50hz"][k] = pnmi(z50, self.y50, k, self.num_phones)
+            self.baselines["mfcc_50hz"][k] = pnmi(z50, self.y50, k, self.num_phones)
             self.per_voice["mfcc_50hz"][k] = self._voices(z50, k)
         logmel = self.score(np.concatenate([logmel_50hz(w) for w in self.train_utts]),
                             [logmel_50hz(w) for w in self.held_utts])
-        self.mfcc["logmel_50hz"] = {k: v for k, (v, _) in logmel.items()}
+        self.baselines["logmel_50hz"] = {k: v for k, (v, _) in logmel.items()}
         self.per_voice["logmel_50hz"] = {k: pv for k, (_, pv) in logmel.items()}
 
     def _voices(self, z: list[np.ndarray], k: int) -> dict[str, float]:
@@ -256,7 +256,7 @@ class Evaluator:
         out = {}
         layers = [name for name in table if name.startswith("layer")]
         for k in self.ks:
-            mfcc = max(self.mfcc["mfcc_50hz"][k], self.mfcc["mfcc_100hz"][k])
+            mfcc = max(self.baselines["mfcc_50hz"][k], self.baselines["mfcc_100hz"][k])
             best = max(layers, key=lambda name: table[name][k])
             out[k] = {"pnmi_mfcc": mfcc, "pnmi_best_layer": table[best][k], "best_layer": int(best[5:]),
                       "gain": table[best][k] - mfcc}
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     t_eval = time.perf_counter() - t1
 
     final = curve[-1]
-    table = {**evaluator.mfcc, **final["table"]}
+    table = {**evaluator.baselines, **final["table"]}
     layers = sum(name.startswith("layer") for name in final["table"])
     front = next(name for name in final["table"] if name.startswith("input_"))
     print(f"\nrun {run_dir}: {summary['steps']} steps, {(summary['train_seconds'] or 0) / 60:.1f} min training "
@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
                             for k in ks)
             print(f"{point['step']!s:<7} {point['minutes'] or 0:7.1f}  {point['acc_masked'] or 0:10.3f}  {cells}")
         if all(point["minutes"] is not None for point in curve):
-            plot_curve(curve, evaluator.mfcc, ks, run_dir / "iteration_gain.png")
+            plot_curve(curve, evaluator.baselines, ks, run_dir / "iteration_gain.png")
             print(f"plot: {run_dir / 'iteration_gain.png'}")
     verdict = final["verdict"]
     k0 = ks[0]

@@ -231,26 +231,23 @@ def _probe_section(cfg, run: Path, out: Path) -> list[str]:
         return lines
     lines += ["| features | " + " | ".join(METRICS[m][0] for m in metrics) + " |", "|---|" + "---|" * len(metrics)]
 
-    def cell(row: dict, metric: str, layer: str | None = None) -> str:
-        layers = row["layers"]
-        if layer is not None:
-            v = layers.get(layer, {}).get(metric)
+    def cell(record: dict, name: str, metric: str, weighted: bool = False) -> str:
+        if weighted:
+            v = record["rows"][name]["layers"]["weighted"].get(metric)
             return "–" if v is None else (f"{v:.3f}" if metric == "pnmi" else f"{v:.1f}")
-        have = {k: v[metric] for k, v in layers.items() if k.isdigit() and v.get(metric) is not None}
-        if not have:
+        v, k = best_of(record, name, metric)
+        if v is None:
             return "–"
-        k = (max if METRICS[metric][1] else min)(have, key=have.get)
-        v = have[k]
         text = f"{v:.3f}" if metric == "pnmi" else f"{v:.1f}"
         return text if k == "0" else f"{text} ({k})"
 
-    table = [(label, row) for name, label in (("mfcc", "MFCC-39"), ("logmel", "log-mel 80"), ("untrained", "untrained"))
-             for row in [first["rows"].get(name)] if row]
-    table += [(f"it{i}", r["rows"]["model"]) for i, r in records if "model" in r["rows"]]
-    for label, row in table:
-        lines.append(f"| {label} | " + " | ".join(cell(row, m) for m in metrics) + " |")
-        if "weighted" in row["layers"]:
-            lines.append(f"| {label} weighted sum | " + " | ".join(cell(row, m, "weighted") for m in metrics) + " |")
+    table = [(label, first, name) for name, label in (("mfcc", "MFCC-39"), ("logmel", "log-mel 80"),
+                                                      ("untrained", "untrained")) if name in first["rows"]]
+    table += [(f"it{i}", r, "model") for i, r in records if "model" in r["rows"]]
+    for label, record, name in table:
+        lines.append(f"| {label} | " + " | ".join(cell(record, name, m) for m in metrics) + " |")
+        if "weighted" in record["rows"][name]["layers"]:
+            lines.append(f"| {label} weighted sum | " + " | ".join(cell(record, name, m, True) for m in metrics) + " |")
     _probe_plot(out / "probes.png", records, metrics)
     lines += ["", "![probes per layer](report/probes.png)", "",
               "Per iteration: " + ", ".join(f"[it{i}](it{i}/probe/probe.md)" for i, _ in records) + "."]
@@ -288,17 +285,11 @@ def _probe_plot(path: Path, records: list, metrics: list[str]) -> None:
     plt.close(fig)
 
 
-def _best(row: dict | None, metric: str) -> tuple[float | None, str | None]:
-    """The best layer's value of a probe row (``None`` when the probe did not run)."""
-    from pretrain.probe.run import METRICS
-
-    if not row:
-        return None, None
-    have = {k: v[metric] for k, v in row["layers"].items() if k.isdigit() and v.get(metric) is not None}
-    if not have:
-        return None, None
-    k = (max if METRICS[metric][1] else min)(have, key=have.get)
-    return have[k], k
+def best_of(record: dict | None, row: str, metric: str) -> tuple[float | None, str | None]:
+    """The best single layer's value and number of a row in a ``probe.json`` (as the probe
+    recorded it in ``best``); ``None`` when that row or probe did not run."""
+    best = (record or {}).get("best", {}).get(row, {}).get(metric)
+    return (None, None) if best is None else (best["value"], str(best["layer"]))
 
 
 def _pct(v: float) -> str:
@@ -334,22 +325,20 @@ def _verdict_section(cfg, run: Path, out: Path) -> list[str]:
             claims.append((f"(a) iteration {i}'s labels (it{i - 1} layer {_layer(run, i, it)}, k={it.k}) "
                            f"{'beat' if held else 'did **not** beat'} MFCC labels at the same k on held-out "
                            f"PNMI: {mine['pnmi']:.3f} vs {mfcc['pnmi']:.3f}", held))
-    first = probes.get(1, {}).get("rows", {})
-    models = {i: p["rows"].get("model") for i, p in probes.items()}
-    if n > 1 and models.get(n) and models.get(n - 1):
+    if n > 1 and n in probes and n - 1 in probes:
         for metric, label in (("phone_acc", "frame phone accuracy"), ("abx_within", "ABX within speakers")):
-            new, new_l = _best(models[n], metric)
-            old, old_l = _best(models[n - 1], metric)
+            new, new_l = best_of(probes[n], "model", metric)
+            old, old_l = best_of(probes[n - 1], "model", metric)
             if new is None or old is None:
                 continue
             held = new > old if metric == "phone_acc" else new < old
             claims.append((f"(b) the iteration-{n} model {'beat' if held else 'did **not** beat'} the "
                            f"iteration-{n - 1} model on {label} (best layers): {_pct(new)} % (layer {new_l}) vs "
                            f"{_pct(old)} % (layer {old_l})", held))
-    mfcc_acc, _ = _best(first.get("mfcc"), "phone_acc")
-    untrained_acc, _ = _best(first.get("untrained"), "phone_acc")
-    for i, row in sorted(models.items()):
-        acc, layer = _best(row, "phone_acc")
+    mfcc_acc, _ = best_of(probes.get(1), "mfcc", "phone_acc")
+    untrained_acc, _ = best_of(probes.get(1), "untrained", "phone_acc")
+    for i, record in sorted(probes.items()):
+        acc, layer = best_of(record, "model", "phone_acc")
         for base, value in (("MFCC", mfcc_acc), ("the untrained twin", untrained_acc)):
             if acc is not None and value is not None:
                 held = acc > value
@@ -361,28 +350,28 @@ def _verdict_section(cfg, run: Path, out: Path) -> list[str]:
     lines = ["## Verdict", "",
              f"On held-out speech (the evaluation shards: other sentences, another seed), {kept} of "
              f"{len(claims)} comparisons held. " + "; ".join(text for text, _ in claims) + ".", ""]
-    _verdict_plot(out / "verdict.png", pnmi_bars, first, models)
+    _verdict_plot(out / "verdict.png", pnmi_bars, probes)
     lines += ["![verdict](report/verdict.png)", ""]
     return lines
 
 
-def _verdict_plot(path: Path, pnmi_bars: dict, first: dict, models: dict) -> None:
+def _verdict_plot(path: Path, pnmi_bars: dict, probes: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [(name, first.get(key)) for key, name in (("mfcc", "MFCC"), ("logmel", "log-mel"),
-                                                      ("untrained", "untrained"))]
-    rows += [(f"it{i}", row) for i, row in sorted(models.items())]
-    panels = [("held-out PNMI of the labels ↑", list(pnmi_bars), list(pnmi_bars.values()))]
+    rows = [(name, probes.get(1), key) for key, name in (("mfcc", "MFCC"), ("logmel", "log-mel"),
+                                                          ("untrained", "untrained"))]
+    rows += [(f"it{i}", record, "model") for i, record in sorted(probes.items())]
+    panels = [("held-out PNMI of the labels ↑", list(pnmi_bars), list(pnmi_bars.values()), "{:.3f}")]
     for metric, title in (("phone_acc", "phone accuracy, best layer (%) ↑"), ("abx_within", "ABX within, best layer (%) ↓")):
-        got = [(name, _best(row, metric)[0]) for name, row in rows]
+        got = [(name, best_of(record, row, metric)[0]) for name, record, row in rows]
         got = [(name, v) for name, v in got if v is not None]
-        panels.append((title, [name for name, _ in got], [v for _, v in got]))
+        panels.append((title, [name for name, _ in got], [v for _, v in got], None))
     panels = [p for p in panels if p[1]]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.4), squeeze=False)
-    for ax, (title, names, values) in zip(axes[0], panels):
+    for ax, (title, names, values, fmt) in zip(axes[0], panels):
         # One colour per iteration in every panel, grey for the baselines.
         colors = [f"C{int(name[2:].split()[0]) - 1}" if name.startswith("it") else "C7" for name in names]
         ax.bar(range(len(names)), values, color=colors)
@@ -390,7 +379,7 @@ def _verdict_plot(path: Path, pnmi_bars: dict, first: dict, models: dict) -> Non
             ax.set_ylim(min(values) - 0.05, max(values) + 0.02)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
         for x, v in enumerate(values):
-            ax.text(x, v, f"{v:.3f}" if v < 1 else _pct(v), ha="center", va="bottom", fontsize=7)
+            ax.text(x, v, fmt.format(v) if fmt else _pct(v), ha="center", va="bottom", fontsize=7)
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()

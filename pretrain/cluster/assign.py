@@ -64,8 +64,15 @@ def _done(shards: Path, name: str, shard: dict, centroids_sha: str) -> dict | No
 
 
 def assign_shard(shards: str, name: str, centroids_sha: str, shard: str) -> dict:
-    extractor: Extractor = _STATE["extractor"]
-    centroids = _STATE["centroids"]
+    labels = shard_labels(_STATE["extractor"], _STATE["centroids"], Path(shards), shard)
+    entry = write_label_shard(shards, name, shard, labels)
+    atomic_write_json(_record_path(Path(shards), name, shard), {"centroids_sha256": centroids_sha, "entry": entry})
+    return entry
+
+
+def shard_labels(extractor: Extractor, centroids: np.ndarray, shards: Path, shard: str) -> dict[str, np.ndarray]:
+    """Every utterance of one shard, featurized a chunk at a time and assigned to its nearest
+    centroid: {key: labels}."""
     spec = extractor.spec
     labels: dict[str, np.ndarray] = {}
     chunk: list[tuple[str, np.ndarray]] = []
@@ -82,7 +89,7 @@ def assign_shard(shards: str, name: str, centroids_sha: str, shard: str) -> dict
         chunk.clear()
 
     size = 0
-    for key, wave in shard_utterances(Path(shards) / shard):
+    for key, wave in shard_utterances(shards / shard):
         if key in labels or any(key == k for k, _ in chunk):
             raise ValueError(f"shard {shard}: key '{key}' occurs twice")
         chunk.append((key, wave))
@@ -92,9 +99,7 @@ def assign_shard(shards: str, name: str, centroids_sha: str, shard: str) -> dict
             size = 0
     if chunk:
         flush()
-    entry = write_label_shard(shards, name, shard, labels)
-    atomic_write_json(_record_path(Path(shards), name, shard), {"centroids_sha256": centroids_sha, "entry": entry})
-    return entry
+    return labels
 
 
 def assign_labels(cfg: KmeansAssignConfig, progress: bool = True) -> dict | None:

@@ -79,8 +79,9 @@ def kmeans_counts(shards: str | Path, kmeans_dir: str | Path, reference: str,
     computed in memory: the held-out score of a k-means fitted elsewhere."""
     from tqdm import tqdm
 
-    from pretrain.cluster.kmeans import assign, load_kmeans
-    from pretrain.features.extract import Extractor, FeatureSpec, check_features, shard_utterances
+    from pretrain.cluster.assign import shard_labels
+    from pretrain.cluster.kmeans import load_kmeans
+    from pretrain.features.extract import Extractor, FeatureSpec
 
     centroids, record = load_kmeans(kmeans_dir)
     spec = FeatureSpec.from_dict(record["spec"])
@@ -94,13 +95,11 @@ def kmeans_counts(shards: str | Path, kmeans_dir: str | Path, reference: str,
     names = [s["name"] for s in read_manifest(shards)["shards"]]
     for name in tqdm(names, desc=f"score {Path(kmeans_dir).name}", unit="shard", disable=not progress):
         y_shard = ref.load_shard(name)
-        for key, wave in shard_utterances(Path(shards) / name):
+        for key, z in shard_labels(extractor, centroids, Path(shards), name).items():
             if key not in y_shard:
                 raise LabelError(f"shard {name}, key '{key}': no '{reference}' labels")
-            feats = extractor([wave])[0]
-            check_features(feats, spec, len(wave), f"shard {name}, key '{key}'")
             # A 100 Hz frame 2i has the centre of 50 Hz frame i.
-            z, y = assign(feats, centroids)[0][::step], y_shard[key]
+            z, y = z[::step], y_shard[key]
             if abs(len(y) - len(z)) > 1:
                 raise LabelError(f"shard {name}, key '{key}': {len(z)} labels from {kmeans_dir} vs "
                                  f"{len(y)} '{reference}' labels")
