@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from pretrain import __version__
-from pretrain.config import ConfigError, describe, load_config, to_yaml
+from pretrain.config import ConfigError, describe, load_config, quote_override, to_yaml
 from pretrain.utils import PretrainError
 
 
@@ -474,13 +474,6 @@ def _epilog(stage: Stage) -> str:
             + fields)
 
 
-def _as_override(name: str, value: Any) -> str:
-    # Quoted so that a path such as "a: b" or "null" stays the string the user typed.
-    if isinstance(value, str):
-        return f"{name}='" + value.replace("'", "''") + "'"
-    return f"{name}={value}"
-
-
 def resolve(argv: Sequence[str]) -> tuple[Stage, Any, argparse.Namespace, str]:
     """Parse a ``pretrain`` command line into its stage, resolved config, parsed arguments and
     program name, without running anything (``launch slurm`` renders jobs from it). Raises
@@ -494,9 +487,9 @@ def resolve(argv: Sequence[str]) -> tuple[Stage, Any, argparse.Namespace, str]:
         if value is not None and "=" in value:  # argparse took an override for the positional
             overrides.insert(len(leading), value)
         elif value is not None:
-            leading.append(_as_override(name, value))
+            leading.append(quote_override(name, value))
     overrides = leading + overrides
-    flag_overrides = [_as_override(flag.field, getattr(args, "flag_" + flag.field))
+    flag_overrides = [quote_override(flag.field, getattr(args, "flag_" + flag.field))
                       for flag in stage.flags if getattr(args, "flag_" + flag.field) is not None]
     try:
         cfg = load_config(stage.schema(), args.config, flag_overrides + overrides)

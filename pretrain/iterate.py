@@ -21,14 +21,24 @@ With ``eval``, ``eval.corpus`` and ``eval.shards`` make the held-out evaluation 
 layer from ``it<i-1>.probe``'s ``probe.json`` when it runs.
 
 Bookkeeping, in ``run_dir/stages/<name>.json``: a stage's *fingerprint* is the sha256 of its
-resolved config and of its upstream stages' fingerprints. The record is written when the stage
-starts; the stage is *done* when its outputs are complete (each stage's own completion mark:
-``corpus.json``, ``manifest.json``, ``meta.json``, ``centroids.npy``, ``quality.json``, the
-last checkpoint, ``config.json``). On a rerun a done stage with the same fingerprint is
-skipped; an unfinished one is run again and resumes by itself (shards, features and labels are
-idempotent per shard, training resumes from its newest checkpoint); a stage whose fingerprint
-changed is invalidated together with everything downstream (its outputs are deleted), and the
-run says which fields changed.
+resolved config and of its upstream stages' fingerprints. Paths inside the run directory enter
+fingerprints and records relative to it (``${run_dir}/it1/kmeans``), so a run directory can be
+moved and resumed with nothing recomputed, and a copy is a run of its own. The record is
+written when the stage starts; the stage is *done* when its outputs are complete (each stage's
+own completion mark, always the last file written: ``corpus.json``, ``manifest.json``,
+``meta.json`` whose provenance names this iteration's centroids, ``kmeans.json`` whose centroid
+sha256 matches ``centroids.npy``, ``quality.json``, the last checkpoint, ``config.json``). On a
+rerun a done stage with the same fingerprint is skipped; an unfinished one is run again and
+resumes by itself (shards, features and labels are idempotent per shard, training resumes from
+its newest checkpoint); a stage whose fingerprint changed is invalidated together with
+everything downstream (its outputs are deleted, but never anything outside the run directory
+other than a label set this run owns), and the run says which fields changed.
+
+Identity: ``stages/identity.json`` holds the run's id and where it was created. Label sets of a
+run whose shards live outside it (``corpus.shards``) carry the id in their name
+(``it2_km500-<id>``), so runs sharing a shard directory never overwrite each other's labels.
+A run found at a new path whose old path still holds the same id is a copy and gets an id of
+its own (its external label sets are then made afresh); one whose old path is gone was moved.
 
 Locally every stage runs as a subprocess (training through ``launch local --nproc``); under
 SLURM (``launch slurm iterate``) each stage is a job running ``pretrain iterate --only NAME``,
@@ -41,15 +51,18 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from omegaconf import OmegaConf
 
+from pretrain.config import quote_override
 from pretrain.config.iterate import IterateConfig
 from pretrain.utils import PretrainError, atomic_write_json
 
@@ -59,6 +72,8 @@ STAGES_DIR = "stages"
 
 ADDED_FIELDS = {"stretch": 1.0}
 """Stage config fields added later, with the value runs made before them had."""
+RUN_DIR = "${run_dir}"
+"""How the run directory is written in fingerprints and records."""
 
 
 @dataclass
@@ -74,14 +89,20 @@ class PlannedStage:
     train: bool = False
     array: bool = False
     """Shards split over array tasks under SLURM."""
-    done_check: str | None = None
-    """For training: the text ``checkpoints/latest`` must hold."""
+    done_check: str | Callable[[], bool] | None = None
+    """For training: the text ``checkpoints/latest`` must hold; else a test of the outputs
+    beyond the mark's existence (a label set's provenance, a centroid file's sha256)."""
     fingerprint: str = ""
+    legacy_fingerprint: str = ""
+    """The fingerprint as runs made before relative paths computed it (absolute paths), so
+    that their records are carried over instead of invalidated."""
     config: dict = field(default_factory=dict)
 
     def done(self) -> bool:
         if not self.done_mark.exists():
             return False
+        if callable(self.done_check):
+            return self.done_check()
         return self.done_check is None or self.done_mark.read_text().strip() == self.done_check
 
 
@@ -89,8 +110,88 @@ def shards_dir(cfg: IterateConfig) -> Path:
     return Path(cfg.corpus.shards) if cfg.corpus.shards else Path(cfg.run_dir) / "shards"
 
 
-def label_name(i: int, k: int) -> str:
-    return f"it{i}_km{k}"
+def label_name(i: int, k: int, run_id: str = "") -> str:
+    """Iteration ``i``'s label set; ``run_id`` (for shards outside the run) makes it this run's."""
+    return f"it{i}_km{k}" + (f"-{run_id}" if run_id else "")
+
+
+IDENTITY = "identity.json"
+
+
+def run_identity(run: Path, create: bool = True) -> str:
+    """This run's id (see the module docstring); ``create=False`` (a dry run) writes nothing.
+
+    A run directory made before ids existed (stage records but no identity) keeps the empty
+    id, and so its label set names."""
+    run = run.resolve()
+    path = run / STAGES_DIR / IDENTITY
+    if path.is_file():
+        identity = json.loads(path.read_text())
+        if identity["path"] == str(run):
+            return identity["run_id"]
+        old = Path(identity["path"]) / STAGES_DIR / IDENTITY
+        try:
+            copied = json.loads(old.read_text())["run_id"] == identity["run_id"]
+        except (OSError, ValueError, KeyError):
+            copied = False
+        if not copied:  # moved: the same run
+            log.info("run directory moved from %s to %s", identity["path"], run)
+            if create:
+                atomic_write_json(path, {**identity, "path": str(run)})
+            return identity["run_id"]
+        log.warning("run directory %s is a copy of %s: it is a run of its own from here on (new id)",
+                    run, identity["path"])
+        fresh = {"run_id": secrets.token_hex(4), "path": str(run), "copied_from": identity["path"]}
+    elif (run / STAGES_DIR).is_dir() and any((run / STAGES_DIR).glob("*.json")):
+        fresh = {"run_id": "", "path": str(run), "note": "made before run ids: label sets keep their names"}
+    else:
+        fresh = {"run_id": secrets.token_hex(4), "path": str(run)}
+    if create:
+        atomic_write_json(path, {**fresh, "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    return fresh["run_id"]
+
+
+def _inside(path: Path, run: Path) -> bool:
+    return path.resolve().is_relative_to(run.resolve())
+
+
+def _relative(value, run: str):
+    """``value`` with every path inside ``run`` written as ``${run_dir}/...``."""
+    if isinstance(value, dict):
+        return {k: _relative(v, run) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_relative(v, run) for v in value]
+    if isinstance(value, str) and (value == run or value.startswith(run + os.sep)):
+        return RUN_DIR + value[len(run):]
+    return value
+
+
+def _absolute(path: str, run: Path) -> Path:
+    return run / path[len(RUN_DIR) + 1:] if path.startswith(RUN_DIR) else Path(path)
+
+
+def _labels_done(meta: Path, kmeans: Path) -> Callable[[], bool]:
+    """A label set is this iteration's only if its provenance names these centroids: another
+    run (or an earlier k-means) may have written a set of the same name."""
+    def check() -> bool:
+        try:
+            made = json.loads(meta.read_text())["provenance"]["centroids_sha256"]
+            return made == json.loads((kmeans / "kmeans.json").read_text())["centroids_sha256"]
+        except (OSError, ValueError, KeyError):
+            return False
+    return check
+
+
+def _kmeans_done(folder: Path) -> Callable[[], bool]:
+    def check() -> bool:
+        from pretrain.data.shards import sha256_file
+
+        try:
+            return json.loads((folder / "kmeans.json").read_text())["centroids_sha256"] == \
+                sha256_file(folder / "centroids.npy")
+        except (OSError, ValueError, KeyError):
+            return False
+    return check
 
 
 def _reference(cfg: IterateConfig, rate: int) -> str | None:
@@ -109,9 +210,11 @@ def _reference(cfg: IterateConfig, rate: int) -> str | None:
     return name if synthetic else None
 
 
-def plan(cfg: IterateConfig) -> list[PlannedStage]:
+def plan(cfg: IterateConfig, create_identity: bool = True) -> list[PlannedStage]:
+    """The stages of ``cfg``; ``create_identity=False`` (a dry run) writes nothing."""
     run = Path(cfg.run_dir).resolve()
     shards = shards_dir(cfg).resolve()
+    run_id = "" if _inside(shards, run) else run_identity(run, create_identity)
     stages: list[PlannedStage] = []
     jobs = str(cfg.jobs)
     if cfg.corpus.synth_hours is not None:
@@ -130,7 +233,7 @@ def plan(cfg: IterateConfig) -> list[PlannedStage]:
     previous_probe: PlannedStage | None = None
     for i, it in enumerate(cfg.iterations, start=1):
         d = run / f"it{i}"
-        name = label_name(i, it.k)
+        name = label_name(i, it.k, run_id)
         sample = ["--shards", str(shards), "--out", str(d / "features"), "--fraction", str(it.fraction),
                   "--max-frames", str(it.max_frames), "--jobs", jobs]
         if it.features == "mfcc":
@@ -149,11 +252,16 @@ def plan(cfg: IterateConfig) -> list[PlannedStage]:
                                     [d / "features"], d / "features" / "meta.json", up, array=True)
         kmeans = PlannedStage(f"it{i}.kmeans", ["kmeans", "fit", "--features", str(d / "features"), "--out",
                                                 str(d / "kmeans"), "--k", str(it.k), "--seed", str(it.kmeans_seed)],
-                              [d / "kmeans"], d / "kmeans" / "centroids.npy", [features.name])
-        labels = PlannedStage(f"it{i}.labels", ["kmeans", "assign", "--kmeans", str(d / "kmeans"), "--shards",
-                                                str(shards), "--name", name, "--jobs", jobs],
+                              [d / "kmeans"], d / "kmeans" / "kmeans.json", [features.name],
+                              done_check=_kmeans_done(d / "kmeans"))
+        # The model the features came from, where it is now (the run may have moved since the
+        # k-means recorded its path; its sha256 is checked).
+        relocate = [] if it.features == "mfcc" else [quote_override("checkpoint", str(checkpoint))]
+        labels = PlannedStage(f"it{i}.labels", ["kmeans", "assign", *relocate, "--kmeans", str(d / "kmeans"),
+                                                "--shards", str(shards), "--name", name, "--jobs", jobs],
                               [shards / "labels" / name], shards / "labels" / name / "meta.json",
-                              [*base, kmeans.name], array=True)
+                              [*base, kmeans.name], array=True,
+                              done_check=_labels_done(shards / "labels" / name / "meta.json", d / "kmeans"))
         stages += [features, kmeans, labels]
         reference = _reference(cfg, 100 if it.features == "mfcc" else 50)
         if reference:
@@ -161,15 +269,17 @@ def plan(cfg: IterateConfig) -> list[PlannedStage]:
                                                           name, "--reference", reference, "--out", str(d / "quality")],
                                        [d / "quality"], d / "quality" / "quality.json", [labels.name]))
         if eval_shards is not None and _has_phones50(cfg, eval_shards):
-            stages += _heldout_stages(cfg, run, i, it, eval_shards, eval_up, kmeans)
+            stages += _heldout_stages(cfg, run, i, it, eval_shards, eval_up, kmeans, relocate)
         train_argv = ["train"]
         for path in cfg.train_configs:
             train_argv += ["--config", str(Path(path).resolve())]
-        train_argv += [*cfg.train_overrides, *it.train_overrides, f"run_dir={d / 'train'}",
-                       f"data.shards={shards}", f"data.labels=[{name}]", f"optim.max_steps={it.max_steps}"]
+        train_argv += [*cfg.train_overrides, *it.train_overrides, quote_override("run_dir", str(d / "train")),
+                       quote_override("data.shards", str(shards)), f"data.labels=[{name}]",
+                       f"optim.max_steps={it.max_steps}"]
         train_up = [labels.name]
         if it.init_from_previous:
-            train_argv.append(f"init_from={run / f'it{i - 1}' / 'train' / 'checkpoints' / f'step_{cfg.iterations[i - 2].max_steps}'}")
+            previous = run / f"it{i - 1}" / "train" / "checkpoints" / f"step_{cfg.iterations[i - 2].max_steps}"
+            train_argv.append(quote_override("init_from", str(previous)))
             train_up.append(previous_train.name)
         previous_train = PlannedStage(f"it{i}.train", train_argv, [d / "train"],
                                       d / "train" / "checkpoints" / "latest", train_up, train=True,
@@ -188,7 +298,7 @@ def plan(cfg: IterateConfig) -> list[PlannedStage]:
         last = run / f"it{len(cfg.iterations)}" / "train" / "checkpoints" / f"step_{cfg.iterations[-1].max_steps}"
         stages.append(PlannedStage("export", ["export", "hf", str(last), str(run / "hf")], [run / "hf"],
                                    run / "hf" / "config.json", [previous_train.name]))
-    _fingerprint(stages)
+    _fingerprint(stages, run)
     if cfg.export and previous_train is not None \
             and previous_train.config.get("model", {}).get("frontend", "conv") != "conv":
         # Refused here rather than after hours of training, at the export stage.
@@ -206,24 +316,25 @@ def _has_phones50(cfg: IterateConfig, eval_shards: Path) -> bool:
 
 
 def _heldout_stages(cfg: IterateConfig, run: Path, i: int, it, eval_shards: Path, eval_up: list[str],
-                    kmeans: PlannedStage) -> list[PlannedStage]:
+                    kmeans: PlannedStage, relocate: list[str]) -> list[PlannedStage]:
     """Held-out PNMI of iteration ``i``'s k-means (fitted on the training shards, scored on the
     evaluation shards), and for a model iteration whose k differs from iteration 1's, of an
     MFCC k-means at the same k: the iteration gain compared at equal k."""
     d = run / f"it{i}"
 
-    def score(name: str, kmeans_dir: Path, out: Path, up: list[str]) -> PlannedStage:
-        return PlannedStage(name, ["kmeans", "quality", "--shards", str(eval_shards), f"kmeans={kmeans_dir}",
-                                   "--reference", "phones50", "--out", str(out)],
+    def score(name: str, kmeans_dir: Path, out: Path, up: list[str], extra: list[str]) -> PlannedStage:
+        return PlannedStage(name, ["kmeans", "quality", quote_override("kmeans", str(kmeans_dir)), *extra,
+                                   "--shards", str(eval_shards), "--reference", "phones50", "--out", str(out)],
                             [out], out / "quality.json", [*up, *eval_up])
 
-    stages = [score(f"it{i}.heldout", d / "kmeans", d / "heldout", [kmeans.name])]
+    stages = [score(f"it{i}.heldout", d / "kmeans", d / "heldout", [kmeans.name], relocate)]
     if i > 1 and it.k != cfg.iterations[0].k:
         mfcc = PlannedStage(f"it{i}.mfcc_kmeans", ["kmeans", "fit", "--features", str(run / "it1" / "features"),
                                                    "--out", str(d / "mfcc_kmeans"), "--k", str(it.k),
                                                    "--seed", str(it.kmeans_seed)],
-                            [d / "mfcc_kmeans"], d / "mfcc_kmeans" / "centroids.npy", ["it1.features"])
-        stages += [mfcc, score(f"it{i}.mfcc_heldout", d / "mfcc_kmeans", d / "mfcc_heldout", [mfcc.name])]
+                            [d / "mfcc_kmeans"], d / "mfcc_kmeans" / "kmeans.json", ["it1.features"],
+                            done_check=_kmeans_done(d / "mfcc_kmeans"))
+        stages += [mfcc, score(f"it{i}.mfcc_heldout", d / "mfcc_kmeans", d / "mfcc_heldout", [mfcc.name], [])]
     return stages
 
 
@@ -256,12 +367,13 @@ def _eval_stages(cfg: IterateConfig, run: Path, stages: list[PlannedStage], jobs
     return d / "shards", [shards.name]
 
 
-def _fingerprint(stages: list[PlannedStage]) -> None:
+def _fingerprint(stages: list[PlannedStage], run: Path) -> None:
     from pretrain.cli import resolve
 
     from pretrain.config import ConfigError
 
     prints: dict[str, str] = {}
+    legacy: dict[str, str] = {}
     for stage in stages:
         try:
             _, cfg, _, _ = resolve(stage.argv)
@@ -281,10 +393,17 @@ def _fingerprint(stages: list[PlannedStage]) -> None:
             # Logging and the probes of saved checkpoints do not change the trained model.
             stage.config.pop("log", None)
             stage.config.pop("probe", None)
+        if stage.argv[:2] in (["kmeans", "assign"], ["kmeans", "quality"]):
+            # Where the features' model lives now: its sha256 is checked against the k-means'.
+            stage.config.pop("checkpoint", None)
+        old = hashlib.sha256(json.dumps(stage.config, sort_keys=True).encode())
+        stage.config = _relative(stage.config, str(run))
         h = hashlib.sha256(json.dumps(stage.config, sort_keys=True).encode())
         for up in stage.upstream:
             h.update(prints[up].encode())
+            old.update(legacy[up].encode())
         stage.fingerprint = prints[stage.name] = h.hexdigest()
+        stage.legacy_fingerprint = legacy[stage.name] = old.hexdigest()
 
 
 def _record_path(run: Path, name: str) -> Path:
@@ -307,15 +426,38 @@ def _changed_fields(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _carry_over(run: Path, stage: PlannedStage, record: dict | None, write: bool) -> dict | None:
+    """A record written before fingerprints used relative paths, for the same config, is
+    rewritten in today's form rather than invalidated (an upgrade must not delete a run)."""
+    if record is None or record["fingerprint"] == stage.fingerprint \
+            or record["fingerprint"] != stage.legacy_fingerprint:
+        return record
+    record = {**record, "fingerprint": stage.fingerprint, "config": stage.config,
+              "outputs": [_relative(str(p), str(run.resolve())) for p in stage.outputs]}
+    if write:
+        atomic_write_json(_record_path(run, stage.name), record)
+    return record
+
+
+def _owned(path: Path, run: Path, run_id: str) -> bool:
+    """Whether invalidation may delete ``path``: inside the run directory, or a label set
+    named with this run's id."""
+    if _inside(path, run):
+        return True
+    return bool(run_id) and path.parent.name == "labels" and path.name.endswith(f"-{run_id}")
+
+
 def invalidate_changed(cfg: IterateConfig, stages: list[PlannedStage], delete: bool = True) -> list[str]:
     """Delete the outputs and records of every stage whose fingerprint changed, and of
     everything downstream of it; returns their names (and logs why). ``delete=False`` only
-    reports (a dry run)."""
+    reports (a dry run). Nothing outside the run directory is deleted but a label set this
+    run owns."""
     run = Path(cfg.run_dir)
     by_name = {s.name: s for s in stages}
     stale: list[str] = []
+    run_id = run_identity(run, create=False) if (run / STAGES_DIR / IDENTITY).is_file() else ""
     for stage in stages:
-        record = _read_record(run, stage.name)
+        record = _carry_over(run, stage, _read_record(run, stage.name), write=delete)
         upstream_stale = [u for u in stage.upstream if u in stale]
         if upstream_stale:
             stale.append(stage.name)
@@ -329,7 +471,11 @@ def invalidate_changed(cfg: IterateConfig, stages: list[PlannedStage], delete: b
         stage = by_name[name]
         record = _read_record(run, name) or {}
         # The outputs the stage wrote under its old config too (a label set named by k, ...).
-        for path in {*stage.outputs, *map(Path, record.get("outputs", []))}:
+        for path in {*stage.outputs, *(_absolute(p, run.resolve()) for p in record.get("outputs", []))}:
+            if not _owned(path, run, run_id):
+                log.warning("stage %s: not deleting %s: it is outside the run directory %s and not a "
+                            "label set of this run", name, path, run)
+                continue
             if path.is_dir():
                 shutil.rmtree(path)
             elif path.exists():
@@ -351,7 +497,7 @@ def status(cfg: IterateConfig, stages: list[PlannedStage]) -> dict[str, str]:
     run = Path(cfg.run_dir)
     out = {}
     for stage in stages:
-        record = _read_record(run, stage.name)
+        record = _carry_over(run, stage, _read_record(run, stage.name), write=False)
         ok = record is not None and record["fingerprint"] == stage.fingerprint and stage.done()
         out[stage.name] = "done" if ok else "pending"
     return out
@@ -361,7 +507,8 @@ def _start_record(run: Path, stage: PlannedStage) -> None:
     record = _read_record(run, stage.name)
     if record is None or record["fingerprint"] != stage.fingerprint:
         record = {"name": stage.name, "fingerprint": stage.fingerprint, "config": stage.config,
-                  "argv": ["pretrain", *stage.argv], "outputs": [str(p) for p in stage.outputs], "attempts": []}
+                  "argv": ["pretrain", *stage.argv],
+                  "outputs": [_relative(str(p), str(run.resolve())) for p in stage.outputs], "attempts": []}
     record["attempts"].append({"started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     atomic_write_json(_record_path(run, stage.name), record)
 

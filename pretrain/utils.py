@@ -4,13 +4,39 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
+
+
+def _umask() -> int:
+    # os.umask can only be read by setting it; done once, at import, before any threads.
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+"""What ``open()`` would give a new file: mkstemp's 0600 would lock teammates out of shared
+shards and checkpoints."""
 
 
 class PretrainError(RuntimeError):
     """A problem the user can fix (missing tool, bad input, occupied output); the CLI prints
     its message without a traceback."""
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def safe_name(name: object, what: str) -> str:
+    """``name`` if it is one harmless path component (letters, digits, ``._-``, not starting
+    with a dot), else ``PretrainError`` naming ``what``: names from configs and received
+    manifests are joined into paths, and ``''``, ``/abs`` or ``a/../../b`` would write elsewhere."""
+    if not isinstance(name, str) or not _NAME.match(name) or len(name) > 200:
+        raise PretrainError(f"{what}: {name!r} is not a valid name (one path component of letters, digits, "
+                            "'.', '_' and '-', not starting with '.')")
+    return name
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -23,6 +49,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -104,7 +104,7 @@ def shard_labels(extractor: Extractor, centroids: np.ndarray, shards: Path, shar
 
 def assign_labels(cfg: KmeansAssignConfig, progress: bool = True) -> dict | None:
     """Label this task's shards; returns the label set's meta once every shard is done."""
-    centroids, record = load_kmeans(cfg.kmeans)
+    centroids, record = load_kmeans(cfg.kmeans, cfg.checkpoint)
     shards_dir = Path(cfg.shards)
     shards = read_manifest(shards_dir)["shards"]
     sha = record["centroids_sha256"]

@@ -155,8 +155,9 @@ def fit(cfg: KmeansFitConfig) -> dict:
         "objective": objective, "inertia_per_point": inertia / len(x), "seconds": round(seconds, 3),
         "centroids_sha256": hashlib.sha256(buf.getvalue()).hexdigest(),
     }
-    atomic_write_json(out / "kmeans.json", record)
     _plot_objective(objective, len(x), out / "objective.png", cfg.k)
+    # Last: its presence (with the centroids' sha256) is what marks the fit complete.
+    atomic_write_json(out / "kmeans.json", record)
     return record
 
 
@@ -178,12 +179,30 @@ def _plot_objective(objective: list[float], n: int, path: Path, k: int) -> None:
     tmp.replace(path)
 
 
-def load_kmeans(folder: str | Path) -> tuple[np.ndarray, dict]:
+def load_kmeans(folder: str | Path, checkpoint: str | None = None) -> tuple[np.ndarray, dict]:
+    """Centroids and record of a ``kmeans fit`` folder, checked against each other.
+
+    ``checkpoint``: where the model of a model-feature k-means lives now, when it moved (a run
+    directory moved or copied); its sha256 must be the recorded one, and the returned record's
+    spec points at it."""
+    from pretrain.data.shards import sha256_file
+
     folder = Path(folder)
     path = folder / "kmeans.json"
     if not path.is_file():
         raise PretrainError(f"{folder} has no kmeans.json: not a folder written by pretrain kmeans fit")
     record = json.loads(path.read_text())
+    if sha256_file(folder / "centroids.npy") != record["centroids_sha256"]:
+        raise PretrainError(f"{folder}/centroids.npy does not match the sha256 in its kmeans.json (an "
+                            "interrupted or concurrent fit?); fit again")
+    if checkpoint is not None and record["spec"]["kind"] == "model":
+        from pretrain.model.checkpoint import resolve_model_file
+
+        file = resolve_model_file(checkpoint)
+        if sha256_file(file) != record["spec"]["checkpoint_sha256"]:
+            raise PretrainError(f"checkpoint={checkpoint}: {file} is not the model k-means {folder} was fitted "
+                                f"on (sha256 differs from {record['spec']['checkpoint']}'s)")
+        record["spec"] = {**record["spec"], "checkpoint": str(file.resolve())}
     centroids = np.load(folder / "centroids.npy")
     if centroids.shape != (record["k"], record["spec"]["dim"]):
         raise PretrainError(f"{folder}/centroids.npy has shape {centroids.shape}, kmeans.json says "

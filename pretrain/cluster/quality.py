@@ -74,7 +74,7 @@ def scores(counts: np.ndarray) -> dict:
 
 
 def kmeans_counts(shards: str | Path, kmeans_dir: str | Path, reference: str,
-                  progress: bool = True) -> tuple[np.ndarray, dict, LabelSet]:
+                  progress: bool = True, checkpoint: str | None = None) -> tuple[np.ndarray, dict, LabelSet]:
     """(reference classes, clusters) frame counts of the labels a k-means gives these shards,
     computed in memory: the held-out score of a k-means fitted elsewhere."""
     from tqdm import tqdm
@@ -83,7 +83,7 @@ def kmeans_counts(shards: str | Path, kmeans_dir: str | Path, reference: str,
     from pretrain.cluster.kmeans import load_kmeans
     from pretrain.features.extract import Extractor, FeatureSpec
 
-    centroids, record = load_kmeans(kmeans_dir)
+    centroids, record = load_kmeans(kmeans_dir, checkpoint)
     spec = FeatureSpec.from_dict(record["spec"])
     ref = LabelSet(shards, reference)
     if spec.rate % ref.label_rate:
@@ -110,7 +110,7 @@ def kmeans_counts(shards: str | Path, kmeans_dir: str | Path, reference: str,
 
 def quality(cfg: KmeansQualityConfig, progress: bool = True) -> dict:
     if cfg.kmeans is not None:
-        counts, record, ref = kmeans_counts(cfg.shards, cfg.kmeans, cfg.reference, progress)
+        counts, record, ref = kmeans_counts(cfg.shards, cfg.kmeans, cfg.reference, progress, cfg.checkpoint)
         report = {"labels": None, "kmeans": str(Path(cfg.kmeans).resolve()), "reference": cfg.reference,
                   "label_rate": ref.label_rate, "provenance": {"spec": record["spec"], "k": record["k"],
                                                                "centroids_sha256": record["centroids_sha256"]},

@@ -8,7 +8,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from pretrain.config.core import ConfigError
+from pretrain.config.core import ConfigError, check_name
 
 
 @dataclass
@@ -176,7 +176,16 @@ class KmeansAssignConfig(ParallelConfig):
     """Shard directory whose every utterance gets labels."""
 
     name: str = MISSING
-    """Name of the label set written under ``<shards>/labels/<name>/``."""
+    """Name of the label set written under ``<shards>/labels/<name>/`` (one path component:
+    letters, digits, ``._-``)."""
+
+    checkpoint: Optional[str] = None
+    """Where the model the k-means' features came from is now, if it moved (a moved run
+    directory); its sha256 must equal the recorded one. Default: the recorded path."""
+
+    def validate(self) -> None:
+        super().validate()
+        check_name(self.name, "name")
 
 
 @dataclass
@@ -201,6 +210,13 @@ class KmeansQualityConfig:
     out: str = MISSING
     """Report folder: ``quality.json``, ``cooccurrence.png``, ``usage.png``."""
 
+    checkpoint: Optional[str] = None
+    """With ``kmeans``: where the model its features came from is now, if it moved; its sha256
+    must equal the recorded one. Default: the recorded path."""
+
     def validate(self) -> None:
+        for name in ("labels", "reference"):
+            if getattr(self, name) is not None:
+                check_name(getattr(self, name), name)
         if (self.labels is None) == (self.kmeans is None):
             raise ConfigError("set exactly one of 'labels' and 'kmeans'", field="labels")

@@ -143,6 +143,25 @@ def _yaml_scalar(value: Any) -> str:
 # --------------------------------------------------------------------------- loading
 
 
+def check_name(value: str, field: str) -> None:
+    """A ``ConfigError`` on ``field`` unless ``value`` is one safe path component."""
+    from pretrain.utils import PretrainError, safe_name
+
+    try:
+        safe_name(value, field)
+    except PretrainError as e:
+        raise ConfigError(str(e).split(": ", 1)[1], field=field) from None
+
+
+def quote_override(name: str, value: Any) -> str:
+    """``name=value`` as an override that reads back as exactly ``value``: strings are quoted,
+    so that a path such as ``a: b``, ``null`` or ``runs/x #2`` (YAML would cut at `` #``) stays
+    the string it is."""
+    if isinstance(value, str):
+        return f"{name}='" + value.replace("'", "''") + "'"
+    return f"{name}={value}"
+
+
 def load_config(
     schema: type[T], files: Sequence[str | os.PathLike] = (), overrides: Sequence[str] = ()
 ) -> T:

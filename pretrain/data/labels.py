@@ -10,8 +10,10 @@ Layout of a label set::
                                      labels[offsets[i]:offsets[i + 1]]
 
 Audio shards are never rewritten: a label set is added, replaced or deleted on its own. Each
-file is written atomically; ``meta.json`` is written last and lists the shard files it covers,
-so a half-written label set is never mistaken for a complete one.
+file is written atomically; ``meta.json`` is written last and lists the shard files it covers
+with their sha256, so a half-written label set is never mistaken for a complete one, and a
+reader refuses a file that does not match (rewritten by another run, or damaged). Names are
+single path components (``pretrain.utils.safe_name``).
 
 The reader checks every utterance's label count against the frame count its audio implies at
 the label rate (``pretrain.frames``): one frame of difference is tolerated (the last frame is
@@ -30,7 +32,7 @@ from typing import Mapping
 import numpy as np
 
 from pretrain.frames import num_frames
-from pretrain.utils import PretrainError, atomic_write_bytes, atomic_write_json
+from pretrain.utils import PretrainError, atomic_write_bytes, atomic_write_json, safe_name
 
 FORMAT_VERSION = 1
 LENGTH_TOLERANCE = 1
@@ -45,7 +47,7 @@ def _shard_file(shard: str) -> str:
 
 
 def label_dir(shard_dir: str | Path, name: str) -> Path:
-    return Path(shard_dir) / "labels" / name
+    return Path(shard_dir) / "labels" / safe_name(name, "label set name")
 
 
 def write_label_shard(shard_dir: str | Path, name: str, shard: str,
@@ -94,7 +96,17 @@ class LabelSet:
             raise LabelError(f"label set '{self.name}' has no labels for shard {shard}")
         path = self.dir / _shard_file(shard)
         try:
-            with np.load(path, allow_pickle=False) as z:
+            data = path.read_bytes()
+        except OSError as e:
+            raise LabelError(f"label set '{self.name}': {path} unreadable: {e}") from None
+        expected = self.meta["shards"][shard].get("sha256")
+        if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+            # Rewritten since meta.json was (another run writing a set of the same name, an
+            # interrupted assign) or damaged: these are not the labels the set describes.
+            raise LabelError(f"label set '{self.name}': {path} does not match the sha256 in {self.dir}/meta.json "
+                             "(rewritten by another run or damaged); assign the label set again")
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
                 keys, offsets, labels = z["keys"], z["offsets"], z["labels"]
         except (OSError, ValueError, KeyError) as e:
             raise LabelError(f"label set '{self.name}': {path} unreadable: {e}") from None

@@ -37,7 +37,7 @@ from pretrain.data.audio import EXTENSIONS, BadAudio, decode, encode, load_mono_
 from pretrain.data.labels import alignment_frame_labels, write_label_meta, write_label_shard
 from pretrain.data.sources import SourceItem, read_sources
 from pretrain.frames import SAMPLE_RATE
-from pretrain.utils import PretrainError, atomic_write_json, atomic_write_text
+from pretrain.utils import PretrainError, atomic_write_json, atomic_write_text, safe_name
 
 log = logging.getLogger(__name__)
 
@@ -287,6 +287,10 @@ def read_manifest(shard_dir: str | Path) -> dict:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise PretrainError(f"{path}: format_version {manifest.get('format_version')} is not "
                             f"{FORMAT_VERSION}, the one this version of pretrain reads")
+    for shard in manifest.get("shards", []):
+        # Shard names are joined into paths (label files, feature files): a received manifest
+        # must not point a writer outside the directory.
+        safe_name(shard.get("name"), f"{path}: shard name")
     return manifest
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from pretrain.config.cluster import FeaturesMfccConfig, KmeansAssignConfig, Kmea
 from pretrain.config.data import DataConfig
 from pretrain.data.labels import LabelSet, label_dir
 from pretrain.data.pipeline import ShardLoader
-from pretrain.data.shards import read_manifest
+from pretrain.data.shards import read_manifest, sha256_file
 from pretrain.features.extract import FeatureSpec, shard_utterances
 from pretrain.features.mfcc import mfcc_39
 from pretrain.features.sample import dump_features
@@ -83,6 +84,13 @@ def test_centroids_of_another_feature_dimension_are_refused(fitted, tmp_path):
     other = tmp_path / "km"
     shutil.copytree(km, other)
     np.save(other / "centroids.npy", np.zeros((25, 40), np.float32))
+    # A centroid file that is not the one kmeans.json describes (an interrupted or concurrent
+    # fit) is refused before anything else.
+    with pytest.raises(PretrainError, match="centroids.npy does not match the sha256 in its kmeans.json"):
+        assign_labels(assign_cfg(shards, other), progress=False)
+    record = json.loads((other / "kmeans.json").read_text())
+    record["centroids_sha256"] = sha256_file(other / "centroids.npy")
+    (other / "kmeans.json").write_text(json.dumps(record))
     with pytest.raises(PretrainError, match=r"centroids.npy has shape \(25, 40\)"):
         assign_labels(assign_cfg(shards, other), progress=False)
 
@@ -120,3 +128,44 @@ def test_a_kmeans_scored_in_memory_equals_its_stored_labels_and_never_writes(fit
 
     with pytest.raises(ConfigError, match="exactly one of 'labels' and 'kmeans'"):
         load_config(KmeansQualityConfig, [], [f"shards={shards}", "labels=held", f"kmeans={km}", "out=x"])
+
+
+def test_a_label_file_that_is_not_the_one_meta_json_describes_is_refused(fitted, tmp_path):
+    """Two runs writing a label set of one name, or a damaged file: the reader checks each
+    file's sha256 against meta.json instead of training on someone else's labels."""
+    shards, km = fitted
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    assign_labels(assign_cfg(copy, km, "name=mine"), progress=False)
+    labels = LabelSet(copy, "mine")
+    first = read_manifest(copy)["shards"][0]["name"]
+    assert labels.load_shard(first)
+    other = {k: v[::-1].copy() for k, v in labels.load_shard(first).items()}
+    from pretrain.data.labels import write_label_shard
+
+    write_label_shard(copy, "mine", first, other)  # what another run's assign would do
+    with pytest.raises(PretrainError, match=f"label set 'mine': .*{first.removesuffix('.tar')}.npz does not match "
+                                            "the sha256 in"):
+        LabelSet(copy, "mine").load_shard(first)
+
+
+@pytest.mark.parametrize("name", ["", "/abs", "a/../../b", "..", ".hidden", "x/y"])
+def test_label_set_names_are_single_path_components(fitted, name):
+    from pretrain.config.core import ConfigError
+
+    shards, km = fitted
+    with pytest.raises(ConfigError, match="field 'name'.*not a valid name"):
+        assign_cfg(shards, km, f"name='{name}'")
+    with pytest.raises(PretrainError, match="label set name: .*not a valid name"):
+        label_dir(shards, name)
+
+
+def test_a_received_manifest_with_a_path_for_a_shard_name_is_refused(fitted, tmp_path):
+    shards, _ = fitted
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy, ignore=shutil.ignore_patterns("labels"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["shards"][0]["name"] = "../../outside.tar"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PretrainError, match=r"manifest.json: shard name: '../../outside.tar' is not a valid name"):
+        read_manifest(copy)
