@@ -66,8 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
                 "--master_addr", "127.0.0.1", "--master_port", str(args.port or free_port()),
                 "-m", "pretrain.cli", *command[1:]]
+    from pretrain.lifecycle import LAUNCHER_ENV, die_with_parent
+
+    if os.environ.get(LAUNCHER_ENV):  # started by `pretrain iterate`: die with it
+        die_with_parent(int(os.environ[LAUNCHER_ENV]))
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
+    # exec keeps this pid: torchrun is the workers' parent, and they die with it (a SIGKILLed
+    # launcher must not leave them training; see pretrain.lifecycle).
+    env[LAUNCHER_ENV] = str(os.getpid())
     os.execvpe(torchrun[0], torchrun, env)
     return 0  # not reached
 

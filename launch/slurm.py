@@ -35,7 +35,7 @@ from pretrain import __version__
 from pretrain.config import load_config, to_yaml
 from pretrain.config.core import _git_commit
 from pretrain.config.slurm import SlurmProfile
-from pretrain.utils import PretrainError, atomic_write_json, atomic_write_text
+from pretrain.utils import PretrainError, atomic_write_json, atomic_write_text, redact
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "slurm"
 # Stages that split their shards over the tasks of an array job (task/num_tasks from
@@ -158,11 +158,24 @@ def _prepare_iterate(cfg, profile: SlurmProfile, job_dir: str | None, tasks: int
     return jobs
 
 
+def check_job_dir(folder: Path) -> None:
+    """SLURM expands ``%`` in ``--output`` (``%j`` is the job id) and a ``#SBATCH`` line cannot
+    hold a double quote or a line break: refuse such a job folder, saying why (spaces are fine,
+    the path is quoted)."""
+    bad = [c for c in ('%', '"', "\n", "\\") if c in str(folder)]
+    if bad:
+        shown = ", ".join(repr(c) for c in bad)
+        raise PretrainError(f"job folder {str(folder)!r} contains {shown}: SLURM expands '%' in log paths and "
+                            "#SBATCH lines cannot carry quotes, backslashes or line breaks; choose a run directory "
+                            "(or --job-dir) without them")
+
+
 def _render(kind: str, name: str, command_argv: list[str], config_yaml: str, folder: Path, tag: str,
             profile: SlurmProfile, tasks: int | None, command: list[str], launch_argv: Sequence[str],
             config_path: Path | None = None) -> Job:
     """One job; ``config_path`` is the snapshot it runs (default: ``<tag>.config.yaml``; the
     jobs of an iterate chain share one)."""
+    check_job_dir(folder)
     python = profile.python or sys.executable
     words = [python, "-m", "pretrain.cli", *command_argv, "--no-progress"]
     setup = "\n".join(profile.setup)
@@ -208,7 +221,11 @@ def submit(job: Job, after: Sequence[str] = ()) -> str:
     atomic_write_text(job.config_path, job.config_yaml)
     for path, text in job.extra_files.items():
         atomic_write_text(path, text)
+        if redact(text) != text:  # the profile snapshot probe jobs are submitted with
+            Path(path).chmod(0o600)
     atomic_write_text(job.script_path, job.script)
+    if redact(job.script) != job.script:  # what runs needs the credential; only its owner reads it
+        job.script_path.chmod(0o600)
     cmd = ["sbatch", "--parsable"]
     if after:
         cmd.append("--dependency=afterok:" + ":".join(after))
@@ -221,8 +238,8 @@ def submit(job: Job, after: Sequence[str] = ()) -> str:
     if proc.returncode != 0:
         raise PretrainError(f"sbatch {job.script_path} failed: {proc.stderr.strip()}")
     job_id = proc.stdout.strip().split(";")[0]
-    atomic_write_json(job.job_dir / f"{job.tag}.launch.json", {**job.record, "job_id": job_id,
-                                                               "after": list(after)})
+    atomic_write_json(job.job_dir / f"{job.tag}.launch.json", redact({**job.record, "job_id": job_id,
+                                                                      "after": list(after)}))
     return job_id
 
 
@@ -237,7 +254,7 @@ def main(args) -> int:
     if args.dry_run:
         for job in jobs:
             print(f"# {job.stage}: would write {job.script_path}")
-            print(job.script)
+            print(redact(job.script))
         return 0
     after = list(args.after or [])
     for job in jobs:

@@ -501,6 +501,9 @@ def resolve(argv: Sequence[str]) -> tuple[Stage, Any, argparse.Namespace, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from pretrain.lifecycle import install_early
+
+    install_early(argv)  # before any heavy import: see pretrain.lifecycle
     try:
         stage, cfg, args, prog = resolve(argv)
     except ConfigError as e:

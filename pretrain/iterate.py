@@ -64,14 +64,15 @@ from omegaconf import OmegaConf
 
 from pretrain.config import quote_override
 from pretrain.config.iterate import IterateConfig
-from pretrain.utils import PretrainError, atomic_write_json
+from pretrain.utils import PretrainError, atomic_write_json, redact
 
 log = logging.getLogger(__name__)
 
 STAGES_DIR = "stages"
 
-ADDED_FIELDS = {"stretch": 1.0}
-"""Stage config fields added later, with the value runs made before them had."""
+ADDED_FIELDS = {"stretch": 1.0, "checkpoint.start_over": False}
+"""Stage config fields added later (dotted for nested ones), with the value runs made before
+them had."""
 RUN_DIR = "${run_dir}"
 """How the run directory is written in fingerprints and records."""
 
@@ -242,7 +243,7 @@ def plan(cfg: IterateConfig, create_identity: bool = True) -> list[PlannedStage]
         else:
             checkpoint = run / f"it{i - 1}" / "train" / "checkpoints" / f"step_{cfg.iterations[i - 2].max_steps}"
             if it.layer == "auto":  # the layer the previous iteration's probes rank best
-                layer = [f"layer_from={run / f'it{i - 1}' / 'probe' / 'probe.json'}",
+                layer = [quote_override("layer_from", str(run / f"it{i - 1}" / "probe" / "probe.json")),
                          f"layer_metric={cfg.eval.probe_metric}"]
                 up = [*base, previous_train.name, previous_probe.name]
             else:
@@ -374,6 +375,7 @@ def _fingerprint(stages: list[PlannedStage], run: Path) -> None:
 
     prints: dict[str, str] = {}
     legacy: dict[str, str] = {}
+    old_root = _legacy_root(run, stages)
     for stage in stages:
         try:
             _, cfg, _, _ = resolve(stage.argv)
@@ -387,8 +389,12 @@ def _fingerprint(stages: list[PlannedStage], run: Path) -> None:
         for key, default in ADDED_FIELDS.items():
             # A field added to a stage's config after runs were made must not invalidate (and
             # so delete) those runs while it keeps the value they were made with.
-            if stage.config.get(key, default) == default:
-                stage.config.pop(key, None)
+            *parents, leaf = key.split(".")
+            section = stage.config
+            for parent in parents:
+                section = section.get(parent) if isinstance(section, dict) else None
+            if isinstance(section, dict) and section.get(leaf, default) == default:
+                section.pop(leaf, None)
         if stage.train:
             # Logging and the probes of saved checkpoints do not change the trained model.
             stage.config.pop("log", None)
@@ -396,14 +402,41 @@ def _fingerprint(stages: list[PlannedStage], run: Path) -> None:
         if stage.argv[:2] in (["kmeans", "assign"], ["kmeans", "quality"]):
             # Where the features' model lives now: its sha256 is checked against the k-means'.
             stage.config.pop("checkpoint", None)
-        old = hashlib.sha256(json.dumps(stage.config, sort_keys=True).encode())
         stage.config = _relative(stage.config, str(run))
+        old = hashlib.sha256(json.dumps(_relocated(stage.config, old_root), sort_keys=True).encode())
         h = hashlib.sha256(json.dumps(stage.config, sort_keys=True).encode())
         for up in stage.upstream:
             h.update(prints[up].encode())
             old.update(legacy[up].encode())
         stage.fingerprint = prints[stage.name] = h.hexdigest()
         stage.legacy_fingerprint = legacy[stage.name] = old.hexdigest()
+
+
+def _relocated(value, root: str):
+    """The inverse of ``_relative``: ``${run_dir}`` written as ``root``."""
+    if isinstance(value, dict):
+        return {k: _relocated(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_relocated(v, root) for v in value]
+    if isinstance(value, str) and value.startswith(RUN_DIR):
+        return root + value[len(RUN_DIR):]
+    return value
+
+
+def _legacy_root(run: Path, stages: list[PlannedStage]) -> str:
+    """Where a run made before relative paths lived when its records were written (it may
+    have moved since): read off a record's absolute output path. The run's own path if none."""
+    for stage in stages:
+        record = _read_record(run, stage.name)
+        if not record or not record.get("outputs") or not stage.outputs:
+            continue
+        recorded, mine = record["outputs"][0], str(stage.outputs[0])
+        if recorded.startswith(RUN_DIR):
+            break
+        tail = os.path.relpath(mine, str(run))
+        if not tail.startswith("..") and recorded.endswith(os.sep + tail):
+            return recorded[:-len(tail) - 1]
+    return str(run)
 
 
 def _record_path(run: Path, name: str) -> Path:
@@ -432,7 +465,7 @@ def _carry_over(run: Path, stage: PlannedStage, record: dict | None, write: bool
     if record is None or record["fingerprint"] == stage.fingerprint \
             or record["fingerprint"] != stage.legacy_fingerprint:
         return record
-    record = {**record, "fingerprint": stage.fingerprint, "config": stage.config,
+    record = {**record, "fingerprint": stage.fingerprint, "config": redact(stage.config),
               "outputs": [_relative(str(p), str(run.resolve())) for p in stage.outputs]}
     if write:
         atomic_write_json(_record_path(run, stage.name), record)
@@ -506,8 +539,8 @@ def status(cfg: IterateConfig, stages: list[PlannedStage]) -> dict[str, str]:
 def _start_record(run: Path, stage: PlannedStage) -> None:
     record = _read_record(run, stage.name)
     if record is None or record["fingerprint"] != stage.fingerprint:
-        record = {"name": stage.name, "fingerprint": stage.fingerprint, "config": stage.config,
-                  "argv": ["pretrain", *stage.argv],
+        record = {"name": stage.name, "fingerprint": stage.fingerprint, "config": redact(stage.config),
+                  "argv": redact(["pretrain", *stage.argv]),
                   "outputs": [_relative(str(p), str(run.resolve())) for p in stage.outputs], "attempts": []}
     record["attempts"].append({"started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     atomic_write_json(_record_path(run, stage.name), record)
@@ -520,8 +553,14 @@ def _finish_record(run: Path, stage: PlannedStage, seconds: float) -> None:
     atomic_write_json(_record_path(run, stage.name), record)
 
 
-def _stage_env(stage: PlannedStage) -> dict:
+def _stage_env(stage: PlannedStage, child: bool = True) -> dict:
+    from pretrain.lifecycle import LAUNCHER_ENV
+
     env = dict(os.environ)
+    if child:
+        env[LAUNCHER_ENV] = str(os.getpid())  # a stage dies with the iterate that started it
+    else:
+        env.pop(LAUNCHER_ENV, None)
     # Test-only fault injection reaches one chosen stage (see tests/test_iterate.py).
     only = env.pop("PRETRAIN_FAULT_STAGE", None)
     if only != stage.name:
@@ -543,7 +582,7 @@ def run_stage(cfg: IterateConfig, stage: PlannedStage, in_process: bool = False)
         from pretrain.cli import main
 
         os.environ.clear()
-        os.environ.update(_stage_env(stage))
+        os.environ.update(_stage_env(stage, child=False))
         code = main([*stage.argv, "--no-progress"])  # training exits inside (engine.shutdown)
     else:
         if stage.train:
@@ -581,6 +620,9 @@ def iterate(cfg: IterateConfig, argv: list[str] | None = None) -> int:
             return 0
         run_stage(cfg, stage, in_process=True)
         return 0
+    from pretrain.lifecycle import RunLock
+
+    lock = RunLock(run, "pretrain iterate").acquire()
     write_run_record(run, cfg, argv)
     invalidate_changed(cfg, stages)
     states = status(cfg, stages)
@@ -598,4 +640,5 @@ def iterate(cfg: IterateConfig, argv: list[str] | None = None) -> int:
     report = write_report(cfg, stages)
     print(f"{len(ran)} stages run ({', '.join(ran) or 'none: everything was done'}), "
           f"{len(stages) - len(ran)} skipped, in {time.monotonic() - started:.0f} s; report: {report}")
+    lock.release()
     return 0

@@ -39,6 +39,38 @@ def safe_name(name: object, what: str) -> str:
     return name
 
 
+_SECRET_PARTS = {"key", "apikey", "token", "secret", "password", "passwd", "pwd"}
+_VALUE = r"(\"[^\"]*\"|'[^']*'|[^\s;&|]+)"
+_ASSIGNMENT = re.compile(r"(?<![\w.-])(-{0,2}[A-Za-z][A-Za-z0-9_.-]*)(\s*=\s*|:\s+)" + _VALUE)
+_OPTION = re.compile(r"(?<![\w.-])(--?[A-Za-z][A-Za-z0-9_.-]*)(\s+)" + _VALUE)
+REDACTED = "<redacted>"
+
+
+def _secret_name(name: str, spaced: bool = False) -> bool:
+    parts = set(re.split(r"[_.-]+", name.lower().strip("-")))
+    return bool(parts & (_SECRET_PARTS - {"key"} if spaced else _SECRET_PARTS))
+
+
+def redact(value):
+    """``value`` (a string, or lists and dicts of them) with credentials replaced by
+    ``<redacted>``: the value of every ``NAME=value``, ``NAME: value`` or ``--NAME value``
+    whose name holds key, token, secret or password (``export WANDB_API_KEY=...``), and of
+    every dict entry so named. Records (run.json, config.yaml, launch.json, stage records,
+    wandb's config) and dry runs go through this; the scripts that must run keep the values."""
+    if isinstance(value, dict):
+        return {k: REDACTED if isinstance(k, str) and _secret_name(k) and v not in (None, "") else redact(v)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v) for v in value)
+    if isinstance(value, str):
+        def hide(spaced: bool):
+            # "--key 2" (sort's option) is not a credential, "--password x" is
+            return lambda m: (f"{m.group(1)}{m.group(2)}{REDACTED}" if _secret_name(m.group(1), spaced)
+                              else m.group(0))
+        return _OPTION.sub(hide(True), _ASSIGNMENT.sub(hide(False), value))
+    return value
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a reader sees either the old file or the new one.
 

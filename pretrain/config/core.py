@@ -22,6 +22,7 @@ import inspect
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -214,12 +215,25 @@ def validate(obj: Any, prefix: str = "") -> None:
         raise (e.with_prefix(prefix.rstrip(".")) if prefix else e) from None
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as version 1.2 reads scalars: ``24:00:00`` and ``30:00`` are strings. (YAML 1.1,
+    PyYAML's default, reads them as base-60 integers, 86400 and 1800, which turned a SLURM time
+    limit of 24 hours into 86400 minutes.)"""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, re.compile(r"(?!.*:)" + rx.pattern, rx.flags) if tag.endswith((":int", ":float")) else rx)
+            for tag, rx in resolvers]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_SEXAGESIMAL = re.compile(r"[-+]?\d+(:[0-5]?\d)+(\.\d*)?")
+
+
 def _read_yaml(path: str | os.PathLike) -> DictConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError("config file not found", source=str(path))
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_Loader)
     except yaml.YAMLError as e:
         raise ConfigError(f"not valid YAML: {e}", source=str(path)) from None
     if data is None:
@@ -239,6 +253,9 @@ def _parse_dotlist(items: Sequence[str]) -> DictConfig:
             raise ConfigError(
                 f"override '{item}' is not of the form key=value", source="command line"
             )
+    # OmegaConf reads values as YAML 1.1: quote what it would take for a base-60 number.
+    items = [f"{k}='{v}'" if _SEXAGESIMAL.fullmatch(v) else f"{k}={v}"
+             for k, v in (item.split("=", 1) for item in items)]
     try:
         return OmegaConf.from_dotlist(list(items))
     except OmegaConfBaseException as e:
@@ -312,7 +329,10 @@ def write_run_record(run_dir: str | os.PathLike, cfg: Any, argv: Sequence[str] |
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    from pretrain.utils import redact
+
+    # Records are shared (papers, issues, wandb): credentials never enter them (see redact).
+    atomic_write_text(run_dir / "config.yaml", redact(to_yaml(cfg)))
     argv = list(sys.argv if argv is None else argv)
     record = {
         "pretrain_version": __version__,
@@ -325,7 +345,7 @@ def write_run_record(run_dir: str | os.PathLike, cfg: Any, argv: Sequence[str] |
         "user": _user(),
         "python": platform.python_version(),
     }
-    atomic_write_json(run_dir / "run.json", record)
+    atomic_write_json(run_dir / "run.json", redact(record))
 
 
 def _git_commit() -> str | None:

@@ -40,8 +40,9 @@ class SlurmProfile:
     """Memory per node (``--mem``, e.g. ``200G``); unset: the cluster's default."""
 
     time: str = "24:00:00"
-    """Time limit of each job (``--time``); a preempted or timed-out training job requeues
-    itself and resumes."""
+    """Time limit of each job (``--time``) in SLURM's formats (``HH:MM:SS``, ``MM:SS``,
+    ``D-HH:MM:SS``); a bare number is refused, since SLURM reads it as minutes. A preempted or
+    timed-out training job requeues itself and resumes."""
 
     signal_seconds: int = 180
     """Lead time of the preemption signal before the time limit (``--signal=USR1@N``): enough
@@ -97,9 +98,14 @@ class SlurmProfile:
             raise ConfigError(f"must be >= 10 (time to checkpoint), got {self.signal_seconds}",
                               field="signal_seconds")
         for name in ("time", "offline_time"):
-            if not re.fullmatch(r"(\d+-)?\d+(:\d{2}){0,2}", getattr(self, name)):
-                raise ConfigError(f"not a SLURM time (D-HH:MM:SS, HH:MM:SS, MM): {getattr(self, name)}",
-                                  field=name)
+            value = getattr(self, name)
+            if re.fullmatch(r"\d+", value):
+                raise ConfigError(f"'{value}' is a bare number, which SLURM reads as minutes (and YAML 1.1 "
+                                  "tools make of an unquoted 24:00:00 the number 86400); write the limit as "
+                                  "HH:MM:SS, MM:SS or D-HH:MM:SS", field=name)
+            if not re.fullmatch(r"\d+:\d{2}|\d+:\d{2}:\d{2}|\d+-\d+(:\d{2}){0,2}", value):
+                raise ConfigError(f"'{value}' is not a SLURM time limit (MM:SS, HH:MM:SS, D-HH, D-HH:MM or "
+                                  "D-HH:MM:SS)", field=name)
         for i, line in enumerate(self.extra_sbatch):
             if not line.startswith("--"):
                 raise ConfigError(f"entry {i} '{line}' must be an sbatch option starting with --",

@@ -99,6 +99,11 @@ class CheckpointConfig:
     pin: list[int] = field(default_factory=list)
     """Steps whose checkpoints are never deleted."""
 
+    start_over: bool = False
+    """When ``run_dir`` holds checkpoints but none passes verification (all quarantined as
+    ``step_N.bad``), train from step 0 anyway. Off: such a start is refused, since it would
+    silently discard the run's progress."""
+
     def validate(self) -> None:
         if self.every < 1:
             raise ConfigError(f"must be >= 1, got {self.every}", field="every")

@@ -11,8 +11,15 @@ only once it is complete:
    checkpoints beyond ``keep_last`` (never pinned ones); barrier.
 
 On start, rank 0 removes ``*.tmp`` leftovers and picks the newest ``step_N`` whose manifest
-exists and whose files match their sha256 (a mismatch is skipped with a warning naming the
-file); every rank then loads that one.
+exists and whose files match their sha256; every rank then loads that one. A checkpoint that
+fails verification is renamed ``step_N.bad`` (quarantined, with a warning naming the file): it
+is never loaded, pruned or counted again, and stays for inspection. When checkpoints exist but
+none verifies, the start is refused (``checkpoint.start_over`` overrides) rather than silently
+training from step 0 over the run's progress.
+
+Pruning keeps the newest save and the newest ``keep_last`` checkpoints among those verified
+at start or written by this process; it deletes only older complete ones (never pinned ones,
+never one newer than the save).
 
 Another process count: with ZeRO 1-3 the optimizer state is partitioned by rank, so rank 0
 first converts ``step_N/ds`` into DeepSpeed's universal format (``step_N/universal/``, written
@@ -32,6 +39,7 @@ import random
 import re
 import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -70,11 +78,14 @@ def set_rng_state(state: dict) -> None:
 
 class CheckpointManager:
     def __init__(self, root: str | Path, dist: DistEnv, keep_last: int = 2, pin: list[int] | None = None,
-                 crash: dict | None = None):
+                 crash: dict | None = None, start_over: bool = False):
         self.root = Path(root)
         self.dist = dist
         self.keep_last = keep_last
         self.pin = set(pin or [])
+        self.start_over = start_over
+        self.verified: set[int] = set()
+        """Steps known good: verified at start or written by this process."""
         # Tests only: {"step": N, "phase": one of SAVE_PHASES, "rank": r} kills rank r there.
         self.crash = crash or {}
 
@@ -117,15 +128,35 @@ class CheckpointManager:
             tmp.rename(final)
             self._phase(step, "before_latest")
             atomic_write_text(self.root / "latest", f"step_{step}\n")
-            self._prune()
+            self.verified.add(step)
+            self._prune(step)
         barrier()
         return final
 
-    def _prune(self) -> None:
-        steps = self.complete_steps()
-        for step in steps[self.keep_last:]:
-            if step not in self.pin:
+    def _prune(self, saved: int) -> None:
+        keep = {saved, *sorted(self.verified, reverse=True)[:self.keep_last]}
+        oldest_kept = min(keep)
+        for step in self.complete_steps():
+            if step in keep or step in self.pin:
+                continue
+            if step > saved:
+                log.warning("not pruning checkpoint step_%d: it is newer than the one just saved (step_%d) "
+                            "and was not written by this run", step, saved)
+            elif step < oldest_kept:
                 shutil.rmtree(self.root / f"step_{step}", ignore_errors=True)
+                self.verified.discard(step)
+
+    def quarantine(self, step: int, problems: list[str]) -> Path:
+        """Rename a damaged ``step_N`` to ``step_N.bad``: never loaded, pruned or counted again."""
+        target = self.root / f"step_{step}.bad"
+        if target.exists():
+            target = self.root / f"step_{step}.bad.{time.strftime('%Y%m%dT%H%M%S')}"
+        (self.root / f"step_{step}").rename(target)
+        log.warning("checkpoint step_%d is damaged (%s); quarantined as %s", step, "; ".join(problems), target)
+        return target
+
+    def quarantined(self) -> list[Path]:
+        return sorted(self.root.glob("step_*.bad*")) if self.root.is_dir() else []
 
     # ---- finding and loading
 
@@ -153,8 +184,10 @@ class CheckpointManager:
         return problems
 
     def find_resume(self) -> int | None:
-        """The newest intact checkpoint's step (decided by rank 0, agreed by all)."""
-        choice = None
+        """The newest intact checkpoint's step (decided by rank 0, agreed by all); damaged
+        ones are quarantined. ``PretrainError`` on every rank when checkpoints exist but none
+        verifies (unless ``start_over``)."""
+        choice, refusal = None, None
         if self.dist.is_main and self.root.is_dir():
             for leftover in self.root.glob("step_*.tmp"):
                 log.warning("removing the unfinished checkpoint %s", leftover)
@@ -164,8 +197,20 @@ class CheckpointManager:
                 if not problems:
                     choice = step
                     break
-                log.warning("skipping checkpoint step_%d: %s", step, "; ".join(problems))
-        return broadcast_object(choice)
+                self.quarantine(step, problems)
+            bad = self.quarantined()
+            if choice is None and bad and not self.start_over:
+                refusal = (f"{self.root} holds checkpoints but none passes verification (quarantined: "
+                           f"{', '.join(p.name for p in bad)}); refusing to train from step 0 over this run. "
+                           "Restore a good checkpoint, or set checkpoint.start_over=true to start afresh")
+            if choice is None and bad and self.start_over:
+                log.warning("no checkpoint in %s verifies; starting from step 0 (checkpoint.start_over)", self.root)
+        choice, refusal = broadcast_object((choice, refusal))
+        if refusal:
+            raise PretrainError(refusal)
+        if choice is not None:
+            self.verified.add(choice)
+        return choice
 
     def manifest(self, step: int) -> dict:
         return json.loads((self.root / f"step_{step}" / MANIFEST).read_text())

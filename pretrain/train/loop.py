@@ -29,6 +29,7 @@ from pretrain.data.pipeline import ShardLoader
 from pretrain.distributed import read_env, requeue_slurm_job, slurm_job_id, slurm_restart_count
 from pretrain.distributed import engine as dist_engine
 from pretrain.frames import conv_num_frames
+from pretrain.lifecycle import RunLock, Stop
 from pretrain.model.checkpoint import load_model, resolve_model_file, save_model
 from pretrain.train.probes import ProbeScheduler
 from pretrain.model.hubert import HubertPretrain, LabelSpec
@@ -108,11 +109,24 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, fault: dict | None = 
     ``{"exit_after_save": step}`` ends the process right after saving.
     """
     fault = fault or {}
-    # Before anything slow: a preemption signal during start-up must not kill the process.
-    preemption = PreemptionSignal()
+    # Normally installed before the heavy imports (pretrain.cli); here for in-process callers.
+    Stop.install()
     dist = read_env()
-    dist_engine.init_process_group(dist)
     run_dir = Path(cfg.run_dir)
+    lock = None
+    if dist.is_main:
+        # Before anything is written; the other ranks are stopped by the launcher (torchrun,
+        # srun --kill-on-bad-exit) when this one exits with the error.
+        lock = RunLock(run_dir, "pretrain train").acquire()
+    try:
+        return _train(cfg, argv, fault, dist, run_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, argv: list[str] | None, fault: dict, dist, run_dir: Path) -> dict:
+    dist_engine.init_process_group(dist)
     if dist.is_main:
         write_run_record(run_dir, cfg, argv)
     dist_engine.barrier()
@@ -122,7 +136,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, fault: dict | None = 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.deepspeed.precision]
 
     checkpoints = CheckpointManager(run_dir / "checkpoints", dist, cfg.checkpoint.keep_last, cfg.checkpoint.pin,
-                                    crash=fault.get("crash_save"))
+                                    crash=fault.get("crash_save"), start_over=cfg.checkpoint.start_over)
     resume = checkpoints.find_resume()
     universal = False
     if resume is not None:
@@ -226,9 +240,10 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, fault: dict | None = 
         if cfg.valid_shards and step % cfg.valid_every == 0:
             logger.log(step, _validate(cfg, engine, model, specs, dist, dtype), prefix="valid_")
 
-        # All ranks agree on a preemption signal (it may reach only some of them, or reach
-        # them at different steps), so that they checkpoint the same step together.
-        preempted = dist_engine.all_reduce_sum([float(preemption.raised)])[0] > 0
+        # All ranks agree on a stop signal (it may reach only some of them, or reach them at
+        # different steps), so that they checkpoint the same step together.
+        usr1, term = (v > 0 for v in dist_engine.all_reduce_sum([float(Stop.usr1), float(Stop.term)]))
+        preempted = usr1 or term
         if step % cfg.checkpoint.every == 0 or step == cfg.optim.max_steps or preempted:
             rank_state = {"step": step, "data": loader.state_dict(), "rng": rng_state()}
             weights = dist_engine.full_state_dict(engine)  # every rank: a collective under ZeRO 3
@@ -242,41 +257,31 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, fault: dict | None = 
                 dist_engine.shutdown()
         if preempted and step < cfg.optim.max_steps:
             logger.close()
-            return {**last, "preempted_at": step, "exit_code": handle_preemption(step, cfg, dist)}
+            return {**last, "preempted_at": step, "exit_code": handle_preemption(step, cfg, dist, term=term)}
     if dist.is_main:
         probes.finish(logger)
     logger.close()
-    preemption.restore()
+    Stop.restore()
     return last
 
 
-class PreemptionSignal:
-    """Remembers that SIGUSR1 arrived; the handler does nothing else, because a checkpoint
-    needs every rank at the same step boundary (see ``train``)."""
-
-    def __init__(self) -> None:
-        self.raised = False
-        self._previous = signal.signal(signal.SIGUSR1, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if not self.raised:
-            log.warning("preemption signal (SIGUSR1): checkpointing at the next step boundary")
-        self.raised = True
-
-    def restore(self) -> None:
-        signal.signal(signal.SIGUSR1, self._previous)
-
-
-def handle_preemption(step: int, cfg: TrainConfig, dist) -> int:
-    """After the preemption checkpoint: under SLURM rank 0 requeues the job (same id; SLURM
-    stops the tasks and restarts the job, which resumes from the checkpoint), unless
-    ``max_requeues`` is spent. Returns the exit status for every rank: 0 when requeued (the
-    job is already back in the queue), 75 (EX_TEMPFAIL) outside SLURM (relaunch to resume),
-    1 when the requeue budget is spent (the job ends FAILED, never COMPLETED)."""
+def handle_preemption(step: int, cfg: TrainConfig, dist, term: bool = False) -> int:
+    """After the checkpoint a stop signal asked for: under SLURM, after SIGUSR1, rank 0
+    requeues the job (same id; SLURM stops the tasks and restarts the job, which resumes from
+    the checkpoint), unless ``max_requeues`` is spent. Returns the exit status for every rank:
+    0 when requeued (the job is already back in the queue), 75 (EX_TEMPFAIL) outside SLURM
+    (relaunch to resume) and after SIGTERM (whoever sent it, ``scontrol requeue`` or
+    ``scancel``, has decided what happens to the job), 1 when the requeue budget is spent (the
+    job ends FAILED, never COMPLETED)."""
     job = slurm_job_id()
     restarts = slurm_restart_count()
     code = 0
-    if job is None:
+    if term:
+        code = 75
+        if dist.is_main:
+            log.warning("stopped by SIGTERM at step %d: checkpoint saved; relaunching the same command (or "
+                        "the requeued job) resumes from it", step)
+    elif job is None:
         code = 75
         if dist.is_main:
             log.warning("preempted at step %d: checkpoint saved; not under SLURM, so relaunch the same "

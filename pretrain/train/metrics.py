@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.config.train import LogConfig
+from pretrain.utils import redact
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class MetricsLogger:
             run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id + "\n")
             self.wandb = wandb.init(project=cfg.wandb_project, id=run_id, resume="allow", mode=mode,
-                                    dir=str(self.run_dir), config=config, name=self.run_dir.name)
+                                    dir=str(self.run_dir), config=redact(config), name=self.run_dir.name)
             self.wandb_id = run_id
 
     @staticmethod

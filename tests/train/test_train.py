@@ -157,7 +157,8 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(uninterrupte
     victim.write_bytes(bytes(data))
     (run / "checkpoints/step_16.tmp").mkdir()  # an unfinished save left behind
     proc = launch(run, small_shards, "deepspeed.grad_accum=2", "checkpoint.keep_last=3", "deepspeed.zero_stage=2")
-    assert f"skipping checkpoint step_12: {victim} does not match its sha256" in proc.stderr
+    assert f"checkpoint step_12 is damaged ({victim} does not match its sha256); quarantined as " in proc.stderr
+    assert (run / "checkpoints/step_12.bad").is_dir()  # kept for inspection, never loaded or pruned
     assert "removing the unfinished checkpoint" in proc.stderr
     assert "resumed from step 8" in proc.stderr
     # The same trajectory as the ZeRO 1 reference up to rounding: ZeRO 2 reduces each

@@ -1,0 +1,181 @@
+"""A process's life around its work: the signals that stop it, dying with its launcher, and the
+lock that keeps one run directory to one run.
+
+Imports nothing heavy: ``install_early`` runs at the top of ``pretrain.cli``, before torch,
+DeepSpeed or the data stack are imported (about 2 s on this machine), because a preemption
+signal can arrive in that window, right after a requeued job restarts.
+
+Signals (training only). SIGUSR1 is SLURM's advance warning (``--signal=USR1@T``) and SIGTERM
+what ``scontrol requeue``, ``scancel`` and a site's preemption send before SIGKILL (after
+``KillWait``, 30 s by default). Both are only *recorded* here; the trainer checkpoints at the
+next step boundary, all ranks together (``pretrain.train.loop``). After USR1 it requeues the job
+itself; after TERM whoever sent it has already decided what happens next, so it just exits. A
+second TERM ends the process at once (a stuck step must not make it unkillable).
+
+Parent death. torchrun starts each worker in a session of its own, so killing the launcher with
+SIGKILL (the OOM killer, ``kill -9``, a lost terminal) used to leave the workers training and
+writing checkpoints. ``launch local`` puts its pid in ``PRETRAIN_LAUNCHER_PID``; a worker asks
+the kernel for SIGKILL when its parent dies (``prctl(PR_SET_PDEATHSIG)``), then checks that
+the parent is still that launcher (it may have died before the request).
+
+The run lock. ``RunLock`` is an exclusive ``flock`` on ``<dir>/.lock`` whose content names the
+holder (host, pid, SLURM job, command, start time). A second training or ``iterate`` in the same
+directory is refused with the holder's name. The kernel drops the lock when its holder dies, so
+a lock file whose holder is gone is stale: it is taken over, with a warning naming the old
+holder. (On NFS, flock is forwarded to the server as a POSIX lock by Linux clients.)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from pretrain.utils import PretrainError
+
+log = logging.getLogger(__name__)
+
+LAUNCHER_ENV = "PRETRAIN_LAUNCHER_PID"
+_PR_SET_PDEATHSIG = 1
+
+
+class Stop:
+    """Signals recorded since ``install_early`` (or ``Stop.install``): ``usr1`` and ``term``."""
+
+    usr1 = False
+    term = False
+    _installed = False
+    _previous: dict = {}
+
+    @classmethod
+    def install(cls) -> None:
+        if cls._installed:
+            return
+        cls._previous = {signal.SIGUSR1: signal.signal(signal.SIGUSR1, cls._on_usr1),
+                         signal.SIGTERM: signal.signal(signal.SIGTERM, cls._on_term)}
+        cls._installed = True
+
+    @classmethod
+    def restore(cls) -> None:
+        for signum, handler in cls._previous.items():
+            signal.signal(signum, handler)
+        cls._installed = False
+        cls.usr1 = cls.term = False
+
+    @classmethod
+    def _on_usr1(cls, signum, frame) -> None:
+        if not cls.usr1:
+            log.warning("preemption signal (SIGUSR1): checkpointing at the next step boundary")
+        cls.usr1 = True
+
+    @classmethod
+    def _on_term(cls, signum, frame) -> None:
+        if cls.term:  # the second one: stop now
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        log.warning("SIGTERM: checkpointing at the next step boundary, then exiting (a second SIGTERM "
+                    "ends the process at once)")
+        cls.term = True
+
+
+def die_with_parent(expected_parent: int | None) -> None:
+    """SIGKILL this process when its parent dies (Linux); exits at once if the parent is
+    already not ``expected_parent``."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):  # not Linux: nothing to ask for
+        return
+    if expected_parent is not None and os.getppid() != expected_parent:
+        sys.stderr.write(f"pretrain: the launcher (pid {expected_parent}) is gone; exiting\n")
+        os._exit(1)
+
+
+def install_early(argv: list[str]) -> None:
+    """What must happen before the heavy imports (see the module docstring)."""
+    launcher = os.environ.get(LAUNCHER_ENV)
+    if launcher:
+        die_with_parent(int(launcher))
+    words = [a for a in argv if not a.startswith("-")]
+    if words[:1] == ["train"]:
+        Stop.install()
+
+
+# --------------------------------------------------------------------------- the run lock
+
+
+class RunLockError(PretrainError):
+    """The run directory is held by another run."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held until the process exits (or ``release``)."""
+
+    def __init__(self, folder: str | Path, what: str):
+        self.path = Path(folder) / ".lock"
+        self.what = what
+        self._fd: int | None = None
+
+    def holder(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text() or "null")
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def describe(holder: dict | None) -> str:
+        if not holder:
+            return "an unknown process"
+        job = f", SLURM job {holder['slurm_job']}" if holder.get("slurm_job") else ""
+        return (f"{holder.get('what', 'a run')} (pid {holder.get('pid')} on host {holder.get('host')}{job}, "
+                f"since {holder.get('since')}: {holder.get('command')})")
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunLockError(f"{self.path.parent} is in use by {self.describe(self.holder())}; two runs in "
+                               "one directory would delete each other's checkpoints. Wait for it, stop it, or "
+                               "use another directory") from None
+        old = self.holder()
+        if old and old.get("pid"):
+            here = old.get("host") == socket.gethostname()
+            state = "not running" if here and not _alive(int(old["pid"])) else "no longer holding it"
+            log.warning("stale lock %s from %s (%s): taken over", self.path, self.describe(old), state)
+        holder = {"what": self.what, "host": socket.gethostname(), "pid": os.getpid(),
+                  "slurm_job": os.environ.get("SLURM_JOB_ID"), "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  "command": " ".join(sys.argv)[:500]}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Give the lock up (the file stays, empty, so a later holder sees no stale entry)."""
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)
+            self._fd = None
