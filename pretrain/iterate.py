@@ -341,7 +341,9 @@ def _heldout_stages(cfg: IterateConfig, run: Path, i: int, it, eval_shards: Path
 
 def _synth_options(cfg: IterateConfig, voices: list[str] | None) -> list[str]:
     """The corpus options both synthesized corpora share (sentence length, speaking rate)."""
-    options = [f"max_clauses={cfg.corpus.synth_max_clauses}"]
+    # overwrite: the stage runs only when not done, so what is in its folder is an interrupted
+    # synthesis of this run's (synthesis restarts; it cannot resume).
+    options = [f"max_clauses={cfg.corpus.synth_max_clauses}", "overwrite=true"]
     if cfg.corpus.synth_stretch != 1.0:
         options.append(f"stretch={cfg.corpus.synth_stretch}")
     if voices is not None:

@@ -16,9 +16,10 @@ def _metrics(train_dir: Path) -> list[dict]:
     path = train_dir / "metrics.jsonl"
     if not path.is_file():
         return []
+    from pretrain.train.metrics import read_jsonl
+
     by_step: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
+    for record in read_jsonl(path):
         if "loss" in record:
             by_step[record["step"]] = record  # a resumed run appends: the later record wins
     return [by_step[s] for s in sorted(by_step)]

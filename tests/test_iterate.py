@@ -302,3 +302,22 @@ def test_a_moved_run_resumes_and_a_copy_is_a_run_of_its_own(tmp_path, caplog):
     assert "is a copy of" in caplog.text and "it1.labels" in stale and "it1.kmeans" not in stale
     assert (shared / f"labels/it1_km100-{ids[x]}/meta.json").is_file()  # x's, untouched
     assert "not deleting" in caplog.text
+
+
+def test_an_interrupted_corpus_synthesis_is_redone_when_the_run_is_resumed(tmp_path):
+    """`make demo` interrupted during synthesis, then rerun: the corpus folder holds a partial
+    synthesis, which the stage (not done) redoes instead of refusing a non-empty folder."""
+    from pretrain import iterate as it
+    from pretrain.config import load_config
+    from pretrain.config.iterate import IterateConfig
+
+    cfg = load_config(IterateConfig, [REPO / "configs/demo.yaml"],
+                      [f"run_dir={tmp_path / 'run'}", "corpus.synth_hours=0.0004", "corpus.synth_voices=[flite-kal16]"])
+    corpus = next(s for s in it.plan(cfg) if s.name == "corpus")
+    (tmp_path / "run/corpus/audio").mkdir(parents=True)
+    (tmp_path / "run/corpus/audio/000000.flac").write_bytes(b"half a file")
+    (tmp_path / "run/corpus/utterances.jsonl").write_text('{"key": "000000"')
+    it.run_stage(cfg, corpus)
+    assert corpus.done()
+    lines = (tmp_path / "run/corpus/utterances.jsonl").read_text().splitlines()
+    assert lines and all(json.loads(line)["voice"] == "flite-kal16" for line in lines)

@@ -5,6 +5,8 @@ the same network, and a ``preprocessor_config.json`` saying whether waveforms ar
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 from pretrain.config.model import ModelConfig
@@ -68,15 +70,25 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
         raise PretrainError(f"parameter names differ from transformers': missing {missing}, "
                             f"unexpected {unexpected}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(out)
+    # Written beside the destination, then moved in with config.json last: config.json is what
+    # marks an export (and transformers' from_pretrained) as complete, and save_pretrained
+    # writes it before the weights.
+    tmp = out.parent / f".{out.name}.export-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    hf.save_pretrained(tmp)
     Wav2Vec2FeatureExtractor(
         feature_size=1, sampling_rate=16000, padding_value=0.0,
         do_normalize=model.cfg.normalize_waveform,
         # group-norm models must see unpadded audio; layer-norm ones take an attention mask
         return_attention_mask=model.cfg.extractor_mode == "layer_norm",
-    ).save_pretrained(out)
-    (out / "pretrain_export.json").write_text(json.dumps({
+    ).save_pretrained(tmp)
+    (tmp / "pretrain_export.json").write_text(json.dumps({
         "source": str(checkpoint), "labels": [s.__dict__ for s in model.labels],
         "note": "backbone only: final_proj and label embeddings are pretraining heads"}, indent=2) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").unlink(missing_ok=True)  # an older export here is incomplete until the end
+    for path in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
+        os.replace(path, out / path.name)
+    tmp.rmdir()
     return out

@@ -21,6 +21,35 @@ from pretrain.utils import redact
 log = logging.getLogger(__name__)
 
 
+def repair_jsonl(path: Path) -> int:
+    """Cut a torn last line (a crash or a full disk mid-write) off ``path`` before appending to
+    it, so that the next record does not fuse with it; returns the bytes cut."""
+    if not path.is_file():
+        return 0
+    with open(path, "rb+") as f:
+        data = f.read()
+        keep = data.rfind(b"\n") + 1
+        if keep == len(data):
+            return 0
+        f.truncate(keep)
+    log.warning("%s ended in a torn line (%d bytes, from a crash?); cut it off", path, len(data) - keep)
+    return len(data) - keep
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file; lines that are not JSON (a torn line) are skipped with
+    a warning naming the file and line."""
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            log.warning("%s line %d is not JSON (a torn write?); skipped", path, number)
+    return records
+
+
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, cfg: LogConfig, config: dict, enabled: bool = True):
         self.run_dir = Path(run_dir)
@@ -29,6 +58,7 @@ class MetricsLogger:
         self.wandb = None
         if not enabled:
             return
+        repair_jsonl(self.run_dir / "metrics.jsonl")
         self.jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter

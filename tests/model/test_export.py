@@ -75,3 +75,27 @@ def test_model_file_round_trip_and_errors(tmp_path):
     with pytest.raises(PretrainError, match="not a pretrain model file"):
         load_model(tmp_path / "other.pt")
     assert np.isfinite(loaded.final_proj.weight.detach().numpy()).all()
+
+
+def test_an_interrupted_export_leaves_no_config_json(tmp_path, monkeypatch):
+    """config.json marks an export complete (iterate's done check, transformers' loading);
+    transformers writes it before the weights, so an export that dies after the weights but
+    before the feature extractor's file used to look finished."""
+    from pretrain.model.export import export_hf
+
+    torch.manual_seed(0)
+    save_model(tmp_path / "ckpt" / "model.pt", HubertPretrain(model_config("tiny"), [LabelSpec("km", 100, 50)]))
+
+    def crash(self, *args, **kwargs):
+        raise OSError("No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(transformers.Wav2Vec2FeatureExtractor, "save_pretrained", crash)
+        with pytest.raises(OSError, match="No space left"):
+            export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    assert not (tmp_path / "hf" / "config.json").exists()
+    export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    assert {p.name for p in (tmp_path / "hf").iterdir()} >= {"config.json", "model.safetensors",
+                                                              "preprocessor_config.json", "pretrain_export.json"}
+    assert not list(tmp_path.glob(".hf.export-tmp"))
+    transformers.HubertModel.from_pretrained(tmp_path / "hf")
