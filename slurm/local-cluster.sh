@@ -9,7 +9,11 @@
 #   slurm/local-cluster.sh status [DIR]
 #   slurm/local-cluster.sh env    [DIR]   prints `export SLURM_CONF=...` for client commands
 #
-# DIR defaults to $PRETRAIN_SLURM_DIR or /tmp/pretrain-slurm. Facts behind the config keys:
+# DIR defaults to $PRETRAIN_SLURM_DIR or /tmp/pretrain-slurm. Everything in it runs as root
+# (the munge key, slurm.conf, pid files that `down` kills), so it must be private: `up` creates
+# it with mode 0700 and a marker file, and refuses a DIR it did not create (another owner, a
+# mode other than 700, no marker): a file another local user planted there is never used.
+# Facts behind the config keys:
 # ../shared/notes/slurm.md. The node advertises CPUS (default 8) CPUs whatever the machine has
 # (SlurmdParameters=config_overrides), so that several multi-task jobs fit on a 2-core box.
 set -euo pipefail
@@ -22,13 +26,35 @@ export SLURM_CONF="$CONF"
 
 die() { echo "local-cluster: $*" >&2; exit 1; }
 
+MARKER=".pretrain-local-cluster"
+
+# DIR is ours: a directory (not a link) owned by us, mode 700, with the marker we wrote when
+# we created it. Returns non-zero with the reason on stderr otherwise.
+trusted_dir() {
+  [ -d "$DIR" ] && [ ! -L "$DIR" ] || { echo "$DIR is not a directory" >&2; return 1; }
+  local owner mode
+  owner=$(stat -c %u "$DIR"); mode=$(stat -c %a "$DIR")
+  [ "$owner" = "$(id -u)" ] || { echo "$DIR belongs to uid $owner, not to uid $(id -u)" >&2; return 1; }
+  [ "$mode" = 700 ] || { echo "$DIR has mode $mode, not 700 (others could have written to it)" >&2; return 1; }
+  [ -f "$DIR/$MARKER" ] || { echo "$DIR was not created by local-cluster.sh (no $MARKER)" >&2; return 1; }
+}
+
+make_private_dir() {
+  if [ -e "$DIR" ] || [ -L "$DIR" ]; then
+    trusted_dir || die "refusing $DIR: the cluster runs as root with the files in it, so it only uses a directory it created itself; remove it or choose another DIR"
+    return
+  fi
+  mkdir -p "$(dirname "$DIR")"
+  (umask 077 && mkdir "$DIR")  # fails if someone created it in the meantime
+  echo "created by slurm/local-cluster.sh for uid $(id -u) on $(date -u +%FT%TZ)" > "$DIR/$MARKER"
+}
+
 alive() {  # pid file -> running?
   [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
 }
 
 write_conf() {
   mkdir -p "$DIR"/{state,spool,log,munge}
-  chmod 755 "$DIR/munge"
   cat > "$CONF" <<EOF
 ClusterName=pretrain-local
 SlurmctldHost=localhost
@@ -88,6 +114,7 @@ up() {
   for bin in munged mungekey slurmctld slurmd sbatch scontrol; do
     command -v "$bin" >/dev/null || die "$bin is missing: apt-get install slurmctld slurmd slurm-client munge (scripts/setup.sh does)"
   done
+  make_private_dir
   if alive "$DIR/slurmctld.pid" && alive "$DIR/slurmd.pid" && scontrol ping >/dev/null 2>&1; then
     echo "local-cluster: already up in $DIR"
     return
@@ -134,9 +161,12 @@ down_quiet() {
 
 case "$cmd" in
   up) up ;;
-  down) down_quiet; echo "local-cluster: down ($DIR)" ;;
+  down)
+    # Its pid files say what to kill: only those of a directory of ours.
+    trusted_dir || die "refusing to act on $DIR"
+    down_quiet; echo "local-cluster: down ($DIR)" ;;
   status)
-    if alive "$DIR/slurmctld.pid" && alive "$DIR/slurmd.pid" && scontrol ping >/dev/null 2>&1; then
+    if trusted_dir 2>/dev/null && alive "$DIR/slurmctld.pid" && alive "$DIR/slurmd.pid" && scontrol ping >/dev/null 2>&1; then
       sinfo; exit 0
     fi
     echo "local-cluster: not running ($DIR)"; exit 1 ;;

@@ -10,6 +10,12 @@ only once it is complete:
    renames ``step_N.tmp`` to ``step_N``, replaces ``latest`` atomically and deletes old
    checkpoints beyond ``keep_last`` (never pinned ones); barrier.
 
+Loading runs no code from the files: ``rank_R.pt`` holds tensors and plain types and is
+loaded with ``weights_only=True``; DeepSpeed's own files (which it unpickles in full) are
+first checked against the short list of classes DeepSpeed writes, and refused, naming the
+extra globals, otherwise. A run directory is still trusted input in other ways (its config is
+run as given).
+
 On start, rank 0 removes ``*.tmp`` leftovers and picks the newest ``step_N`` whose manifest
 exists and whose files match their sha256; every rank then loads that one. A checkpoint that
 fails verification is renamed ``step_N.bad`` (quarantined, with a warning naming the file): it
@@ -62,7 +68,12 @@ _STEP = re.compile(r"^step_(\d+)$")
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The RNG states as tensors and plain types, so that ``rank_R.pt`` loads with
+    ``weights_only=True`` (numpy's state holds an array, which would need unpickling)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -70,10 +81,61 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    if isinstance(n, dict):
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    else:  # a checkpoint written before the plain form (its array was allowed on load)
+        np.random.set_state(n)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# The classes DeepSpeed's own files pickle (measured on ZeRO 0-3 checkpoints, bf16 and fp32):
+# plain records and enums. Anything else in a checkpoint is refused before DeepSpeed unpickles
+# it (it loads its files with weights_only=False, which runs whatever code a pickle names).
+DEEPSPEED_GLOBALS = frozenset({
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.checkpoint.constants.PARAM_SHAPES",
+    "collections.OrderedDict",
+    "torch.Size",
+    "argparse.Namespace",
+})
+# Checkpoints written before rank states were plain types hold numpy's RNG array.
+_LEGACY_NUMPY = ("numpy.dtype", "numpy.ndarray", "numpy._core.multiarray._reconstruct",
+                 "numpy.core.multiarray._reconstruct", "numpy.dtypes.UInt32DType")
+
+
+def vet_deepspeed_files(folder: Path) -> None:
+    """Refuse (naming file and globals) any pickle in ``folder`` that names a global outside
+    ``DEEPSPEED_GLOBALS``: a run directory received from someone else must not run code."""
+    for path in sorted(folder.rglob("*.pt")):
+        unsafe = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in DEEPSPEED_GLOBALS]
+        if unsafe:
+            raise PretrainError(f"{path} names Python objects a checkpoint does not need ({', '.join(unsafe)}); "
+                                "loading it would run their code, so it is refused. Only resume run directories "
+                                "you trust")
+
+
+def load_rank_state(path: Path) -> dict:
+    """A ``rank_R.pt`` as tensors and plain types (``weights_only``; the numpy array of older
+    checkpoints' RNG state is allowed, nothing else)."""
+    unsafe = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in _LEGACY_NUMPY]
+    if unsafe:
+        raise PretrainError(f"{path} names Python objects a rank state does not hold ({', '.join(unsafe)}); "
+                            "refused: loading it would run their code")
+    allowed = []
+    for name in _LEGACY_NUMPY:
+        module, _, attr = name.rpartition(".")
+        try:
+            allowed.append(getattr(__import__(module, fromlist=[attr]), attr))
+        except (ImportError, AttributeError):
+            pass
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 class CheckpointManager:
@@ -241,13 +303,14 @@ class CheckpointManager:
         folder = self.root / f"step_{step}"
         saved = self.manifest(step)["world_size"]
         source = folder / UNIVERSAL if universal else folder
+        vet_deepspeed_files(source / DS_TAG)
         path, _ = engine.load_checkpoint(str(source), tag=DS_TAG, load_module_strict=True,
                                          load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
             raise PretrainError(f"DeepSpeed could not load {source / DS_TAG}")
 
         def rank_state(r: int) -> dict:
-            return torch.load(folder / f"rank_{r}.pt", map_location="cpu", weights_only=False)
+            return load_rank_state(folder / f"rank_{r}.pt")
 
         if saved == self.dist.world_size:
             own = rank_state(self.dist.rank)

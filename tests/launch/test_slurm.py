@@ -242,3 +242,22 @@ def test_training_under_slurm_submits_a_probe_job_per_checkpoint(slurm_env, smal
     assert job_info(slurm_env, launched[0]["job_id"])["JobState"] == "COMPLETED"
     record = json.loads((run / "probes/step_4/probe.json").read_text())
     assert record["step"] == 4 and record["rows"]["model"]["layers"]["2"]["phone_acc"] > 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the local cluster runs as root")
+def test_the_local_cluster_only_uses_a_private_directory_it_created(tmp_path):
+    """Everything in the cluster's directory runs as root (munge key, slurm.conf, the pid files
+    `down` kills): a directory another user could have written to is refused before use."""
+    planted = tmp_path / "planted"
+    planted.mkdir(mode=0o755)
+    (planted / "slurmd.pid").write_text("1\n")
+    for command in ("up", "down"):
+        proc = subprocess.run([str(CLUSTER), command, str(planted)], capture_output=True, text=True, timeout=60)
+        assert proc.returncode != 0 and "has mode 755" in proc.stderr and "refusing" in proc.stderr, proc.stderr
+    planted.chmod(0o700)
+    proc = subprocess.run([str(CLUSTER), "up", str(planted)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "was not created by local-cluster.sh" in proc.stderr
+    os.chown(planted, 65534, 65534)
+    proc = subprocess.run([str(CLUSTER), "down", str(planted)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "belongs to uid 65534" in proc.stderr
+    assert (planted / "slurmd.pid").read_text() == "1\n"  # nothing was read or killed

@@ -74,3 +74,35 @@ def test_a_run_whose_checkpoints_all_fail_verification_is_not_restarted_silently
     assert sorted(p.name for p in root.iterdir()) == ["step_2.bad", "step_4.bad"]
     # An empty or missing folder is a new run.
     assert CheckpointManager(tmp_path / "new", ONE).find_resume() is None
+
+
+def test_rank_states_are_plain_and_a_pickle_that_would_run_code_is_refused(tmp_path):
+    """Resuming a run directory received from someone else must not run their code: our rank
+    states load with weights_only, DeepSpeed's files are vetted before it unpickles them."""
+    import io
+    import os
+    import random
+
+    import numpy as np
+    import torch
+
+    from pretrain.train.checkpoint import load_rank_state, rng_state, set_rng_state, vet_deepspeed_files
+
+    state = {"step": 3, "data": {"epoch": 1, "slots": {"0": {"offset": 7}}}, "rng": rng_state()}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    (tmp_path / "rank_0.pt").write_bytes(buf.getvalue())
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "rank_0.pt") == []
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.random(), np.random.rand(), torch.rand(3)  # move every generator on
+    set_rng_state(load_rank_state(tmp_path / "rank_0.pt")["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+    evil = tmp_path / "ds"
+    evil.mkdir()
+    torch.save({"module": {}, "hook": os.system}, evil / "mp_rank_00_model_states.pt")
+    with pytest.raises(PretrainError, match=r"mp_rank_00_model_states.pt names Python objects .*(posix|os)\.system"):
+        vet_deepspeed_files(evil)
+    torch.save({"rng": os.system}, tmp_path / "rank_1.pt")
+    with pytest.raises(PretrainError, match=r"rank_1.pt names Python objects"):
+        load_rank_state(tmp_path / "rank_1.pt")
