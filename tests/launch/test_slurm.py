@@ -261,3 +261,29 @@ def test_the_local_cluster_only_uses_a_private_directory_it_created(tmp_path):
     proc = subprocess.run([str(CLUSTER), "down", str(planted)], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "belongs to uid 65534" in proc.stderr
     assert (planted / "slurmd.pid").read_text() == "1\n"  # nothing was read or killed
+
+
+def test_dry_run_quotes_paths_parses_times_and_hides_credentials(tmp_path):
+    def dry(*args: str) -> subprocess.CompletedProcess:
+        options, overrides = [a for a in args if "run_dir=" not in a], [a for a in args if "run_dir=" in a]
+        return subprocess.run([str(LAUNCH), "slurm", "--profile", str(LOCAL), *options, "--dry-run", "train",
+                               "data.shards=/data/shards", "data.labels=[km500]", *overrides], capture_output=True,
+                              text=True, timeout=120, cwd=REPO)
+
+    spaced = tmp_path / "my runs" / "a b"
+    proc = dry("--set", "time=30:00", "--set", "setup=[export WANDB_API_KEY=abc123,module load cuda]",
+               f"run_dir={spaced}")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert next(line for line in lines if line.startswith("#SBATCH --output=")).startswith(
+        f'#SBATCH --output="{spaced}/slurm/train-')
+    assert "#SBATCH --time=30:00" in lines  # not 1800 (YAML 1.1's base-60 reading)
+    assert "abc123" not in proc.stdout and "export WANDB_API_KEY=<redacted>" in lines and "module load cuda" in lines
+    # The batch shell survives USR1 and SIGTERM, passing USR1 on to the training processes.
+    assert any(line.startswith("trap ") and line.endswith(" USR1") for line in lines)
+    assert any(line.startswith("trap ") and line.endswith(" TERM") for line in lines)
+
+    proc = dry(f"run_dir={tmp_path / 'run_%j'}")
+    assert proc.returncode == 1 and "contains '%': SLURM expands '%' in log paths" in proc.stderr
+    proc = dry("--set", "time=90", f"run_dir={tmp_path}")
+    assert proc.returncode == 2 and "field 'time': '90' is a bare number, which SLURM reads as minutes" in proc.stderr
