@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.perf_counter() - start) / 60
     if rc:
         sys.exit(f"the demo failed (exit {rc}): {' '.join(cmd)}")
-    from pretrain.cli import resolve
+    from pretrain.stages import resolve
 
     _, cfg, _, _ = resolve(["iterate", "--config", args.config, f"run_dir={run}", *args.set])
     n = len(cfg.iterations)

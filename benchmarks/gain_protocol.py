@@ -58,7 +58,7 @@ CORPORA = {
 
 def train_config_fields(config: Path, overrides: list[str]) -> dict:
     """The resolved training config's data crop sizes (what utterance lengths are judged by)."""
-    from pretrain.cli import resolve
+    from pretrain.stages import resolve
 
     _, cfg, _, _ = resolve(["train", "--config", str(config), "run_dir=x", "data.shards=x", "data.labels=[x]",
                             *overrides])

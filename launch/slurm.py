@@ -115,7 +115,7 @@ def prepare(argv: Sequence[str], profile: SlurmProfile, job_dir: str | None = No
             tasks: int | None = None, launch_argv: Sequence[str] = (), dry_run: bool = False) -> list[Job]:
     """Resolve a ``pretrain`` command line (config checked here, before anything is submitted)
     and render its job; ``iterate`` renders one job per stage that is not done."""
-    from pretrain.cli import resolve
+    from pretrain.stages import resolve
 
     argv = list(argv[1:] if argv[:1] == ["pretrain"] else argv)
     stage, cfg, args, _ = resolve(argv)

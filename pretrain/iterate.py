@@ -371,7 +371,7 @@ def _eval_stages(cfg: IterateConfig, run: Path, stages: list[PlannedStage], jobs
 
 
 def _fingerprint(stages: list[PlannedStage], run: Path) -> None:
-    from pretrain.cli import resolve
+    from pretrain.stages import resolve
 
     from pretrain.config import ConfigError
 
@@ -581,11 +581,11 @@ def run_stage(cfg: IterateConfig, stage: PlannedStage, in_process: bool = False)
         _start_record(run, stage)
     started = time.monotonic()
     if in_process:
-        from pretrain.cli import main
+        from pretrain.stages import execute
 
         os.environ.clear()
         os.environ.update(_stage_env(stage, child=False))
-        code = main([*stage.argv, "--no-progress"])  # training exits inside (engine.shutdown)
+        code = execute([*stage.argv, "--no-progress"])  # training exits inside (engine.shutdown)
     else:
         if stage.train:
             cmd = [str(Path(sys.executable).parent / "launch"), "local", "--nproc", str(cfg.nproc), "pretrain",
@@ -603,6 +603,11 @@ def run_stage(cfg: IterateConfig, stage: PlannedStage, in_process: bool = False)
     elif not (in_process and stage.array):  # an array task may finish before its siblings
         raise PretrainError(f"stage {stage.name} ended without finishing ({stage.done_mark} missing or "
                             "incomplete); rerun the same command to resume it")
+
+
+def command(cfg: IterateConfig, argv: list[str], progress: bool) -> int:
+    """``pretrain iterate`` (registered in ``pretrain.stages``)."""
+    return iterate(cfg, argv)
 
 
 def iterate(cfg: IterateConfig, argv: list[str] | None = None) -> int:

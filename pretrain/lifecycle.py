@@ -101,11 +101,17 @@ def die_with_parent(expected_parent: int | None) -> None:
 
 def install_early(argv: list[str]) -> None:
     """What must happen before the heavy imports (see the module docstring)."""
+    if "DS_ACCELERATOR" not in os.environ and not (Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia").exists()):
+        # DeepSpeed's own choice on a machine without NVIDIA's driver, made without the warning
+        # it prints on every import when it has to guess.
+        os.environ["DS_ACCELERATOR"] = "cpu"
     launcher = os.environ.get(LAUNCHER_ENV)
     if launcher:
         die_with_parent(int(launcher))
     words = [a for a in argv if not a.startswith("-")]
-    if words[:1] == ["train"]:
+    only = argv[argv.index("--only") + 1] if "--only" in argv[:-1] else ""
+    # Training, directly or as an iterate stage run in this process (a SLURM job).
+    if words[:1] == ["train"] or (words[:1] == ["iterate"] and only.endswith(".train")):
         Stop.install()
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pretrain.cli import STAGES, main
+from pretrain.cli import main
+from pretrain.stages import STAGES
 from pretrain.config import iter_fields
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,3 +78,17 @@ def test_corpus_synth_end_to_end_writes_run_record(tmp_path):
     again = run_cli("corpus", "synth", "--out", str(out), "count=3", "--no-progress")
     assert again.returncode == 1
     assert "not empty" in again.stderr and "overwrite=true" in again.stderr
+
+
+def test_the_layering_has_no_back_arrows():
+    """Config schemas import no implementation, the registry does not import iterate (which
+    runs stages through it), and the entry point imports nothing heavy before set-up."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, pretrain.config.corpus, pretrain.config.iterate, pretrain.config.train, pretrain.stages, "
+             "pretrain.cli; print(sorted(m for m in sys.modules if m.startswith(('pretrain.corpus', "
+             "'pretrain.iterate', 'torch', 'deepspeed'))))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

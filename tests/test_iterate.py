@@ -55,6 +55,15 @@ def test_two_iterations_rerun_interruption_and_invalidation(tiny_corpus, small_s
     assert first.returncode != 0
     assert "stage it2.train failed" in first.stderr, first.stderr[-3000:]
     assert (run / "it2/train/checkpoints/latest").read_text().strip() == "step_2"
+    # `pretrain status` tells where it stopped.
+    status = subprocess.run([sys.executable, "-m", "pretrain.cli", "status", str(run), "--json"],
+                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert status.returncode == 0, status.stderr
+    status = json.loads(status.stdout)
+    states = {row["name"]: row["state"] for row in status["stages"]}
+    assert states["it1.train"] == "done" and states["it2.train"] == "failed" and states["export"] == "pending"
+    assert status["iterations"][1]["train"]["checkpoint"] == "step_2" and not status["running"]
+    assert 0 < status["iterations"][0]["pnmi_quality"] < 1
     # Second attempt resumes it: the finished stages are skipped, training continues at step 2.
     second = iterate(run, tiny_corpus, small_shards)
     assert second.returncode == 0, second.stderr[-4000:]
@@ -106,8 +115,11 @@ def test_two_iterations_rerun_interruption_and_invalidation(tiny_corpus, small_s
     assert "(b) the iteration-2 model" in report and "(c) the iteration-1 model" in report
     for row in ("| MFCC-39 |", "| log-mel 80 |", "| untrained |", "| it1 |", "| it2 |", "| it2 weighted sum |"):
         assert row in report, report
-    records = {p.stem: json.loads(p.read_text()) for p in (run / "stages").glob("*.json")}
+    records = {p.stem: json.loads(p.read_text()) for p in (run / "stages").glob("*.json") if p.stem != "identity"}
     assert len(records) == 18 and len(records["it2.train"]["attempts"]) == 2
+    table = subprocess.run([sys.executable, "-m", "pretrain.cli", "status", str(run)], capture_output=True,
+                           text=True, timeout=300, cwd=REPO).stdout
+    assert "it2.train          done            2" in table and "it2: step 4/4, loss " in table, table
 
     # A rerun does no work.
     mtimes = {p: p.stat().st_mtime_ns for p in (run / "stages").glob("*.json")}

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from pretrain.config.corpus import ALL_VOICES
 from pretrain.corpus.phones import SILENCE, map_arpabet, map_espeak
 from pretrain.utils import PretrainError
 
@@ -64,6 +65,10 @@ VOICES: dict[str, Voice] = {
         Voice("espeak-klatt", "espeak-ng", "en-us+klatt", ("espeak-ng", "libespeak-ng1")),
     )
 }
+
+
+if tuple(VOICES) != ALL_VOICES:  # the config schema names the voices without importing this module
+    raise ImportError(f"pretrain.config.corpus.ALL_VOICES {ALL_VOICES} differs from the engines' voices {tuple(VOICES)}")
 
 
 class EngineMissingError(PretrainError):

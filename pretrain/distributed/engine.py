@@ -8,9 +8,15 @@ is set by the trainer each step from a pure function of the step, so no schedule
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
+
+# DeepSpeed's ZeRO gathers call this torch function, deprecated for a successor DeepSpeed does
+# not use yet: the warning says nothing a user can act on and repeats in every run's log.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                        category=FutureWarning)
 
 from pretrain.config.train import TrainConfig
 from pretrain.distributed import DistEnv, export_env

@@ -109,7 +109,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, fault: dict | None = 
     ``{"exit_after_save": step}`` ends the process right after saving.
     """
     fault = fault or {}
-    # Normally installed before the heavy imports (pretrain.cli); here for in-process callers.
+    # Normally installed before the heavy imports (pretrain.cli); here for other in-process callers.
     Stop.install()
     dist = read_env()
     run_dir = Path(cfg.run_dir)
