@@ -105,7 +105,9 @@ def install_early(argv: list[str]) -> None:
         # DeepSpeed's own choice on a machine without NVIDIA's driver, made without the warning
         # it prints on every import when it has to guess.
         os.environ["DS_ACCELERATOR"] = "cpu"
-    launcher = os.environ.get(LAUNCHER_ENV)
+    # Popped: it names this process's parent, not that of the processes it starts (a trainer's
+    # background probes).
+    launcher = os.environ.pop(LAUNCHER_ENV, None)
     if launcher:
         die_with_parent(int(launcher))
     words = [a for a in argv if not a.startswith("-")]
