@@ -142,7 +142,12 @@ def _prepare_iterate(cfg, profile: SlurmProfile, job_dir: str | None, tasks: int
     folder = (Path(job_dir) if job_dir else Path(cfg.run_dir) / "slurm").resolve()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     snapshot = folder / f"iterate-{stamp}.config.yaml"
-    stages = it.plan(cfg)
+    stages = it.plan(cfg, create_identity=not dry_run)
+    if not dry_run:  # invalidation deletes: not while a local `pretrain iterate` works in the run
+        from pretrain.lifecycle import RunLock
+
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        RunLock(cfg.run_dir, "launch slurm iterate").acquire()  # held until this command exits
     it.invalidate_changed(cfg, stages, delete=not dry_run)
     states = it.status(cfg, stages)
     jobs = []

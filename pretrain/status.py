@@ -141,7 +141,8 @@ def iterate_status(run: Path) -> dict:
         elif record["fingerprint"] not in (stage.fingerprint, stage.legacy_fingerprint):
             row["state"] = "stale"
         else:
-            active = holder is not None or row.get("slurm_state", "").split()[0] in _ACTIVE_SLURM
+            slurm_state = row.get("slurm_state", "").split()
+            active = holder is not None or (bool(slurm_state) and slurm_state[0] in _ACTIVE_SLURM)
             row["state"] = "running" if active else "failed"
         rows.append(row)
     iterations = []

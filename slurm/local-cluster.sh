@@ -82,7 +82,7 @@ SelectTypeParameters=CR_Core
 SchedulerParameters=bf_interval=1,sched_interval=5
 JobRequeue=1
 ReturnToService=2
-KillWait=5
+KillWait=30
 MinJobAge=300
 SlurmdParameters=config_overrides
 NodeName=localhost CPUs=$CPUS RealMemory=8000 State=UNKNOWN

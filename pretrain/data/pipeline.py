@@ -383,11 +383,15 @@ def _describe_mixing(fingerprint: dict | None) -> str:
 
 
 def _ignore_preemption_signal(_worker: int) -> None:
-    # SLURM signals every process of a task, data workers included; only the trainer acts on
-    # the preemption signal (checkpoint, requeue), and a worker killed by it would fail the step.
+    # SLURM signals every process of a task, data workers included (SIGUSR1 before a time
+    # limit, SIGTERM on `scontrol requeue` or `scancel`); only the trainer acts on them
+    # (checkpoint at the step boundary, then exit), and a worker killed by one would fail the
+    # step before the checkpoint. Workers end with the trainer (torch's parent watchdog) or by
+    # SLURM's SIGKILL after KillWait.
     import signal
 
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class _SlotDataset(IterableDataset):

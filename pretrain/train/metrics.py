@@ -97,8 +97,7 @@ class MetricsLogger:
             for k, v in named.items():
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
-        if self.wandb is not None:
-            self.wandb.log(named, step=step)
+        self._wandb(lambda run: run.log(named, step=step))
         shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                          for k, v in named.items() if k in (f"{prefix}loss", f"{prefix}lr", f"{prefix}acc_masked",
                                                              f"{prefix}grad_norm", f"{prefix}audio_s_per_s"))
@@ -115,12 +114,11 @@ class MetricsLogger:
             for k, v in metrics.items():
                 self.tb.add_scalar(k, v, probe_step)
             self.tb.flush()
-        if self.wandb is not None:
-            if not getattr(self, "_probe_axis", False):
-                self.wandb.define_metric("probe_step")
-                self.wandb.define_metric("probe/*", step_metric="probe_step")
-                self._probe_axis = True
-            self.wandb.log({**metrics, "probe_step": probe_step})
+        if self.wandb is not None and not getattr(self, "_probe_axis", False):
+            self._wandb(lambda run: (run.define_metric("probe_step"),
+                                     run.define_metric("probe/*", step_metric="probe_step")))
+            self._probe_axis = True
+        self._wandb(lambda run: run.log({**metrics, "probe_step": probe_step}))
         best = {k.split("/")[-1]: v for k, v in metrics.items() if k.startswith("probe/best/")}
         print(f"probe of step {probe_step}: " + " ".join(f"{k}={v:.4g}" for k, v in best.items()),
               file=sys.stderr, flush=True)
@@ -131,5 +129,18 @@ class MetricsLogger:
         self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+        self._wandb(lambda run: run.finish())
+
+    def _wandb(self, call) -> None:
+        """``call(run)`` on the wandb run, if there is one. wandb works through a service
+        process, which a stop signal to the whole job (SLURM's SIGTERM on a requeue) ends first:
+        a failing sink is dropped with a warning, so that the checkpoint still happens
+        (metrics.jsonl and TensorBoard keep every record)."""
+        if self.wandb is None:
+            return
+        try:
+            call(self.wandb)
+        except Exception as e:  # noqa: BLE001 - whatever the service's failure, training goes on
+            log.warning("wandb failed (%s: %s); logging to metrics.jsonl and TensorBoard only from here on",
+                        type(e).__name__, e)
+            self.wandb = None

@@ -118,18 +118,26 @@ TRAIN = ["--config", str(REPO / "configs/model/tiny.yaml"), "--config", str(REPO
 def test_preempted_training_checkpoints_requeues_and_resumes_exactly(slurm_env, small_shards, uninterrupted,
                                                                     tmp_path):
     straight, preempted, capped = uninterrupted, tmp_path / "preempted", tmp_path / "capped"
+    requeued = tmp_path / "requeued"
     jobs = {}
-    for name, run, extra in (("preempted", preempted, []), ("capped", capped, ["max_requeues=0"])):
+    for name, run, extra in (("preempted", preempted, []), ("capped", capped, ["max_requeues=0"]),
+                             ("requeued", requeued, [])):
         proc = launch(slurm_env, "train", *TRAIN, f"data.shards={small_shards}", f"run_dir={run}", *extra)
         jobs[name] = job_ids(proc)[0]
-    # Signal two runs mid-training, as SLURM does before a time limit.
+    # Signal the runs mid-training: USR1 to the job steps, as SLURM does before a time limit;
+    # USR1 to the batch shell as well (--full, what some sites' preemption does: it used to
+    # kill the job with no checkpoint); and `scontrol requeue`, which sends SIGTERM (it used to
+    # lose the work since the last checkpoint).
+    signals = {"preempted": ["scancel", "--signal=USR1", jobs["preempted"]],
+               "capped": ["scancel", "--signal=USR1", "--full", jobs["capped"]],
+               "requeued": ["scontrol", "requeue", jobs["requeued"]]}
     signalled = {}
-    end = time.monotonic() + 300
-    while len(signalled) < 2:
+    end = time.monotonic() + 400
+    while len(signalled) < 3:
         assert time.monotonic() < end, "training did not reach step 4"
-        for name, run in (("preempted", preempted), ("capped", capped)):
+        for name, run in (("preempted", preempted), ("capped", capped), ("requeued", requeued)):
             if name not in signalled and (run / "metrics.jsonl").exists() and len(losses(run)) >= 4:
-                subprocess.run(["scancel", "--signal=USR1", jobs[name]], check=True, env=slurm_env)
+                subprocess.run(signals[name], check=True, env=slurm_env)
                 signalled[name] = time.time()
         time.sleep(0.2)
     wait_gone(slurm_env, list(jobs.values()))
@@ -160,6 +168,16 @@ def test_preempted_training_checkpoints_requeues_and_resumes_exactly(slurm_env, 
     assert "max_requeues=0" in log and "not requeueing" in log
     step = int(re.search(r"preempted at step (\d+): checkpoint saved, but", log).group(1))
     assert (capped / "checkpoints/latest").read_text().strip() == f"step_{step}"
+    assert "the batch shell got USR1" in log
+
+    # `scontrol requeue`: SIGTERM, a checkpoint at the next step boundary, the requeued job
+    # resumes from it and completes with the uninterrupted losses.
+    info = job_info(slurm_env, jobs["requeued"])
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
+    log = logs(requeued / "slurm")
+    step = int(re.search(r"stopped by SIGTERM at step (\d+): checkpoint saved", log).group(1))
+    assert 4 <= step < 16 and f"resumed from step {step}:" in log
+    assert losses(requeued) == losses(straight)
 
 
 @pytest.mark.slurm
