@@ -35,9 +35,10 @@ from pretrain import __version__
 from pretrain.config import load_config, to_yaml
 from pretrain.config.core import _git_commit
 from pretrain.config.slurm import SlurmProfile
+from pretrain.resources import resource
 from pretrain.utils import PretrainError, atomic_write_json, atomic_write_text, redact
 
-TEMPLATES = Path(__file__).resolve().parents[1] / "slurm"
+TEMPLATES = resource("slurm")
 # Stages that split their shards over the tasks of an array job (task/num_tasks from
 # SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT, pretrain.features.extract.task_split).
 ARRAY_STAGES = {"features mfcc", "features model", "kmeans assign"}

@@ -64,6 +64,7 @@ from omegaconf import OmegaConf
 
 from pretrain.config import quote_override
 from pretrain.config.iterate import IterateConfig
+from pretrain.resources import config_path
 from pretrain.utils import PretrainError, atomic_write_json, redact
 
 log = logging.getLogger(__name__)
@@ -273,7 +274,7 @@ def plan(cfg: IterateConfig, create_identity: bool = True) -> list[PlannedStage]
             stages += _heldout_stages(cfg, run, i, it, eval_shards, eval_up, kmeans, relocate)
         train_argv = ["train"]
         for path in cfg.train_configs:
-            train_argv += ["--config", str(Path(path).resolve())]
+            train_argv += ["--config", str(config_path(path).resolve())]
         train_argv += [*cfg.train_overrides, *it.train_overrides, quote_override("run_dir", str(d / "train")),
                        quote_override("data.shards", str(shards)), f"data.labels=[{name}]",
                        f"optim.max_steps={it.max_steps}"]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pretrain.resources import resource
 from pretrain.utils import atomic_write_text
 
 
@@ -25,7 +26,7 @@ def _metrics(train_dir: Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-REFERENCE_CURVES = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "reference_curves.json"
+REFERENCE_CURVES = resource("reference_curves.json")
 """Loss and masked accuracy per step of measured reference runs (``benchmarks/demo_gain.py``
 writes the demo's), drawn faintly behind a run's own: is my curve normal?"""
 

@@ -425,6 +425,56 @@ STAGES += (
     ),
 )
 
+def _labels_schema(name: str) -> Callable[[], type]:
+    def load() -> type:
+        from pretrain.config import labels
+
+        return getattr(labels, name)
+
+    return load
+
+
+def _labels_import_run(cfg: Any, argv: list[str], progress: bool) -> int:
+    from pretrain.data.fairseq import import_fairseq
+
+    meta = import_fairseq(cfg.shards, cfg.tsv, cfg.km, cfg.name, cfg.num_classes, cfg.rate)
+    total = sum(e["utterances"] for e in meta["shards"].values())
+    print(f"label set '{cfg.name}': {total} utterances in {len(meta['shards'])} shards from {cfg.km}, "
+          f"k={meta['num_classes']}, {meta['label_rate']} Hz")
+    return 0
+
+
+def _labels_export_run(cfg: Any, argv: list[str], progress: bool) -> int:
+    from pretrain.data.fairseq import export_fairseq
+
+    tsv, km = export_fairseq(cfg.shards, cfg.name, cfg.out, cfg.split or cfg.name)
+    print(f"wrote {tsv} and {km}")
+    return 0
+
+
+STAGES += (
+    Stage(
+        group="labels",
+        name="import",
+        help="import a fairseq .tsv + .km pair as a keyed label set of the shards",
+        schema=_labels_schema("LabelsImportConfig"),
+        run=_labels_import_run,
+        flags=(Flag("--shards", "shards", str, "shard directory"), Flag("--tsv", "tsv", str, "fairseq .tsv"),
+               Flag("--km", "km", str, "fairseq .km"), Flag("--name", "name", str, "label set name"),
+               Flag("--rate", "rate", int, "label rate (50 or 100 Hz)")),
+    ),
+    Stage(
+        group="labels",
+        name="export",
+        help="write a label set as a fairseq .tsv + .km pair",
+        schema=_labels_schema("LabelsExportConfig"),
+        run=_labels_export_run,
+        flags=(Flag("--shards", "shards", str, "shard directory"), Flag("--name", "name", str, "label set name"),
+               Flag("--out", "out", str, "output folder")),
+    ),
+)
+
+
 def _status_schema() -> type:
     from pretrain.config.status import StatusConfig
 
@@ -453,6 +503,7 @@ STAGES += (
 )
 
 GROUP_HELP = {
+    "labels": "label sets to and from fairseq's .tsv + .km files",
     "corpus": "speech corpora for tests and the demo",
     "shards": "WebDataset tar shards: build from a corpus, verify",
     "export": "export trained models to other frameworks",

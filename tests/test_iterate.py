@@ -97,6 +97,11 @@ def test_two_iterations_rerun_interruption_and_invalidation(tiny_corpus, small_s
         chosen_layer(run / "it1/probe/probe.json", "phone_acc")
     hf = transformers.HubertModel.from_pretrained(run / "hf")
     assert hf.config.num_hidden_layers == 2
+    # The export's model card, from the run's own files: steps, hours, labels, held-out probes.
+    card = (run / "hf/README.md").read_text()
+    assert (run / "hf/model.safetensors").is_file() and "- 4 optimizer steps" in card
+    assert " h of audio (11 utterances)" in card and "`it2_km30` (30 classes, 50 Hz)" in card
+    assert "## Probes (held-out speech)" in card and "| phone_acc |" in card
     report = (run / "report.md").read_text()
     for png in ("verdict", "stages", "quality", "loss", "accuracy", "probes"):
         assert f"report/{png}.png" in report and (run / "report" / f"{png}.png").stat().st_size > 1000

@@ -229,7 +229,9 @@ _SEXAGESIMAL = re.compile(r"[-+]?\d+(:[0-5]?\d)+(\.\d*)?")
 
 
 def _read_yaml(path: str | os.PathLike) -> DictConfig:
-    path = Path(path)
+    from pretrain.resources import config_path
+
+    path = config_path(path)  # configs/... also names the configs shipped with the package
     if not path.is_file():
         raise ConfigError("config file not found", source=str(path))
     try:

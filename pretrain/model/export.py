@@ -76,7 +76,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
     tmp = out.parent / f".{out.name}.export-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    hf.save_pretrained(tmp)
+    hf.save_pretrained(tmp, safe_serialization=True)  # model.safetensors: no pickle to load
     Wav2Vec2FeatureExtractor(
         feature_size=1, sampling_rate=16000, padding_value=0.0,
         do_normalize=model.cfg.normalize_waveform,
@@ -86,9 +86,74 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
     (tmp / "pretrain_export.json").write_text(json.dumps({
         "source": str(checkpoint), "labels": [s.__dict__ for s in model.labels],
         "note": "backbone only: final_proj and label embeddings are pretraining heads"}, indent=2) + "\n")
+    (tmp / "README.md").write_text(model_card(checkpoint, model, hf))
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").unlink(missing_ok=True)  # an older export here is incomplete until the end
     for path in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
         os.replace(path, out / path.name)
     tmp.rmdir()
     return out
+
+
+def _training_facts(checkpoint: str | Path) -> dict:
+    """What the checkpoint's own folder and run directory say: the step, the training data's
+    hours (the shard manifest the run's config names) and probe results of this checkpoint
+    (a trainer's background probe, or ``iterate``'s probe stage)."""
+    facts: dict = {}
+    folder = Path(checkpoint)
+    folder = folder if folder.is_dir() else folder.parent
+    try:
+        facts["step"] = json.loads((folder / "manifest.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return facts
+    run = folder.parent.parent  # run_dir/checkpoints/step_N
+    try:
+        import yaml
+
+        shards = yaml.safe_load((run / "config.yaml").read_text())["data"]["shards"]
+        totals = json.loads((Path(shards) / "manifest.json").read_text())["totals"]
+        facts["hours"] = totals["seconds"] / 3600
+        facts["utterances"] = totals["utterances"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    for probe in (run / "probes" / f"step_{facts['step']}" / "probe.json", run.parent / "probe" / "probe.json"):
+        try:
+            record = json.loads(probe.read_text())
+        except (OSError, ValueError):
+            continue
+        if record.get("step") == facts["step"] or Path(record.get("checkpoint", "")).resolve() == folder.resolve():
+            facts["probe"] = record["best"].get("model", {})
+            facts["probe_file"] = str(probe)
+            break
+    return facts
+
+
+def model_card(checkpoint: str | Path, model, hf) -> str:
+    """The export's ``README.md``: architecture, training data and steps, label sets, probe
+    results when the run has them; every figure read from the run's own files."""
+    cfg = model.cfg
+    facts = _training_facts(checkpoint)
+    params = sum(p.numel() for p in hf.parameters())
+    lines = ["---", "library_name: transformers", "tags: [speech, self-supervised, hubert]" if cfg.arch != "wavlm"
+             else "tags: [speech, self-supervised, wavlm]", "---", "",
+             f"# {'WavLM' if cfg.arch == 'wavlm' else 'HuBERT'} pretrained with pretrain", "",
+             f"Exported from `{checkpoint}` by `pretrain export hf`. Load it with "
+             f"`transformers.{type(hf).__name__}.from_pretrained(...)`.", "", "## Architecture", "",
+             f"- {cfg.encoder_layers} Transformer layers, dimension {cfg.encoder_embed_dim}, "
+             f"{cfg.encoder_attention_heads} heads, feed-forward {cfg.encoder_ffn_embed_dim}",
+             f"- {params / 1e6:.2f}M parameters (the backbone: the pretraining heads are not exported)",
+             f"- convolutional waveform encoder ({cfg.extractor_mode}), "
+             f"{'pre' if cfg.layer_norm_first else 'post'}-LN; waveforms "
+             f"{'normalized' if cfg.normalize_waveform else 'not normalized'} (see preprocessor_config.json)",
+             "", "## Training", ""]
+    if "step" in facts:
+        lines.append(f"- {facts['step']} optimizer steps")
+    if "hours" in facts:
+        lines.append(f"- on {facts['hours']:.2f} h of audio ({facts['utterances']} utterances)")
+    labels = ", ".join(f"`{s.name}` ({s.num_classes} classes, {s.rate} Hz)" for s in model.labels)
+    lines.append(f"- masked prediction of the label sets {labels}")
+    if facts.get("probe"):
+        lines += ["", "## Probes (held-out speech)", "", f"From `{facts['probe_file']}`:", "",
+                  "| metric | best layer | value |", "|---|---|---|"]
+        lines += [f"| {metric} | {b['layer']} | {b['value']:.4g} |" for metric, b in sorted(facts["probe"].items())]
+    return "\n".join(lines) + "\n"

@@ -99,3 +99,5 @@ def test_an_interrupted_export_leaves_no_config_json(tmp_path, monkeypatch):
                                                               "preprocessor_config.json", "pretrain_export.json"}
     assert not list(tmp_path.glob(".hf.export-tmp"))
     transformers.HubertModel.from_pretrained(tmp_path / "hf")
+    card = (tmp_path / "hf" / "README.md").read_text()  # a model file alone: no run facts
+    assert "2 Transformer layers" in card and "`km` (100 classes, 50 Hz)" in card and "optimizer steps" not in card
