@@ -475,6 +475,36 @@ STAGES += (
 )
 
 
+def _import_schema(name: str) -> Callable[[], type]:
+    def load() -> type:
+        from pretrain.config import imports
+
+        return getattr(imports, name)
+
+    return load
+
+
+def _import_run(cfg: Any, argv: list[str], progress: bool) -> int:
+    from pretrain.model.checkpoint import save_model
+    from pretrain.model.imports import import_fairseq, import_hf
+
+    kind = "fairseq" if type(cfg).__name__ == "ImportFairseqConfig" else "hf"
+    model = (import_fairseq if kind == "fairseq" else import_hf)(cfg.source)
+    save_model(cfg.out, model)
+    c = model.cfg
+    print(f"wrote {cfg.out}: a {c.arch} backbone, {c.encoder_layers} layers x {c.encoder_embed_dim} dims "
+          f"(no label sets: use it for `features model`, `probe` or `train init_from=`)")
+    return 0
+
+
+STAGES += (
+    Stage(group="import", name="hf", help="a transformers HubertModel / WavLMModel folder into a pretrain model file",
+          schema=_import_schema("ImportHfConfig"), run=_import_run, positional=("source", "out")),
+    Stage(group="import", name="fairseq", help="a fairseq HuBERT checkpoint into a pretrain model file",
+          schema=_import_schema("ImportFairseqConfig"), run=_import_run, positional=("source", "out")),
+)
+
+
 def _status_schema() -> type:
     from pretrain.config.status import StatusConfig
 
@@ -503,6 +533,7 @@ STAGES += (
 )
 
 GROUP_HELP = {
+    "import": "models from transformers and fairseq into pretrain model files",
     "labels": "label sets to and from fairseq's .tsv + .km files",
     "corpus": "speech corpora for tests and the demo",
     "shards": "WebDataset tar shards: build from a corpus, verify",

@@ -130,8 +130,8 @@ class HubertPretrain(nn.Module):
 
     def __init__(self, cfg: ModelConfig, labels: list[LabelSpec]):
         super().__init__()
-        if not labels:
-            raise ValueError("HuBERT needs at least one label set to predict")
+        # No label sets: a backbone alone (a model imported from transformers or fairseq), for
+        # features, probes and ``init_from``; it has no pretraining loss.
         for spec in labels:
             if spec.rate % FRAME_RATE:
                 raise ValueError(f"label set '{spec.name}': rate {spec.rate} Hz is not a multiple of "
@@ -173,6 +173,9 @@ class HubertPretrain(nn.Module):
         passes the ratio of the counts over all ranks, which makes the penalty, like the
         cross-entropy, independent of how a batch is split over ranks.
         """
+        if not self.labels:
+            raise ValueError("this model has no label sets (a backbone imported from transformers or fairseq): "
+                             "train a new run from it with init_from=MODEL")
         backbone = self.backbone
         feats = backbone.features(backbone.normalize(audio, lengths), lengths)
         padding = frame_padding_mask(lengths, feats.shape[1])

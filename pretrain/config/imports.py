@@ -1,0 +1,25 @@
+"""Configuration of ``pretrain import hf`` and ``pretrain import fairseq``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from omegaconf import MISSING
+
+
+@dataclass
+class ImportHfConfig:
+    source: str = MISSING
+    """A transformers HubertModel or WavLMModel folder (config.json, weights)."""
+
+    out: str = MISSING
+    """The model file to write (``.../model.pt``): the backbone, no label sets."""
+
+
+@dataclass
+class ImportFairseqConfig:
+    source: str = MISSING
+    """A fairseq HuBERT checkpoint (``.pt`` with ``cfg``/``args`` and ``model``)."""
+
+    out: str = MISSING
+    """The model file to write (``.../model.pt``): the backbone, no label sets."""

@@ -1,0 +1,203 @@
+"""Models from elsewhere into our model file: ``pretrain import hf DIR`` (a transformers
+HubertModel or WavLMModel folder) and ``pretrain import fairseq CKPT`` (a fairseq HuBERT
+checkpoint's model state).
+
+What is imported is the backbone (waveform encoder, projection, Transformer, mask embedding):
+the model file gets no label sets. That is what the two uses need: ``features model`` on one of
+its layers (labels for a first iteration from a released model), and ``pretrain train
+init_from=MODEL`` (continued pretraining on new data), which starts the label embeddings and
+``final_proj`` fresh for the new label set in any case: the old ones belong to another k and
+another clustering.
+
+Our backbone's parameter names are transformers' (export loads them strictly), so the
+transformers import is a strict ``load_state_dict``; fairseq's names are mapped (``FAIRSEQ``
+rules). Either way every missing or unexpected parameter is listed in the error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from pretrain.config.model import ModelConfig
+from pretrain.frames import CONV_LAYERS
+from pretrain.model.encoder import CONV_CHANNELS
+from pretrain.model.hubert import HubertPretrain
+from pretrain.utils import PretrainError
+
+# fairseq name -> ours (regular expressions on the whole key; the first match wins).
+FAIRSEQ = [
+    (r"mask_emb", r"masked_spec_embed"),
+    (r"feature_extractor\.conv_layers\.(\d+)\.0\.(weight|bias)", r"feature_extractor.conv_layers.\1.conv.\2"),
+    (r"feature_extractor\.conv_layers\.(\d+)\.2\.1\.(weight|bias)", r"feature_extractor.conv_layers.\1.layer_norm.\2"),
+    (r"feature_extractor\.conv_layers\.(\d+)\.2\.(weight|bias)", r"feature_extractor.conv_layers.\1.layer_norm.\2"),
+    (r"layer_norm\.(weight|bias)", r"feature_projection.layer_norm.\1"),
+    (r"post_extract_proj\.(weight|bias)", r"feature_projection.projection.\1"),
+    (r"encoder\.pos_conv\.0\.bias", r"encoder.pos_conv_embed.conv.bias"),
+    (r"encoder\.pos_conv\.0\.weight_g", r"encoder.pos_conv_embed.conv.parametrizations.weight.original0"),
+    (r"encoder\.pos_conv\.0\.weight_v", r"encoder.pos_conv_embed.conv.parametrizations.weight.original1"),
+    (r"encoder\.layer_norm\.(weight|bias)", r"encoder.layer_norm.\1"),
+    (r"encoder\.layers\.(\d+)\.self_attn\.(q|k|v|out)_proj\.(weight|bias)", r"encoder.layers.\1.attention.\2_proj.\3"),
+    (r"encoder\.layers\.(\d+)\.self_attn_layer_norm\.(weight|bias)", r"encoder.layers.\1.layer_norm.\2"),
+    (r"encoder\.layers\.(\d+)\.fc1\.(weight|bias)", r"encoder.layers.\1.feed_forward.intermediate_dense.\2"),
+    (r"encoder\.layers\.(\d+)\.fc2\.(weight|bias)", r"encoder.layers.\1.feed_forward.output_dense.\2"),
+    (r"encoder\.layers\.(\d+)\.final_layer_norm\.(weight|bias)", r"encoder.layers.\1.final_layer_norm.\2"),
+]
+FAIRSEQ_HEADS = ("final_proj.weight", "final_proj.bias", "label_embs_concat")
+"""The pretraining heads, left behind (see the module docstring)."""
+
+# fairseq HubertConfig field -> ModelConfig field
+_FAIRSEQ_FIELDS = {"encoder_layers": "encoder_layers", "encoder_embed_dim": "encoder_embed_dim",
+                   "encoder_ffn_embed_dim": "encoder_ffn_embed_dim",
+                   "encoder_attention_heads": "encoder_attention_heads", "layer_norm_first": "layer_norm_first",
+                   "conv_bias": "conv_bias", "conv_pos": "conv_pos", "conv_pos_groups": "conv_pos_groups",
+                   "dropout": "dropout", "attention_dropout": "attention_dropout",
+                   "activation_dropout": "activation_dropout", "encoder_layerdrop": "encoder_layerdrop",
+                   "dropout_input": "dropout_input", "dropout_features": "dropout_features",
+                   "feature_grad_mult": "feature_grad_mult", "final_dim": "final_dim",
+                   "mask_prob": "mask_prob", "mask_length": "mask_length"}
+
+
+def _backbone_model(cfg: ModelConfig) -> HubertPretrain:
+    return HubertPretrain(cfg, [])
+
+
+def _load_strict(model: HubertPretrain, state: dict, source: str) -> None:
+    mine = model.backbone.state_dict()
+    missing = sorted(set(mine) - set(state))
+    unexpected = sorted(set(state) - set(mine))
+    misfit = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(mine[k].shape)}" for k in set(mine) & set(state)
+                    if state[k].shape != mine[k].shape)
+    if missing or unexpected or misfit:
+        parts = [f"missing {missing}" if missing else "", f"unexpected {unexpected}" if unexpected else "",
+                 f"of another shape {misfit}" if misfit else ""]
+        raise PretrainError(f"{source}: parameters do not fit the model its config describes: "
+                            + "; ".join(p for p in parts if p))
+    model.backbone.load_state_dict(state, strict=True)
+
+
+def import_hf(folder: str | Path) -> HubertPretrain:
+    """The backbone of a transformers HubertModel / WavLMModel folder."""
+    folder = Path(folder)
+    path = folder / "config.json"
+    if not path.is_file():
+        raise PretrainError(f"{folder} has no config.json: not a transformers model folder")
+    config = json.loads(path.read_text())
+    kind = config.get("model_type")
+    if kind not in ("hubert", "wavlm"):
+        raise PretrainError(f"{folder} holds a transformers '{kind}' model ({', '.join(config.get('architectures') or [])}); "
+                            "pretrain imports HubertModel and WavLMModel")
+    conv = (config.get("conv_dim"), config.get("conv_kernel"), config.get("conv_stride"))
+    ours = ([CONV_CHANNELS] * len(CONV_LAYERS), [k for k, _ in CONV_LAYERS], [s for _, s in CONV_LAYERS])
+    if tuple(map(list, conv)) != ours:
+        raise PretrainError(f"{path}: a waveform encoder of conv_dim/kernel/stride {conv}, not HuBERT's {ours}")
+    if kind == "hubert" and not config.get("feat_proj_layer_norm", True):
+        raise PretrainError(f"{path}: feat_proj_layer_norm=false (a wav2vec 2.0-style projection) is not HuBERT's")
+    do_normalize = False
+    pre = folder / "preprocessor_config.json"
+    if pre.is_file():
+        do_normalize = bool(json.loads(pre.read_text()).get("do_normalize", False))
+    cfg = ModelConfig(
+        arch=kind, encoder_layers=config["num_hidden_layers"], encoder_embed_dim=config["hidden_size"],
+        encoder_ffn_embed_dim=config["intermediate_size"], encoder_attention_heads=config["num_attention_heads"],
+        extractor_mode="layer_norm" if config.get("feat_extract_norm") == "layer" else "group_norm",
+        layer_norm_first=bool(config.get("do_stable_layer_norm", False)), conv_bias=bool(config.get("conv_bias", False)),
+        conv_pos=config.get("num_conv_pos_embeddings", 128), conv_pos_groups=config.get("num_conv_pos_embedding_groups", 16),
+        normalize_waveform=do_normalize,
+        **({"num_buckets": config.get("num_buckets", 320), "max_distance": config.get("max_bucket_distance", 800)}
+           if kind == "wavlm" else {}))
+    from transformers import HubertModel, WavLMModel
+
+    hf = (WavLMModel if kind == "wavlm" else HubertModel).from_pretrained(folder)
+    model = _backbone_model(cfg)
+    _load_strict(model, hf.state_dict(), str(folder))
+    return model
+
+
+def _fairseq_payload(path: Path) -> dict:
+    """The checkpoint's dict, unpickled without running code: tensors and plain types, plus the
+    ``argparse.Namespace`` old fairseq versions keep their arguments in."""
+    unsafe = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g != "argparse.Namespace"]
+    if unsafe:
+        raise PretrainError(f"{path} names Python objects ({', '.join(unsafe[:6])}); loading it would run their "
+                            "code, so it is refused. Re-save it as a plain dict: torch.save({'cfg': "
+                            "OmegaConf.to_container(ckpt['cfg']), 'model': ckpt['model']}, path) in a trusted "
+                            "environment")
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def import_fairseq(path: str | Path) -> HubertPretrain:
+    """The backbone of a fairseq HuBERT checkpoint (``{"cfg": {"model": ...}, "model": state}``,
+    or the older ``{"args": Namespace, "model": state}``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PretrainError(f"{path}: no such checkpoint file")
+    payload = _fairseq_payload(path)
+    if not isinstance(payload, dict) or "model" not in payload:
+        raise PretrainError(f"{path}: not a fairseq checkpoint (no 'model' entry)")
+    fields = (payload.get("cfg") or {}).get("model") if isinstance(payload.get("cfg"), dict) else None
+    if fields is None and payload.get("args") is not None:
+        fields = vars(payload["args"])
+    if not fields:
+        raise PretrainError(f"{path}: no model configuration ('cfg' → 'model', or 'args')")
+    if fields.get("_name", "hubert") != "hubert" and fields.get("arch", "hubert") not in ("hubert",):
+        raise PretrainError(f"{path}: a fairseq '{fields.get('_name') or fields.get('arch')}' model, not HuBERT")
+    values = {ours: fields[theirs] for theirs, ours in _FAIRSEQ_FIELDS.items() if theirs in fields}
+    mode = fields.get("extractor_mode", "default")
+    values["extractor_mode"] = "layer_norm" if mode == "layer_norm" else "group_norm"
+    values["normalize_waveform"] = bool((payload.get("cfg") or {}).get("task", {}).get("normalize", False)) \
+        if isinstance(payload.get("cfg"), dict) else False
+    cfg = ModelConfig(**values)
+    state, leftover = {}, []
+    for key, tensor in payload["model"].items():
+        if key in FAIRSEQ_HEADS:
+            continue
+        for pattern, target in FAIRSEQ:
+            if re.fullmatch(pattern, key):
+                state[re.sub(pattern, target, key)] = tensor
+                break
+        else:
+            leftover.append(key)
+    if leftover:
+        raise PretrainError(f"{path}: parameters pretrain does not know: {sorted(leftover)}")
+    model = _backbone_model(cfg)
+    _load_strict(model, state, str(path))
+    return model
+
+
+def to_fairseq(model: HubertPretrain) -> dict:
+    """Our backbone under fairseq's parameter names: ``FAIRSEQ`` run backwards (the waveform
+    encoder's norm sits at ``.2.`` after a GroupNorm, ``.2.1.`` inside fairseq's LayerNorm
+    wrapper). The tests build fairseq-format checkpoints with it."""
+    norm = r"2.1" if model.cfg.extractor_mode == "layer_norm" else r"2"
+    inverse = [
+        (r"masked_spec_embed", "mask_emb"),
+        (r"feature_extractor\.conv_layers\.(\d+)\.conv\.(weight|bias)", r"feature_extractor.conv_layers.\1.0.\2"),
+        (r"feature_extractor\.conv_layers\.(\d+)\.layer_norm\.(weight|bias)",
+         rf"feature_extractor.conv_layers.\1.{norm}.\2"),
+        (r"feature_projection\.layer_norm\.(weight|bias)", r"layer_norm.\1"),
+        (r"feature_projection\.projection\.(weight|bias)", r"post_extract_proj.\1"),
+        (r"encoder\.pos_conv_embed\.conv\.bias", "encoder.pos_conv.0.bias"),
+        (r"encoder\.pos_conv_embed\.conv\.parametrizations\.weight\.original0", "encoder.pos_conv.0.weight_g"),
+        (r"encoder\.pos_conv_embed\.conv\.parametrizations\.weight\.original1", "encoder.pos_conv.0.weight_v"),
+        (r"encoder\.layer_norm\.(weight|bias)", r"encoder.layer_norm.\1"),
+        (r"encoder\.layers\.(\d+)\.attention\.(q|k|v|out)_proj\.(weight|bias)", r"encoder.layers.\1.self_attn.\2_proj.\3"),
+        (r"encoder\.layers\.(\d+)\.layer_norm\.(weight|bias)", r"encoder.layers.\1.self_attn_layer_norm.\2"),
+        (r"encoder\.layers\.(\d+)\.feed_forward\.intermediate_dense\.(weight|bias)", r"encoder.layers.\1.fc1.\2"),
+        (r"encoder\.layers\.(\d+)\.feed_forward\.output_dense\.(weight|bias)", r"encoder.layers.\1.fc2.\2"),
+        (r"encoder\.layers\.(\d+)\.final_layer_norm\.(weight|bias)", r"encoder.layers.\1.final_layer_norm.\2"),
+    ]
+    out = {}
+    for key, tensor in model.backbone.state_dict().items():
+        for pattern, target in inverse:
+            if re.fullmatch(pattern, key):
+                out[re.sub(pattern, target, key)] = tensor
+                break
+        else:
+            raise KeyError(f"no fairseq name for {key}")
+    return out

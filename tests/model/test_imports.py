@@ -1,0 +1,105 @@
+"""Models from transformers and fairseq into our model file: same hidden states, every
+mismatch named; then usable for features and init_from."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import soundfile as sf
+import torch
+
+from pretrain.model.checkpoint import load_model, save_model
+from pretrain.model.export import hf_config
+from pretrain.model.hubert import HubertPretrain, LabelSpec
+from pretrain.model.imports import to_fairseq
+from pretrain.stages import execute
+from pretrain.utils import PretrainError
+
+from tests.model.test_model import model_config
+
+transformers = pytest.importorskip("transformers")
+
+
+def speech(tiny_corpus) -> torch.Tensor:
+    record = json.loads((tiny_corpus / "utterances.jsonl").read_text().splitlines()[0])
+    audio, _ = sf.read(tiny_corpus / record["audio"], dtype="float32")
+    return torch.from_numpy(audio)[None]
+
+
+def layers(model: HubertPretrain, wave: torch.Tensor) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [model.backbone.hidden_states(wave, torch.tensor([wave.shape[1]]), layer=i)[0]
+                for i in range(1, model.cfg.encoder_layers + 1)]
+
+
+@pytest.mark.parametrize("arch", ["hubert", "wavlm"])
+def test_a_transformers_model_imports_with_equal_hidden_states(arch, tiny_corpus, tmp_path):
+    torch.manual_seed(0)
+    cfg = model_config("tiny" if arch == "hubert" else "wavlm_tiny", "model.extractor_mode=layer_norm",
+                       "model.layer_norm_first=true", "model.normalize_waveform=true")
+    hf = (transformers.WavLMModel if arch == "wavlm" else transformers.HubertModel)(hf_config(cfg)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    transformers.Wav2Vec2FeatureExtractor(do_normalize=True).save_pretrained(tmp_path / "hf")
+    assert execute(["import", "hf", str(tmp_path / "hf"), str(tmp_path / "m/model.pt")]) == 0
+    model = load_model(tmp_path / "m").eval()
+    assert model.labels == [] and model.cfg.arch == arch and model.cfg.normalize_waveform
+    wave = speech(tiny_corpus)
+    normalized = (wave - wave.mean()) / (wave.var(unbiased=False) + 1e-7).sqrt()  # the processor's
+    with torch.no_grad():
+        theirs = hf(normalized, output_hidden_states=True).hidden_states
+    for i, ours in enumerate(layers(model, wave), start=1):
+        assert (ours - theirs[i]).abs().max() < 1e-4, i
+
+
+def test_a_fairseq_checkpoint_imports_and_round_trips(tiny_corpus, tmp_path):
+    torch.manual_seed(1)
+    ours = HubertPretrain(model_config("tiny", "model.dropout=0.0"), [LabelSpec("km", 100, 50)]).eval()
+    state = {**to_fairseq(ours), "final_proj.weight": torch.zeros(32, 64), "label_embs_concat": torch.zeros(100, 32)}
+    fields = {"_name": "hubert", **{k: getattr(ours.cfg, k) for k in (
+        "encoder_layers", "encoder_embed_dim", "encoder_ffn_embed_dim", "encoder_attention_heads",
+        "layer_norm_first", "conv_bias", "conv_pos", "conv_pos_groups", "final_dim")}, "extractor_mode": "default"}
+    torch.save({"cfg": {"model": fields, "task": {"normalize": False}}, "model": state}, tmp_path / "fs.pt")
+    assert execute(["import", "fairseq", str(tmp_path / "fs.pt"), str(tmp_path / "m/model.pt")]) == 0
+    imported = load_model(tmp_path / "m").eval()
+    wave = speech(tiny_corpus)
+    for a, b in zip(layers(imported, wave), layers(ours, wave)):
+        assert (a - b).abs().max() < 1e-4
+    # Round trip: our export to transformers imports back to the same layers.
+    save_model(tmp_path / "ours/model.pt", ours)
+    assert execute(["export", "hf", str(tmp_path / "ours"), str(tmp_path / "hf")]) == 0
+    assert execute(["import", "hf", str(tmp_path / "hf"), str(tmp_path / "back/model.pt")]) == 0
+    for a, b in zip(layers(load_model(tmp_path / "back").eval(), wave), layers(ours, wave)):
+        assert (a - b).abs().max() < 1e-4
+    # An imported backbone has no pretraining loss; it starts a new run through init_from.
+    from pretrain.train.loop import init_backbone
+
+    fresh = HubertPretrain(model_config("tiny"), [LabelSpec("new", 50, 50)])
+    init_backbone(fresh, str(tmp_path / "m"))
+    for a, b in zip(layers(fresh.eval(), wave), layers(ours, wave)):
+        assert (a - b).abs().max() < 1e-4
+
+
+def test_foreign_and_damaged_sources_are_named(tmp_path):
+    from pretrain.model.imports import import_fairseq, import_hf
+
+    transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                   intermediate_size=32, vocab_size=50)).save_pretrained(tmp_path / "bert")
+    with pytest.raises(PretrainError, match=r"holds a transformers 'bert' model \(BertModel\)"):
+        import_hf(tmp_path / "bert")
+    ours = HubertPretrain(model_config("tiny"), [LabelSpec("km", 100, 50)])
+    state = to_fairseq(ours)
+    state.pop("encoder.layers.1.fc2.bias")
+    state["encoder.layers.0.adapter.weight"] = torch.zeros(2)
+    fields = {k: getattr(ours.cfg, k) for k in ("encoder_layers", "encoder_embed_dim", "encoder_ffn_embed_dim",
+                                                "encoder_attention_heads", "conv_pos", "conv_pos_groups")}
+    torch.save({"cfg": {"model": fields}, "model": state}, tmp_path / "odd.pt")
+    with pytest.raises(PretrainError, match=r"parameters pretrain does not know: \['encoder.layers.0.adapter.weight'\]"):
+        import_fairseq(tmp_path / "odd.pt")
+    del state["encoder.layers.0.adapter.weight"]
+    torch.save({"cfg": {"model": fields}, "model": state}, tmp_path / "short.pt")
+    with pytest.raises(PretrainError, match=r"missing \['encoder.layers.1.feed_forward.output_dense.bias'\]"):
+        import_fairseq(tmp_path / "short.pt")
+    torch.save({"cfg": {"model": fields}, "model": state, "hook": print}, tmp_path / "evil.pt")
+    with pytest.raises(PretrainError, match=r"names Python objects \(builtins.print\)"):
+        import_fairseq(tmp_path / "evil.pt")
