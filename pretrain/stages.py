@@ -452,7 +452,26 @@ def _labels_export_run(cfg: Any, argv: list[str], progress: bool) -> int:
     return 0
 
 
+def _labels_alignments_run(cfg: Any, argv: list[str], progress: bool) -> int:
+    from pretrain.data.alignments import import_alignments
+
+    names = import_alignments(cfg.shards, cfg.phone_map, cfg.textgrids, cfg.frames, cfg.frame_rate, cfg.tier,
+                              cfg.prefix, cfg.tolerance)
+    print(f"wrote the label sets {', '.join(names)} into {cfg.shards} from {cfg.textgrids or cfg.frames}")
+    return 0
+
+
 STAGES += (
+    Stage(
+        group="labels",
+        name="alignments",
+        help="phone alignments (Praat TextGrids from MFA, or per-frame files) into reference label sets "
+             "phones50/phones100",
+        schema=_labels_schema("LabelsAlignmentsConfig"),
+        run=_labels_alignments_run,
+        flags=(Flag("--shards", "shards", str, "shard directory"), Flag("--phone-map", "phone_map", str, "phone map"),
+               Flag("--textgrids", "textgrids", str, "TextGrid folder"), Flag("--frames", "frames", str, "frame file")),
+    ),
     Stage(
         group="labels",
         name="import",
@@ -534,7 +553,7 @@ STAGES += (
 
 GROUP_HELP = {
     "import": "models from transformers and fairseq into pretrain model files",
-    "labels": "label sets to and from fairseq's .tsv + .km files",
+    "labels": "label sets: external phone alignments in, fairseq's .tsv + .km files in and out",
     "corpus": "speech corpora for tests and the demo",
     "shards": "WebDataset tar shards: build from a corpus, verify",
     "export": "export trained models to other frameworks",

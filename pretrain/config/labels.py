@@ -57,3 +57,41 @@ class LabelsExportConfig:
         check_name(self.name, "name")
         if self.split is not None:
             check_name(self.split, "split")
+
+
+@dataclass
+class LabelsAlignmentsConfig:
+    shards: str = MISSING
+    """Shard directory whose every utterance gets reference phone labels."""
+
+    phone_map: str = MISSING
+    """Lines ``<aligner phone> <phone>`` (``AH0 ah``, ``spn sil``); the right-hand phones are the
+    classes, silence (``sil``, also empty intervals) first."""
+
+    textgrids: Optional[str] = None
+    """A folder of Praat TextGrids, ``<key>.TextGrid`` per utterance (Montreal Forced Aligner
+    output mirrors the corpus tree, which is what keys are made of)."""
+
+    frames: Optional[str] = None
+    """Instead of ``textgrids``: a file of lines ``<key> <phone> <phone> ...``, one phone per frame
+    at ``frame_rate``."""
+
+    frame_rate: int = 100
+    """Frames per second of ``frames``."""
+
+    tier: str = "phones"
+    """The TextGrid tier with the phone intervals (MFA: ``phones``)."""
+
+    prefix: str = "phones"
+    """Label set names: ``<prefix>50`` and ``<prefix>100`` (``phones`` is what ``kmeans quality``
+    and the probes look for)."""
+
+    tolerance: float = 0.05
+    """Seconds an alignment's end may differ from its audio's (aligners round to 10 ms frames)."""
+
+    def validate(self) -> None:
+        if (self.textgrids is None) == (self.frames is None):
+            raise ConfigError("set exactly one of 'textgrids' and 'frames'", field="textgrids")
+        check_name(self.prefix + "50", "prefix")
+        if self.frame_rate < 1:
+            raise ConfigError(f"must be >= 1, got {self.frame_rate}", field="frame_rate")

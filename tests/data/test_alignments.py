@@ -1,0 +1,102 @@
+"""External phone alignments (MFA TextGrids, per-frame files) into reference label sets: the
+synthetic corpus's own alignments, written out as TextGrids with aligner symbols, come back as
+the same frame labels; broken alignments are named."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from pretrain.corpus.phones import PHONES
+from pretrain.data.alignments import import_alignments
+from pretrain.data.labels import LabelSet
+from pretrain.data.shards import iter_shard, read_manifest
+from pretrain.stages import execute
+from pretrain.utils import PretrainError
+
+textgrid = pytest.importorskip("praatio.textgrid")
+
+
+def aligner(phone: str) -> str:
+    return phone.upper() + ("1" if phone[0] in "aeiou" else "")  # ARPAbet with stress, as MFA writes it
+
+
+@pytest.fixture()
+def tree(small_shards, tmp_path):
+    """The shards (copied), their alignments as MFA-style TextGrids and a phone map."""
+    shards = tmp_path / "shards"
+    shutil.copytree(small_shards, shards)
+    grids = tmp_path / "mfa"
+    for entry in read_manifest(shards)["shards"]:
+        for sample in iter_shard(shards / entry["name"]):
+            align = json.loads(sample["align.json"])
+            sr, end = align["sample_rate"], align["num_samples"] / align["sample_rate"]
+            spoken = [(s / sr, e / sr, aligner(p)) for p, s, e in align["segments"] if p != "sil"]
+            grid = textgrid.Textgrid()
+            grid.addTier(textgrid.IntervalTier("phones", spoken, 0, end))
+            path = grids / f"{sample['__key__']}.TextGrid"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            grid.save(str(path), format="long_textgrid", includeBlankSpaces=True)
+    phone_map = tmp_path / "map.txt"
+    phone_map.write_text("# MFA symbol -> phone\nsp sil\nspn sil\n" +
+                         "".join(f"{aligner(p)} {p}\n" for p in PHONES if p != "sil"))
+    return shards, grids, phone_map
+
+
+def by_name(shards, name) -> dict[str, list[str]]:
+    labels = LabelSet(shards, name)
+    names = labels.meta["provenance"].get("phones") or list(PHONES)
+    return {k: [names[i] for i in v] for s in read_manifest(shards)["shards"]
+            for k, v in labels.load_shard(s["name"]).items()}
+
+
+def test_textgrids_give_the_corpus_own_frame_labels(tree):
+    shards, grids, phone_map = tree
+    assert execute(["labels", "alignments", "--shards", str(shards), "--phone-map", str(phone_map), "--textgrids",
+                    str(grids), "prefix=mfa"]) == 0
+    for rate in (50, 100):
+        theirs, ours = by_name(shards, f"mfa{rate}"), by_name(shards, f"phones{rate}")
+        assert theirs == ours, rate
+    assert LabelSet(shards, "mfa50").meta["provenance"]["phones"][0] == "sil"
+
+
+def test_frame_files_and_broken_alignments(tree, tmp_path):
+    shards, grids, phone_map = tree
+    # Per-frame phones at 100 Hz, from the corpus's own labels.
+    ours = by_name(shards, "phones100")
+    frames = tmp_path / "frames.txt"
+    frames.write_text("".join(f"{k} {' '.join(aligner(p) if p != 'sil' else 'sp' for p in v)}\n" for k, v in ours.items()))
+    import_alignments(shards, phone_map, frames=frames, prefix="kaldi")
+    assert by_name(shards, "kaldi100") == ours
+    agree = np.mean([a == b for k, v in by_name(shards, "kaldi50").items()
+                     for a, b in zip(v, by_name(shards, "phones50")[k])])
+    assert agree > 0.95  # 50 Hz from 10 ms frames: only boundary frames may differ
+
+    key = sorted(ours)[0]
+    short = tmp_path / "short.txt"
+    short.write_text("".join(f"{k} {' '.join(['sp'] * (len(v) // 2))}\n" for k, v in ours.items()))
+    with pytest.raises(PretrainError, match=r"short.txt: key '.*' has \d+ frames, but its \d+ samples give \d+ at 100 Hz"):
+        import_alignments(shards, phone_map, frames=short, prefix="short")
+    path = grids / f"{key}.TextGrid"
+    grid = textgrid.openTextgrid(str(path), includeEmptyIntervals=False)
+    entries = grid.getTier("phones").entries
+    # A phone the map does not name: the file, the time and the phone.
+    broken = textgrid.Textgrid()
+    first = entries[0]
+    broken.addTier(textgrid.IntervalTier("phones", [(first.start, first.end, "ZZ9"), *entries[1:]], 0, grid.maxTimestamp))
+    broken.save(str(path), format="long_textgrid", includeBlankSpaces=True)
+    with pytest.raises(PretrainError, match=rf"{path}: phone 'ZZ9' at {first.start:.3f} s is not in the phone map"):
+        import_alignments(shards, phone_map, textgrids=grids)
+    # A gap (a hand-edited file, another aligner): the file and where.
+    gap = textgrid.Textgrid()
+    gap.addTier(textgrid.IntervalTier("phones", entries, 0, grid.maxTimestamp))
+    gap.save(str(path), format="long_textgrid", includeBlankSpaces=False)
+    with pytest.raises(PretrainError, match=rf"{path}: tier 'phones' has a gap from "):
+        import_alignments(shards, phone_map, textgrids=grids)
+    path.unlink()
+    with pytest.raises(PretrainError, match=rf"1 of the 40 utterances of .* have no alignment \(first: '{key}'"):
+        import_alignments(shards, phone_map, textgrids=grids)
+
