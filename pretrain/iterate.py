@@ -71,9 +71,13 @@ log = logging.getLogger(__name__)
 
 STAGES_DIR = "stages"
 
-ADDED_FIELDS = {"stretch": 1.0, "checkpoint.start_over": False}
-"""Stage config fields added later (dotted for nested ones), with the value runs made before
-them had."""
+ADDED_FIELDS = {"stretch": 1.0, "checkpoint.start_over": False,
+                **{f"shards build:{k}": v for k, v in (
+                    ("speaker_from", None), ("transcripts", True), ("side_json", True), ("max_duration", None),
+                    ("long_policy", "split"), ("subset", "all"), ("valid_fraction", 0.0), ("split_by", "speaker"),
+                    ("split_seed", 0))}}
+"""Stage config fields added later (dotted for nested ones; ``COMMAND:field`` for one stage
+command's only), with the value runs made before them had."""
 RUN_DIR = "${run_dir}"
 """How the run directory is written in fingerprints and records."""
 
@@ -392,6 +396,9 @@ def _fingerprint(stages: list[PlannedStage], run: Path) -> None:
         for key, default in ADDED_FIELDS.items():
             # A field added to a stage's config after runs were made must not invalidate (and
             # so delete) those runs while it keeps the value they were made with.
+            command, _, key = key.rpartition(":")
+            if command and " ".join(stage.argv[:2]) != command:
+                continue
             *parents, leaf = key.split(".")
             section = stage.config
             for parent in parents:

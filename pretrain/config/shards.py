@@ -57,7 +57,72 @@ class ShardsBuildConfig:
     overwrite: bool = False
     """Delete an existing, different build in ``out`` instead of refusing."""
 
+    speaker_from: Optional[str] = None
+    """Where an utterance's speaker (and chapter) comes from in its path below the corpus root:
+    ``dir_level N`` (the N-th folder, 0 first; LibriSpeech ``SPEAKER/CHAPTER/...``: ``dir_level
+    0``, the chapter then being level N+1) or ``regex PATTERN`` with the named groups
+    ``speaker`` and optionally ``chapter`` (matched against the relative path). Unset: the
+    speaker a manifest gives, if any."""
+
+    transcripts: bool = True
+    """Folder corpora: read LibriSpeech-style ``*.trans.txt`` files (lines ``<utterance id>
+    <text>``) into each utterance's ``text``."""
+
+    side_json: bool = True
+    """Folder corpora: a ``.json`` file beside an audio file with the same stem (LibriLight's
+    per-file metadata) goes into the utterance's metadata as ``meta``."""
+
+    max_duration: Optional[float] = None
+    """Utterances longer than this many seconds are handled by ``long_policy`` (unset: kept
+    whole)."""
+
+    long_policy: str = "split"
+    """``split``: cut into segments of at most ``max_duration`` seconds at low-energy points
+    (each keyed ``<key>__<start_ms>``); ``skip``: leave out and report."""
+
+    subset: str = "all"
+    """``all``, or ``train`` / ``valid``: the deterministic split given by ``valid_fraction``,
+    ``split_by`` and ``split_seed`` (build twice, once per subset, into two folders)."""
+
+    valid_fraction: float = 0.0
+    """Share of speakers (or utterances) in the ``valid`` subset."""
+
+    split_by: str = "speaker"
+    """``speaker`` (no speaker in both subsets; utterances without a speaker go by key) or
+    ``utterance``."""
+
+    split_seed: int = 0
+    """Seed of the subset assignment (a hash of seed and speaker or key)."""
+
     def validate(self) -> None:
+        if self.speaker_from is not None:
+            kind, _, arg = self.speaker_from.partition(" ")
+            if kind == "dir_level":
+                if not arg.strip().isdigit():
+                    raise ConfigError(f"'dir_level N' needs a folder index, got '{self.speaker_from}'",
+                                      field="speaker_from")
+            elif kind == "regex":
+                try:
+                    pattern = re.compile(arg)
+                except re.error as e:
+                    raise ConfigError(f"not a regular expression: {e}", field="speaker_from") from None
+                if "speaker" not in pattern.groupindex:
+                    raise ConfigError("the regex needs a named group (?P<speaker>...)", field="speaker_from")
+            else:
+                raise ConfigError(f"must be 'dir_level N' or 'regex PATTERN', got '{self.speaker_from}'",
+                                  field="speaker_from")
+        if self.max_duration is not None and self.max_duration <= 1.0:
+            raise ConfigError(f"must be > 1 second, got {self.max_duration}", field="max_duration")
+        if self.long_policy not in ("split", "skip"):
+            raise ConfigError(f"must be 'split' or 'skip', got '{self.long_policy}'", field="long_policy")
+        if self.subset not in ("all", "train", "valid"):
+            raise ConfigError(f"must be all, train or valid, got '{self.subset}'", field="subset")
+        if not 0.0 <= self.valid_fraction < 1.0:
+            raise ConfigError(f"must be in [0, 1), got {self.valid_fraction}", field="valid_fraction")
+        if self.subset != "all" and self.valid_fraction == 0.0:
+            raise ConfigError(f"subset={self.subset} needs a valid_fraction > 0", field="valid_fraction")
+        if self.split_by not in ("speaker", "utterance"):
+            raise ConfigError(f"must be 'speaker' or 'utterance', got '{self.split_by}'", field="split_by")
         if self.per_shard is not None and self.per_shard < 1:
             raise ConfigError(f"must be >= 1, got {self.per_shard}", field="per_shard")
         if self.per_shard is None:

@@ -35,6 +35,7 @@ from pretrain.config.shards import ShardsBuildConfig, parse_size
 from pretrain.corpus.phones import PHONE_ID, PHONES
 from pretrain.data.audio import EXTENSIONS, BadAudio, decode, encode, load_mono_16k
 from pretrain.data.labels import alignment_frame_labels, write_label_meta, write_label_shard
+from pretrain.data.layout import annotate, in_subset, split_points
 from pretrain.data.sources import SourceItem, read_sources
 from pretrain.frames import SAMPLE_RATE
 from pretrain.utils import PretrainError, atomic_write_json, atomic_write_text, safe_name
@@ -101,9 +102,24 @@ def plan_shards(items: list[SourceItem], durations: list[float], cfg: ShardsBuil
     return [s for s in shards if s]
 
 
+def _sample(key: str, audio, item: SourceItem, extra: dict, source_sr: int, channels: int, audio_format: str,
+            segment: dict | None = None) -> dict:
+    meta = {"key": key, "num_samples": len(audio), "duration": len(audio) / SAMPLE_RATE,
+            "sample_rate": SAMPLE_RATE, "source": item.source,
+            "source_sample_rate": source_sr, "source_channels": channels}
+    for field in ("speaker", "chapter", "text", "meta"):
+        if field in extra:
+            meta[field] = extra[field]
+    if segment is not None:
+        meta["segment"] = segment
+    return {"__key__": key, audio_format: encode(audio, audio_format), "json": json.dumps(meta).encode()}
+
+
 def build_shard(out: str, index: int, items: list[SourceItem], audio_format: str,
-                min_duration: float) -> dict:
-    """Encode one shard; returns (and records in .build/) its statistics and skipped items."""
+                min_duration: float, max_duration: float | None = None, long_policy: str = "split") -> dict:
+    """Encode one shard; returns (and records in .build/) its statistics and skipped items.
+    Utterances longer than ``max_duration`` are split (``pretrain.data.layout.split_points``)
+    or skipped, as ``long_policy`` says."""
     out_dir = Path(out)
     name = shard_name(index)
     tmp = out_dir / f"{name}.tmp"
@@ -117,14 +133,23 @@ def build_shard(out: str, index: int, items: list[SourceItem], audio_format: str
             except BadAudio as e:
                 skipped.append({"source": item.source, "key": item.key, "reason": str(e)})
                 continue
-            meta = {"key": item.key, "num_samples": len(audio), "duration": len(audio) / SAMPLE_RATE,
-                    "sample_rate": SAMPLE_RATE, "source": item.source,
-                    "source_sample_rate": source_sr, "source_channels": channels}
-            for field in ("speaker", "text"):
-                if field in item.extra:
-                    meta[field] = item.extra[field]
-            sample = {"__key__": item.key, audio_format: encode(audio, audio_format),
-                      "json": json.dumps(meta).encode()}
+            if max_duration is not None and len(audio) > max_duration * SAMPLE_RATE:
+                if long_policy == "skip" or "align" in item.extra:
+                    why = "long_policy=skip" if long_policy == "skip" else "an aligned utterance is never cut"
+                    skipped.append({"source": item.source, "key": item.key,
+                                    "reason": f"longer than max_duration: {len(audio) / SAMPLE_RATE:.1f} s > "
+                                              f"{max_duration} s ({why})"})
+                    continue
+                cuts = split_points(audio, int(max_duration * SAMPLE_RATE))
+                for a, b in zip(cuts, cuts[1:]):
+                    key = f"{item.key}__{round(a * 1000 / SAMPLE_RATE)}"
+                    extra = {k: v for k, v in item.extra.items() if k != "text"}  # the text is the whole file's
+                    writer.write(_sample(key, audio[a:b], item, extra, source_sr, channels, audio_format,
+                                         {"parent": item.key, "start": a / SAMPLE_RATE, "end": b / SAMPLE_RATE}))
+                    utterances += 1
+                    seconds += (b - a) / SAMPLE_RATE
+                continue
+            sample = _sample(item.key, audio, item, item.extra, source_sr, channels, audio_format)
             if "align" in item.extra:
                 try:
                     align = json.loads(Path(item.extra["align"]).read_bytes())
@@ -162,7 +187,9 @@ def build_shard(out: str, index: int, items: list[SourceItem], audio_format: str
 def build_shards(cfg: ShardsBuildConfig, progress: bool = True, argv: list[str] | None = None) -> dict:
     """Build (or resume building) the shards of ``cfg.input`` in ``cfg.out``; returns the manifest."""
     out = Path(cfg.out)
-    items = read_sources(cfg.input)
+    items = [item for item in annotate(read_sources(cfg.input), cfg) if in_subset(item, cfg)]
+    if not items:
+        raise PretrainError(f"subset={cfg.subset} of {cfg.input} is empty (valid_fraction={cfg.valid_fraction})")
     jobs = cfg.jobs or os.cpu_count() or 1
 
     skipped: list[dict] = []
@@ -185,6 +212,11 @@ def build_shards(cfg: ShardsBuildConfig, progress: bool = True, argv: list[str] 
         "min_duration": cfg.min_duration,
         "shards": [[items[i].key for i in shard] for shard in plan],
     }
+    # Settings added later enter the record only when used, so older builds still resume.
+    for name, default in (("max_duration", None), ("long_policy", "split"), ("speaker_from", None),
+                          ("transcripts", True), ("side_json", True), ("subset", "all")):
+        if getattr(cfg, name) != default:
+            plan_record[name] = getattr(cfg, name)
     _prepare_out(out, plan_record, cfg.overwrite)
     write_run_record(out, cfg, argv)
 
@@ -202,7 +234,8 @@ def build_shards(cfg: ShardsBuildConfig, progress: bool = True, argv: list[str] 
                disable=not progress, dynamic_ncols=True)
     with _pool(min(jobs, max(1, len(todo)))) as pool:
         futures = {pool.submit(build_shard, str(out), index, [items[i] for i in plan[index]],
-                               cfg.audio_format, cfg.min_duration): index for index in todo}
+                               cfg.audio_format, cfg.min_duration, cfg.max_duration, cfg.long_policy): index
+                   for index in todo}
         for future in cf.as_completed(futures):
             stats[futures[future]] = future.result()
             bar.update(1)
