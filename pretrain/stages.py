@@ -258,7 +258,7 @@ def _features_run(cfg: Any, argv: list[str], progress: bool) -> int:
             layer = chosen_layer(cfg.layer_from, cfg.layer_metric)
             logging.getLogger("pretrain").info("layer %d: the best on %s in %s", layer, cfg.layer_metric,
                                                cfg.layer_from)
-        spec = FeatureSpec.model(cfg.checkpoint, layer)
+        spec = FeatureSpec.model(cfg.checkpoint, layer, cfg.chunk_seconds, cfg.chunk_context)
     else:
         spec = FeatureSpec.mfcc()
     write_run_record(cfg.out, cfg, argv)

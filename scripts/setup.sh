@@ -54,6 +54,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing Python packages into $VENV (torch first: $TORCH_SPEC)"
   pip_install "$TORCH_SPEC"
   pip_install -e ".[${PRETRAIN_EXTRAS:-cpu,dev}]"
+  # s3prl, for the test that loads our export through its transformers upstream (hf_hubert).
+  # Without its dependencies: they pin a torchaudio built for another torch, which would
+  # replace ours; the hf_hubert upstream needs only torch and transformers.
+  pip_install --no-deps "s3prl==0.4.18"
   "$VENV/bin/python" -c "import torch, deepspeed, webdataset, wandb, omegaconf, numba, faiss, soundfile" \
     || { echo "setup: Python packages failed to import" >&2; exit 1; }
   echo "$want" > "$stamp"

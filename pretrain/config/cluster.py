@@ -98,10 +98,22 @@ class FeaturesModelConfig(FeaturesMfccConfig):
     """The probe metric that picks the layer with ``layer_from``: ``phone_acc``, ``per``,
     ``abx_within``, ``abx_across``, ``speaker_acc`` or ``pnmi`` (lower wins for ABX and PER)."""
 
+    chunk_seconds: float = 30.0
+    """Utterances longer than this plus twice ``chunk_context`` are run in windows (bounded
+    memory for long recordings); recorded in the feature spec, so label assignment windows the
+    same way."""
+
+    chunk_context: float = 5.0
+    """Seconds each window sees on either side of the frames it contributes."""
+
     def validate(self) -> None:
         super().validate()
         if self.layer < 1:
             raise ConfigError(f"must be >= 1, got {self.layer}", field="layer")
+        if self.chunk_seconds < 1.0:
+            raise ConfigError(f"must be >= 1 second, got {self.chunk_seconds}", field="chunk_seconds")
+        if self.chunk_context < 0:
+            raise ConfigError(f"must be >= 0, got {self.chunk_context}", field="chunk_context")
         metrics = ("phone_acc", "per", "abx_within", "abx_across", "speaker_acc", "pnmi")
         if self.layer_metric not in metrics:
             raise ConfigError(f"must be one of {', '.join(metrics)}, got '{self.layer_metric}'", field="layer_metric")

@@ -32,13 +32,20 @@ class FeatureSpec:
     checkpoint: str | None = None
     checkpoint_sha256: str | None = None
     layer: int | None = None
+    chunk_seconds: float = 30.0
+    """Model features: utterances longer than this (plus twice the context) are run in
+    windows, so that memory stays bounded (the Transformer's attention grows with the square of
+    the length: a 10-minute LibriLight file is 30,000 frames)."""
+    chunk_context: float = 5.0
+    """Seconds of audio each window sees on either side of the frames it contributes."""
 
     @classmethod
     def mfcc(cls) -> "FeatureSpec":
         return cls("mfcc", 100, MFCC_DIM)
 
     @classmethod
-    def model(cls, checkpoint: str, layer: int) -> "FeatureSpec":
+    def model(cls, checkpoint: str, layer: int, chunk_seconds: float = 30.0, chunk_context: float = 5.0
+              ) -> "FeatureSpec":
         from pretrain.model.checkpoint import load_model, resolve_model_file
 
         path = resolve_model_file(checkpoint)
@@ -46,7 +53,8 @@ class FeatureSpec:
         layers = model.cfg.encoder_layers
         if not 1 <= layer <= layers:
             raise PretrainError(f"layer {layer} does not exist: {path} has {layers} Transformer layers")
-        return cls("model", 50, model.cfg.encoder_embed_dim, str(path.resolve()), sha256_file(path), layer)
+        return cls("model", 50, model.cfg.encoder_embed_dim, str(path.resolve()), sha256_file(path), layer,
+                   chunk_seconds, chunk_context)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,10 +107,90 @@ class Extractor:
             return [mfcc_39(w) for w in waveforms]
         return self._model_features(waveforms)
 
+    def _utterance_statistics(self, wave: np.ndarray) -> tuple | None:
+        """Per-channel mean and variance of the first convolution's output over the whole
+        utterance, streamed (a BASE-style GroupNorm normalizes each channel over all of time: in
+        a window it would see other statistics); None when the model has no such norm."""
+        torch = self.torch
+        layer = self.model.backbone.feature_extractor.conv_layers[0] if self.model.cfg.frontend == "conv" else None
+        if layer is None or layer.norm != "group":
+            return None
+        kernel, stride = layer.conv.kernel_size[0], layer.conv.stride[0]
+        outputs = (len(wave) - kernel) // stride + 1
+        piece = stride * 200_000  # 2 s of output frames at a time
+        s1 = torch.zeros(layer.conv.out_channels, dtype=torch.float64)
+        s2 = torch.zeros_like(s1)
+        done = 0
+        with torch.no_grad():
+            while done < outputs:
+                take = min(piece // stride, outputs - done)
+                start = done * stride
+                segment = torch.from_numpy(np.ascontiguousarray(wave[start:start + (take - 1) * stride + kernel]))
+                y = layer.conv(segment[None, None].to(self.device)).double().cpu()[0]
+                s1 += y.sum(-1)
+                s2 += (y ** 2).sum(-1)
+                done += take
+        mean = s1 / outputs
+        return mean.float(), (s2 / outputs - mean ** 2).clamp_min(0).float()
+
+    def _chunked(self, wave: np.ndarray) -> np.ndarray:
+        """One long utterance in windows: each contributes ``chunk_seconds`` of frames and sees
+        ``chunk_context`` more on either side; window starts sit on the 320-sample frame grid,
+        so window frame j is utterance frame start/320 + j. What the model normalizes over the
+        whole utterance (the waveform with ``normalize_waveform``, a BASE GroupNorm's channels)
+        is normalized with the whole utterance's statistics, not the window's."""
+        torch = self.torch
+        backbone = self.model.backbone
+        if backbone.cfg.normalize_waveform:
+            wave = ((wave - wave.mean()) / np.sqrt(wave.var() + 1e-7)).astype(np.float32)
+        stats = self._utterance_statistics(wave)
+        hook = None
+        if stats is not None:
+            mean, var = (t.to(self.device) for t in stats)
+            norm = backbone.feature_extractor.conv_layers[0].layer_norm
+
+            def global_norm(module, inputs, output):
+                x = inputs[0]
+                scale = (module.weight / torch.sqrt(var + module.eps)).to(x.dtype)
+                return (x - mean[None, :, None].to(x.dtype)) * scale[None, :, None] + module.bias[None, :, None].to(x.dtype)
+
+            hook = norm.register_forward_hook(global_norm)
+        normalize, backbone.cfg.normalize_waveform = backbone.cfg.normalize_waveform, False
+        try:
+            return self._windows(wave)
+        finally:
+            backbone.cfg.normalize_waveform = normalize
+            if hook is not None:
+                hook.remove()
+
+    def _windows(self, wave: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        core = max(1, int(self.spec.chunk_seconds * 16000) // 320) * 320
+        context = int(self.spec.chunk_context * 16000) // 320 * 320
+        total = num_frames(len(wave), 50)
+        parts = []
+        for start in range(0, len(wave), core):
+            first, last = start // 320, min((start + core) // 320, total)
+            if first >= last:
+                break
+            # + 80: a frame's 400-sample receptive field reaches 80 samples past its 320-sample hop
+            lo, hi = max(0, start - context), min(len(wave), start + core + context + 80)
+            audio = torch.from_numpy(np.ascontiguousarray(wave[lo:hi]))[None]
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device == "cuda"):
+                hidden, _ = self.model.backbone.hidden_states(audio.to(self.device), torch.tensor([hi - lo]).to(self.device),
+                                                              layer=self.spec.layer)
+            offset = lo // 320
+            parts.append(hidden[0, first - offset:last - offset].float().cpu().numpy())
+        return np.concatenate(parts)
+
     def _model_features(self, waveforms: list[np.ndarray]) -> list[np.ndarray]:
         torch = self.torch
         out: list[np.ndarray | None] = [None] * len(waveforms)
-        order = sorted(range(len(waveforms)), key=lambda i: len(waveforms[i]))
+        limit = (self.spec.chunk_seconds + 2 * self.spec.chunk_context) * 16000
+        for i, wave in enumerate(waveforms):
+            if len(wave) > limit:
+                out[i] = self._chunked(wave)
+        order = sorted((i for i in range(len(waveforms)) if out[i] is None), key=lambda i: len(waveforms[i]))
         batch: list[int] = []
 
         def run(indices: list[int]) -> None:

@@ -101,3 +101,22 @@ def test_an_interrupted_export_leaves_no_config_json(tmp_path, monkeypatch):
     transformers.HubertModel.from_pretrained(tmp_path / "hf")
     card = (tmp_path / "hf" / "README.md").read_text()  # a model file alone: no run facts
     assert "2 Transformer layers" in card and "`km` (100 classes, 50 Hz)" in card and "optimizer steps" not in card
+
+
+def test_s3prl_loads_our_export_through_its_transformers_upstream(tmp_path, tiny_corpus):
+    """SUPERB's toolkit: its hf_hubert upstream (transformers' HubertModel and feature extractor)
+    gives our hidden states from our export."""
+    expert = pytest.importorskip("s3prl.upstream.hf_hubert.expert")
+    torch.manual_seed(0)
+    model = HubertPretrain(model_config("tiny"), [LabelSpec("km", 100, 50)]).eval()
+    save_model(tmp_path / "ckpt" / "model.pt", model)
+    assert main(["export", "hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
+    upstream = expert.UpstreamExpert(str(tmp_path / "hf")).eval()
+    record = json.loads((tiny_corpus / "utterances.jsonl").read_text().splitlines()[0])
+    speech, _ = sf.read(tiny_corpus / record["audio"], dtype="float32")
+    wave = torch.from_numpy(speech)
+    with torch.no_grad():
+        theirs = upstream([wave])["hidden_states"]
+        for layer in range(1, model.cfg.encoder_layers + 1):
+            ours, _ = model.backbone.hidden_states(wave[None], torch.tensor([len(speech)]), layer=layer)
+            assert (ours - theirs[layer]).abs().max() < 1e-4

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import soundfile as sf
 import torch
@@ -71,6 +72,11 @@ def test_a_fairseq_checkpoint_imports_and_round_trips(tiny_corpus, tmp_path):
     assert execute(["import", "hf", str(tmp_path / "hf"), str(tmp_path / "back/model.pt")]) == 0
     for a, b in zip(layers(load_model(tmp_path / "back").eval(), wave), layers(ours, wave)):
         assert (a - b).abs().max() < 1e-4
+    # Labels from a released model's layer: `features model` reads the imported file.
+    from pretrain.features.extract import Extractor, FeatureSpec
+
+    feats = Extractor(FeatureSpec.model(str(tmp_path / "m"), 2), "cpu")([wave[0].numpy()])[0]
+    assert np.allclose(feats, layers(ours, wave)[1][0].numpy(), atol=1e-4)
     # An imported backbone has no pretraining loss; it starts a new run through init_from.
     from pretrain.train.loop import init_backbone
 
