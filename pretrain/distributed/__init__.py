@@ -5,7 +5,6 @@ DeepSpeed engine and the collectives the trainer needs. Nothing else imports
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 
 
@@ -22,16 +21,25 @@ class DistEnv:
         return self.rank == 0
 
 
-def _first_host(nodelist: str) -> str:
-    """First host of a SLURM node list such as ``gpu[003-005,009],cpu1`` -> ``gpu003``."""
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
-    if match is None:
-        raise ValueError(f"cannot parse SLURM node list '{nodelist}'")
-    prefix, ranges = match.group(1), match.group(2)
-    if ranges is None:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+def first_host(nodelist: str) -> str:
+    """First host of a SLURM node list, expanded as SLURM does (python-hostlist):
+    ``node[01-02]-ib`` -> ``node01-ib``, ``r[1-2]n[01-04]`` -> ``r1n01``, ``gpu[003-005,009],cpu1``
+    -> ``gpu003``. (A regex used to make ``node01`` and ``r1`` of the first two.)"""
+    import hostlist
+
+    try:
+        hosts = hostlist.expand_hostlist(nodelist)
+    except hostlist.BadHostlist as e:
+        raise ValueError(f"cannot expand SLURM node list '{nodelist}': {e}") from None
+    if not hosts:
+        raise ValueError(f"SLURM node list '{nodelist}' is empty")
+    return hosts[0]
+
+
+def slurm_port(job_id: int) -> int:
+    """The rendezvous port of a SLURM job: from its id, so that two jobs sharing a node differ
+    (the sbatch template exports the same value)."""
+    return 20000 + job_id % 20000
 
 
 def read_env(environ: dict | None = None) -> DistEnv:
@@ -45,8 +53,8 @@ def read_env(environ: dict | None = None) -> DistEnv:
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
         job = int(env.get("SLURM_JOB_ID", "0"))
         return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
-                       env.get("MASTER_ADDR", _first_host(nodelist)),
-                       int(env.get("MASTER_PORT", 20000 + job % 20000)))
+                       env.get("MASTER_ADDR") or first_host(nodelist),
+                       int(env.get("MASTER_PORT") or slurm_port(job)))
     return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 29500)))
 
 

@@ -94,6 +94,9 @@ def test_dry_run_renders_a_multi_node_gpu_job(tmp_path):
         assert line in script.splitlines(), line
     assert re.search(r"^srun --kill-on-bad-exit=1 /shared/envs/pretrain/bin/python -m pretrain.cli train "
                      r"--config \S+\.config\.yaml", script, re.M)
+    # The rendezvous: SLURM's own expansion of the node list, a port from the job id.
+    assert 'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"' in script
+    assert "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))" in script
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
     # An offline stage renders as an array job whose batch shell requeues on the signal.
     proc = subprocess.run([str(LAUNCH), "slurm", "--profile", str(REPO / "configs/cluster/example_gpu.yaml"),
