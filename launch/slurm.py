@@ -21,7 +21,6 @@ unfinished shards.
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 import subprocess

@@ -41,7 +41,6 @@ def iterate(run: Path, corpus: Path, eval_shards: Path, *overrides: str,
 
 
 def test_two_iterations_rerun_interruption_and_invalidation(tiny_corpus, small_shards, tmp_path, caplog):
-    import numpy as np
     import transformers
 
     from pretrain.cluster.kmeans import load_kmeans

@@ -10,7 +10,6 @@ import pytest
 from pretrain.config import ConfigError, load_config
 from pretrain.config.data import DataConfig
 from pretrain.data.mixing import NOISE, SPEECH
-from pretrain.data.pipeline import ShardLoader
 from pretrain.utils import PretrainError
 
 from tests.data.resume_child import signature
