@@ -10,7 +10,10 @@ what ``scontrol requeue``, ``scancel`` and a site's preemption send before SIGKI
 ``KillWait``, 30 s by default). Both are only *recorded* here; the trainer checkpoints at the
 next step boundary, all ranks together (``pretrain.train.loop``). After USR1 it requeues the job
 itself; after TERM whoever sent it has already decided what happens next, so it just exits. A
-second TERM ends the process at once (a stuck step must not make it unkillable).
+second TERM ends the process at once (a stuck step must not make it unkillable). Under torchrun
+(``launch local``) SIGTERM keeps its default: there it is torchrun tearing the group down after
+a worker failed, when the surviving ranks wait in a collective that cannot complete (SIGUSR1
+to the workers checkpoints and stops a local run).
 
 Parent death. torchrun starts each worker in a session of its own, so killing the launcher with
 SIGKILL (the OOM killer, ``kill -9``, a lost terminal) used to leave the workers training and
@@ -57,8 +60,13 @@ class Stop:
     def install(cls) -> None:
         if cls._installed:
             return
-        cls._previous = {signal.SIGUSR1: signal.signal(signal.SIGUSR1, cls._on_usr1),
-                         signal.SIGTERM: signal.signal(signal.SIGTERM, cls._on_term)}
+        cls._previous = {signal.SIGUSR1: signal.signal(signal.SIGUSR1, cls._on_usr1)}
+        if "TORCHELASTIC_RUN_ID" not in os.environ:
+            # Under torchrun (`launch local`) SIGTERM is torchrun's teardown after a worker
+            # failed: the other ranks are then stuck in a collective and could never reach a
+            # step boundary, so the default (end at once) stays. SLURM's srun tasks and plain
+            # processes checkpoint first.
+            cls._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, cls._on_term)
         cls._installed = True
 
     @classmethod
