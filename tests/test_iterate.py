@@ -55,10 +55,9 @@ def test_two_iterations_rerun_interruption_and_invalidation(tiny_corpus, small_s
     assert "stage it2.train failed" in first.stderr, first.stderr[-3000:]
     assert (run / "it2/train/checkpoints/latest").read_text().strip() == "step_2"
     # `pretrain status` tells where it stopped.
-    status = subprocess.run([sys.executable, "-m", "pretrain.cli", "status", str(run), "--json"],
-                            capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert status.returncode == 0, status.stderr
-    status = json.loads(status.stdout)
+    from pretrain.status import format_status, run_status
+
+    status = json.loads(json.dumps(run_status(run)))  # what `pretrain status RUN --json` prints
     states = {row["name"]: row["state"] for row in status["stages"]}
     assert states["it1.train"] == "done" and states["it2.train"] == "failed" and states["export"] == "pending"
     assert status["iterations"][1]["train"]["checkpoint"] == "step_2" and not status["running"]
@@ -121,8 +120,7 @@ def test_two_iterations_rerun_interruption_and_invalidation(tiny_corpus, small_s
         assert row in report, report
     records = {p.stem: json.loads(p.read_text()) for p in (run / "stages").glob("*.json") if p.stem != "identity"}
     assert len(records) == 18 and len(records["it2.train"]["attempts"]) == 2
-    table = subprocess.run([sys.executable, "-m", "pretrain.cli", "status", str(run)], capture_output=True,
-                           text=True, timeout=300, cwd=REPO).stdout
+    table = format_status(run_status(run))  # `pretrain status RUN`
     assert "it2.train          done            2" in table and "it2: step 4/4, loss " in table, table
 
     # A rerun does no work.
