@@ -1,0 +1,28 @@
+"""`pretrain status` on a training run directory (the iterate view is exercised on a real run in
+tests/test_iterate.py)."""
+
+from __future__ import annotations
+
+import json
+
+from pretrain.stages import execute
+
+
+def test_status_of_a_training_run_as_table_and_json(tmp_path, capsys):
+    run = tmp_path / "train"
+    (run / "checkpoints" / "step_8.bad").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step_6\n")
+    (run / "config.yaml").write_text("optim:\n  max_steps: 20\n")
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 5.0 - s / 10, "acc_masked": s / 100,
+                                                           "audio_s_per_s": 90.0, "step_time_s": 1.5}) + "\n"
+                                               for s in (2, 4, 6)))
+    assert execute(["status", str(run), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    train = status["train"]
+    assert status["kind"] == "train" and train["step"] == 6 and train["max_steps"] == 20
+    assert train["eta_s"] == 14 * 1.5 and train["checkpoint"] == "step_6" and train["quarantined"] == ["step_8.bad"]
+    assert not train["running"]
+    assert execute(["status", str(run)]) == 0
+    table = capsys.readouterr().out
+    assert "(train, not running): step 6/20, loss 4.400, masked acc 0.060, 90 audio-s/s, ETA 0m21s" in table
+    assert execute(["status", str(tmp_path / "nothing")]) == 1
