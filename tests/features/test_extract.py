@@ -18,11 +18,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.parametrize("mode,normalize", [("group_norm", False), ("layer_norm", True)])
 def test_windows_give_the_whole_utterance_features(small_shards, tmp_path, mode, normalize):
-    """A 16 s utterance in 5 s windows with 3 s of context: BASE's GroupNorm (per channel over
+    """A 12 s utterance in 5 s windows with 3 s of context: BASE's GroupNorm (per channel over
     all of time) and the waveform normalization use the whole utterance's statistics, so only
     attention beyond the context differs (measured: at most 0.2 % of the largest value)."""
     waves = [w for e in read_manifest(small_shards)["shards"] for _, w in shard_utterances(small_shards / e["name"])]
-    long = np.concatenate(waves)[:16 * 16000]
+    long = np.concatenate(waves)[:12 * 16000]
     model = make_model_file(tmp_path / "m.pt", f"model.extractor_mode={mode}",
                             f"model.normalize_waveform={str(normalize).lower()}")
     spec = FeatureSpec.model(str(model), 2, chunk_seconds=1000.0)
