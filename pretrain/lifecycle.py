@@ -189,6 +189,21 @@ class RunLock:
         self._fd = fd
         return self
 
+    def held_by(self) -> dict | None:
+        """The holder if a live process holds the lock (probed with a shared lock, not taken)."""
+        import fcntl
+
+        if not self.path.is_file():
+            return None
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return self.holder() or {"pid": None}
+        finally:
+            os.close(fd)
+        return None
+
     def release(self) -> None:
         """Give the lock up (the file stays, empty, so a later holder sees no stale entry)."""
         if self._fd is not None:

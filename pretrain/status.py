@@ -26,23 +26,9 @@ _ACTIVE_SLURM = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", 
 
 
 def _lock_holder(folder: Path) -> dict | None:
-    """The holder of ``folder``'s run lock if a live process holds it (probed, not taken)."""
-    import fcntl
-    import os
+    from pretrain.lifecycle import RunLock
 
-    path = folder / ".lock"
-    if not path.is_file():
-        return None
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        from pretrain.lifecycle import RunLock
-
-        return RunLock(folder, "").holder() or {"pid": None}
-    finally:
-        os.close(fd)
-    return None
+    return RunLock(folder, "").held_by()
 
 
 def slurm_states(job_ids: list[str]) -> dict[str, str]:

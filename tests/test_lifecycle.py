@@ -70,6 +70,7 @@ def test_a_second_holder_is_refused_by_name_and_a_dead_holders_lock_is_taken_ove
                                "time.sleep(120)"], stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
         assert holder.stdout.readline().strip() == "held"
+        assert RunLock(tmp_path, "probe").held_by()["pid"] == holder.pid  # what `pretrain status` asks
         with pytest.raises(RunLockError, match=rf"{tmp_path} is in use by pretrain train \(pid {holder.pid} on host "):
             RunLock(tmp_path, "pretrain iterate").acquire()
     finally:
@@ -81,6 +82,7 @@ def test_a_second_holder_is_refused_by_name_and_a_dead_holders_lock_is_taken_ove
     assert "not running" in caplog.text
     assert lock.holder()["pid"] == os.getpid()
     lock.release()
+    assert RunLock(tmp_path, "probe").held_by() is None
     assert RunLock(tmp_path, "again").acquire().holder()["what"] == "again"
 
 

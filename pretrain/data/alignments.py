@@ -26,9 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pretrain.data.fairseq import shard_index
 from pretrain.data.labels import write_label_meta, write_label_shard
-from pretrain.data.shards import read_manifest
+from pretrain.data.shards import read_manifest, shard_index
 from pretrain.frames import num_frames, segment_frame_labels
 from pretrain.utils import PretrainError
 

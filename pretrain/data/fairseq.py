@@ -24,23 +24,12 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from pretrain.data.labels import LENGTH_TOLERANCE, LabelError, LabelSet, write_label_meta, write_label_shard
-from pretrain.data.shards import iter_shard, read_manifest
+from pretrain.data.shards import iter_shard, read_manifest, shard_index
 from pretrain.data.sources import key_from_relpath
 from pretrain.frames import num_frames
 from pretrain.utils import PretrainError, atomic_write_text
 
 log = logging.getLogger(__name__)
-
-
-def shard_index(shards: Path) -> dict[str, tuple[str, int, str]]:
-    """``{key: (shard name, num_samples, source)}`` from every shard's per-utterance metadata
-    (the small ``.json`` members; audio is not decoded)."""
-    index: dict[str, tuple[str, int, str]] = {}
-    for entry in read_manifest(shards)["shards"]:
-        for sample in iter_shard(shards / entry["name"]):
-            meta = json.loads(sample["json"])
-            index[sample["__key__"]] = (entry["name"], int(meta["num_samples"]), str(meta.get("source", "")))
-    return index
 
 
 def read_tsv_km(tsv: Path, km: Path) -> list[tuple[str, int, np.ndarray, int]]:

@@ -327,6 +327,18 @@ def read_manifest(shard_dir: str | Path) -> dict:
     return manifest
 
 
+def shard_index(shards: Path, progress: bool = True) -> dict[str, tuple[str, int, str]]:
+    """``{key: (shard name, num_samples, source)}`` from every shard's per-utterance metadata
+    (the small ``.json`` members; audio is not decoded)."""
+    index: dict[str, tuple[str, int, str]] = {}
+    for entry in tqdm(read_manifest(shards)["shards"], desc="reading shards", unit="shard", disable=not progress,
+                      dynamic_ncols=True):
+        for sample in iter_shard(shards / entry["name"]):
+            meta = json.loads(sample["json"])
+            index[sample["__key__"]] = (entry["name"], int(meta["num_samples"]), str(meta.get("source", "")))
+    return index
+
+
 def iter_shard(path: str | Path):
     """Samples of one shard as WebDataset groups them: dicts of ``__key__`` and member bytes."""
     yield from wds.tariterators.group_by_keys(_tar_members(str(path)))
