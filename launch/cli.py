@@ -4,6 +4,12 @@
 on this machine with torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT, read
 by ``pretrain.distributed.read_env``). ``COMMAND`` is ``pretrain train ...``.
 
+Several machines without SLURM: run the same command on each, with ``--nnodes N --node-rank R
+--master-addr HOST --master-port P`` (node 0's address and a port free there; torchrun's static
+rendezvous, then NCCL or gloo over TCP). Ranks are ``R * nproc + local rank``, so node 0 holds
+rank 0 (the run lock, checkpoints' shared files, logging). The run directory must be on a file
+system every node sees, as under SLURM.
+
 ``launch slurm [--profile P] [--dry-run] [--after ID] COMMAND ...``: render the stage's sbatch
 script from ``slurm/`` and the cluster profile, and submit it (see ``launch/slurm.py``);
 ``--stage "COMMAND" --stage "COMMAND" ...`` submits a chain, each after the previous succeeds.
@@ -28,7 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     modes = parser.add_subparsers(dest="mode", required=True)
     local = modes.add_parser("local", help="N processes on this machine (torchrun)")
     local.add_argument("--nproc", type=int, default=1, help="processes (one per GPU on a GPU machine)")
-    local.add_argument("--port", type=int, default=0, help="rendezvous port (0: a free one)")
+    local.add_argument("--nnodes", type=int, default=1, help="machines taking part (each runs this command)")
+    local.add_argument("--node-rank", type=int, default=0, help="this machine's place, 0 .. nnodes-1")
+    local.add_argument("--master-addr", default=None,
+                       help="node 0's address, reachable from every node (default 127.0.0.1 on one node)")
+    local.add_argument("--master-port", "--port", dest="port", type=int, default=0,
+                       help="rendezvous port on node 0 (0: a free one; several nodes must name one)")
     local.add_argument("command", nargs=argparse.REMAINDER, help="pretrain COMMAND ...")
     slurm = modes.add_parser("slurm", help="submit a stage (or a chain of stages) to SLURM")
     slurm.add_argument("--profile", help="cluster profile YAML (configs/cluster/*.yaml)")
@@ -63,8 +74,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the command must start with 'pretrain', e.g. launch local --nproc 2 pretrain train ...")
     if args.nproc < 1:
         parser.error("--nproc must be >= 1")
+    if args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
+        parser.error(f"--node-rank must be in 0..{args.nnodes - 1} (--nnodes {args.nnodes}), not {args.node_rank}")
+    if args.nnodes > 1 and (not args.port or not args.master_addr):
+        # A free port picked here is free on this machine only, and the other nodes could not
+        # know it; 127.0.0.1 would make each node its own master.
+        parser.error("with --nnodes > 1 give --master-addr (node 0's address) and --master-port, "
+                     "the same on every node")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-                "--master_addr", "127.0.0.1", "--master_port", str(args.port or free_port()),
+                "--nnodes", str(args.nnodes), "--node_rank", str(args.node_rank),
+                "--master_addr", args.master_addr or "127.0.0.1", "--master_port", str(args.port or free_port()),
                 "-m", "pretrain.cli", *command[1:]]
     from pretrain.lifecycle import LAUNCHER_ENV, die_with_parent
 

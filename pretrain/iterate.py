@@ -76,7 +76,8 @@ ADDED_FIELDS = {"stretch": 1.0, "checkpoint.start_over": False,
                     ("speaker_from", None), ("transcripts", True), ("side_json", True), ("max_duration", None),
                     ("long_policy", "split"), ("subset", "all"), ("valid_fraction", 0.0), ("split_by", "speaker"),
                     ("split_seed", 0))},
-                "features model:chunk_seconds": 30.0, "features model:chunk_context": 5.0}
+                "features model:chunk_seconds": 30.0, "features model:chunk_context": 5.0,
+                "model.checkpoint_activations": False, "model.compile": False}
 """Stage config fields added later (dotted for nested ones; ``COMMAND:field`` for one stage
 command's only), with the value runs made before them had."""
 RUN_DIR = "${run_dir}"

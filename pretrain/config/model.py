@@ -124,6 +124,17 @@ class ModelConfig:
     """Weight of the L2 penalty on the waveform encoder's output (none with the Fbank front end:
     its output is fixed)."""
 
+    checkpoint_activations: bool = False
+    """Recompute each encoder layer's activations in the backward pass instead of keeping
+    them (``torch.utils.checkpoint``): less activation memory for about one more forward of
+    the encoder per step, for LARGE/X-LARGE or longer crops per GPU. Gradients are unchanged:
+    dropout masks are replayed."""
+
+    compile: bool = False
+    """Training: compile each encoder layer with ``torch.compile`` (Inductor; Triton on GPUs, a
+    C++ compiler on CPUs). Parameter names, checkpoints and exports are those of the eager
+    model, so it can be switched on or off across a resume."""
+
     def validate(self) -> None:
         if self.arch not in ("hubert", "wavlm"):
             raise ConfigError(f"must be 'hubert' or 'wavlm', got '{self.arch}'", field="arch")

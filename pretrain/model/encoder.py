@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -205,6 +206,7 @@ class Encoder(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(EncoderLayer(cfg, first=i == 0) for i in range(cfg.encoder_layers))
         self.relative_bias = cfg.arch == "wavlm"
+        self.checkpoint_activations = cfg.checkpoint_activations
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None,
                 output_layer: int | None = None, collect: list | None = None) -> torch.Tensor:
@@ -229,7 +231,10 @@ class Encoder(nn.Module):
         for layer in self.layers[:last]:
             if self.training and self.layerdrop > 0 and torch.rand(()) < self.layerdrop:
                 continue  # LayerDrop
-            x = layer(x, attn_mask, bias)
+            if self.checkpoint_activations and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, attn_mask, bias, use_reentrant=False)
+            else:
+                x = layer(x, attn_mask, bias)
             if collect is not None:
                 collect.append(x)
         # As in fairseq, a requested layer's output is raw; the pre-LN stack's final norm

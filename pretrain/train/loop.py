@@ -10,6 +10,7 @@ DeepSpeed divides each backward by ``grad_accum`` and averages gradients over ra
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -41,13 +42,21 @@ from pretrain.utils import PretrainError
 log = logging.getLogger(__name__)
 
 
+RUNTIME_FIELDS = ("checkpoint_activations", "compile")
+"""Model fields that change how a step is computed, not the model: free to differ on resume."""
+
+
+def _model_fields(cfg: TrainConfig) -> dict:
+    return {k: v for k, v in asdict(cfg.model).items() if k not in RUNTIME_FIELDS}
+
+
 def config_hash(cfg: TrainConfig) -> str:
     """Hash of what shapes the model: a checkpoint with another one must not be loaded."""
-    return hashlib.sha256(json.dumps(asdict(cfg.model), sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(_model_fields(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _shape_record(cfg: TrainConfig, specs: list[LabelSpec]) -> dict:
-    return {"model": asdict(cfg.model), "labels": [[s.name, s.num_classes, s.rate] for s in specs]}
+    return {"model": _model_fields(cfg), "labels": [[s.name, s.num_classes, s.rate] for s in specs]}
 
 
 def check_resumable(manifest: dict, cfg: TrainConfig, specs: list[LabelSpec], step: int) -> None:
@@ -119,13 +128,15 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, fault: dict | None = 
         # srun --kill-on-bad-exit) when this one exits with the error.
         lock = RunLock(run_dir, "pretrain train").acquire()
     try:
-        return _train(cfg, argv, fault, dist, run_dir)
+        with contextlib.ExitStack() as cleanup:
+            return _train(cfg, argv, fault, dist, run_dir, cleanup)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(cfg: TrainConfig, argv: list[str] | None, fault: dict, dist, run_dir: Path) -> dict:
+def _train(cfg: TrainConfig, argv: list[str] | None, fault: dict, dist, run_dir: Path,
+           cleanup: contextlib.ExitStack) -> dict:
     dist_engine.init_process_group(dist)
     if dist.is_main:
         write_run_record(run_dir, cfg, argv)
@@ -144,6 +155,8 @@ def _train(cfg: TrainConfig, argv: list[str] | None, fault: dict, dist, run_dir:
         universal = checkpoints.prepare_load(resume, cfg.deepspeed.zero_stage)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = HubertPretrain(cfg.model, specs)
+    if cfg.model.compile:
+        compile_layers(model)
     if resume is None and cfg.init_from is not None:
         source = init_backbone(model, cfg.init_from)
         if dist.is_main:
@@ -166,7 +179,10 @@ def _train(cfg: TrainConfig, argv: list[str] | None, fault: dict, dist, run_dir:
 
     logger = MetricsLogger(run_dir, cfg.log, config=asdict(cfg), enabled=dist.is_main)
     probes = ProbeScheduler(cfg, run_dir, enabled=dist.is_main, slurm_job=slurm_job_id())
-    batches = _batches(loader)
+    # Closed on the way out, error or not, which stops the data workers there and then.
+    # Otherwise a failure (a peer node gone, say) leaves them to the traceback's frames, and at
+    # exit multiprocessing waits forever for workers that ignore SIGTERM (data.pipeline).
+    batches = cleanup.enter_context(contextlib.closing(_batches(loader)))
     ga = cfg.deepspeed.grad_accum
     bad_steps = skipped_total = 0
     sums: dict[str, float] = {}
@@ -263,6 +279,16 @@ def _train(cfg: TrainConfig, argv: list[str] | None, fault: dict, dist, run_dir:
     logger.close()
     Stop.restore()
     return last
+
+
+def compile_layers(model: HubertPretrain) -> None:
+    """``model.compile``: compile each encoder layer in place (``nn.Module.compile``), so the
+    parameter names, and so checkpoints and exports, stay those of the eager model. Layers, not
+    the whole model: the masking and the loss index with data-dependent shapes, which would
+    split the graph anyway, and one layer's graph is reused by all of them. Lengths vary from
+    batch to batch, so the time axis is compiled as dynamic from the start."""
+    for layer in model.backbone.encoder.layers:
+        layer.compile(dynamic=True)
 
 
 def handle_preemption(step: int, cfg: TrainConfig, dist, term: bool = False) -> int:
@@ -371,6 +397,9 @@ def _local_sums(outs, micro, specs, global_masked, world) -> dict[str, float]:
             "num_masked": sum(o["num_masked"] for o in outs),
             "num_unmasked": sum(o["num_unmasked"] for o in outs),
             "audio_samples": sum(float(b["lengths"].sum()) for b in micro),
+            # What the model computed on, padding included (batch x longest row): the "nominal"
+            # figure some toolkits report; the gap to audio_samples is what bucketing wastes.
+            "padded_samples": sum(float(b["audio"].shape[0] * b["audio"].shape[1]) for b in micro),
             "utterances": sum(len(b["keys"]) for b in micro),
             # WavLM mixing, per row: 1 speech, 2 noise mixed in (the data workers decide)
             "mixed_speech": sum(int((b["mixing"] == 1).sum()) for b in micro),
@@ -389,6 +418,7 @@ def _metrics(totals, specs, lr, engine, elapsed, data_wait, world) -> dict:
         "lr": lr,
         "num_masked": totals["num_masked"] / steps,
         "audio_s_per_s": totals["audio_samples"] / 16000 / max(elapsed, 1e-9),
+        "padded_audio_s_per_s": totals["padded_samples"] / 16000 / max(elapsed, 1e-9),
         "samples_per_s": totals["utterances"] / max(elapsed, 1e-9),
         "step_time_s": elapsed / steps,
         "data_wait_s": data_wait / steps,

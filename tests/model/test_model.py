@@ -138,6 +138,42 @@ def test_same_seed_same_model_same_loss():
     assert all(torch.equal(a, b) for a, b in zip(params_a, params_b))
 
 
+def _loss_and_grads(*overrides: str, compile_layers: bool = False):
+    torch.manual_seed(7)
+    model = HubertPretrain(model_config("tiny", *overrides), [LabelSpec("km", 20, 50)])
+    if compile_layers:
+        from pretrain.train.loop import compile_layers as compile_them
+
+        compile_them(model)
+    torch.manual_seed(8)  # the dropout masks: the same draws in both models
+    audio, lengths = torch.randn(2, 24000) * 0.1, torch.tensor([24000, 17000])
+    out = model(audio, lengths, {"km": torch.randint(0, 20, (2, conv_num_frames(24000)))},
+                rng=np.random.default_rng(5))
+    out["loss_sum"].backward()
+    return out["loss_sum"].detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_activation_checkpointing_changes_no_gradient():
+    # Dropout is on (the tiny config's 0.1): the recomputed forward must replay its masks.
+    loss, grads = _loss_and_grads()
+    loss_ckpt, grads_ckpt = _loss_and_grads("model.checkpoint_activations=true")
+    assert torch.equal(loss, loss_ckpt)
+    assert grads.keys() == grads_ckpt.keys() and all(torch.equal(grads[n], grads_ckpt[n]) for n in grads)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("shutil").which("c++") is None and __import__("shutil").which("g++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_layers_keep_parameter_names_and_gradients():
+    # Inductor fuses and reorders arithmetic, so equal up to float rounding, not bit for bit.
+    loss, grads = _loss_and_grads("model.dropout=0", "model.attention_dropout=0")
+    loss_c, grads_c = _loss_and_grads("model.dropout=0", "model.attention_dropout=0", compile_layers=True)
+    assert grads.keys() == grads_c.keys()  # checkpoints of compiled and eager runs are interchangeable
+    assert torch.allclose(loss, loss_c, rtol=1e-4)
+    for name in grads:
+        assert torch.allclose(grads[name], grads_c[name], rtol=1e-3, atol=1e-5), name
+
+
 def test_frame_padding_mask():
     mask = frame_padding_mask(torch.tensor([16000, 8000]), conv_num_frames(16000))
     assert mask[0].sum() == 0 and mask[1].sum() == conv_num_frames(16000) - conv_num_frames(8000)
