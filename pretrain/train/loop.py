@@ -71,7 +71,7 @@ def check_resumable(manifest: dict, cfg: TrainConfig, specs: list[LabelSpec], st
     saved, mine = manifest, _shape_record(cfg, specs)
     changes = [f"model.{k}: {saved['model'].get(k)!r} -> {mine['model'].get(k)!r}"
                for k in sorted(set(saved["model"]) | set(mine["model"]))
-               if saved["model"].get(k) != mine["model"].get(k)]
+               if saved["model"].get(k) != mine["model"].get(k) and k not in RUNTIME_FIELDS]
     if saved["labels"] != mine["labels"]:
         changes.append(f"data.labels (name, classes, rate): {saved['labels']} -> {mine['labels']}")
     if changes:

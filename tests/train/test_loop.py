@@ -37,6 +37,8 @@ def test_resume_refuses_changed_model_fields_by_name_and_allows_safe_ones():
     specs = [LabelSpec("km", 100, 50)]
     saved = manifest_of(cfg(), specs)
     check_resumable(saved, cfg("optim.lr=0.1", "optim.max_steps=7", "optim.warmup_steps=2", "log.every=3"), specs, 8)
+    # How a step is computed may change too (a resume on GPUs that want compilation, say).
+    check_resumable(saved, cfg("model.compile=true", "model.checkpoint_activations=true"), specs, 8)
     with pytest.raises(PretrainError, match=r"model.encoder_layers: 2 -> 3") as err:
         check_resumable(saved, cfg("model.encoder_layers=3"), specs, 8)
     assert "step_8" in str(err.value)
