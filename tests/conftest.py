@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,30 +22,44 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
-@pytest.fixture(scope="session")
-def tiny_corpus(tmp_path_factory) -> Path:
-    """configs/corpus/tiny.yaml synthesized once per test session: 11 utterances, 11 voices."""
+CORPORA = {
+    "tiny": ([REPO / "configs/corpus/tiny.yaml"], []),  # 11 utterances, one per voice
+    "small": ([], ["count=40", "max_clauses=2", "seed=3"]),  # 40 of 1-2 clauses, about 2.5 minutes
+}
+
+
+def synthesize_test_corpus(name: str, out: Path) -> Path:
     from pretrain.config import load_config
     from pretrain.config.corpus import CorpusSynthConfig
     from pretrain.corpus.synth import synthesize_corpus
 
-    out = tmp_path_factory.mktemp("tiny_corpus")
-    cfg = load_config(CorpusSynthConfig, [REPO / "configs/corpus/tiny.yaml"], [f"out={out}", "jobs=2"])
+    files, overrides = CORPORA[name]
+    cfg = load_config(CorpusSynthConfig, files, [*overrides, f"out={out}", "jobs=2"])
     synthesize_corpus(cfg, progress=False, argv=["test"])
     return out
+
+
+def _corpus(name: str, tmp_path_factory) -> Path:
+    # A GPU machine without TTS engines gets the same corpora synthesized elsewhere
+    # (benchmarks/gpu_prepare.sh); a copy, since tests may write beside them.
+    carried = os.environ.get("PRETRAIN_TEST_CORPORA")
+    if carried and (Path(carried) / name / "corpus.json").is_file():
+        out = tmp_path_factory.mktemp(f"{name}_corpus") / "corpus"
+        shutil.copytree(Path(carried) / name, out)
+        return out
+    return synthesize_test_corpus(name, tmp_path_factory.mktemp(f"{name}_corpus"))
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """configs/corpus/tiny.yaml synthesized once per test session: 11 utterances, 11 voices."""
+    return _corpus("tiny", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> Path:
     """40 utterances of 1-2 clauses from all voices (about 2.5 minutes)."""
-    from pretrain.config import load_config
-    from pretrain.config.corpus import CorpusSynthConfig
-    from pretrain.corpus.synth import synthesize_corpus
-
-    out = tmp_path_factory.mktemp("small_corpus")
-    cfg = load_config(CorpusSynthConfig, [], [f"out={out}", "count=40", "max_clauses=2", "seed=3", "jobs=2"])
-    synthesize_corpus(cfg, progress=False, argv=["test"])
-    return out
+    return _corpus("small", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

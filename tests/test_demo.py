@@ -21,10 +21,10 @@ def test_the_demo_config_at_reduced_steps_reports_its_verdict(tmp_path):
     run = tmp_path / "demo"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}
     cmd = [sys.executable, "-m", "pretrain.cli", "iterate", "--config", str(REPO / "configs/demo.yaml"),
-           f"run_dir={run}", "corpus.synth_hours=0.03", "corpus.synth_max_clauses=1", "eval.synth_hours=0.04",
-           "corpus.per_shard=16", "iterations.0.max_steps=6", "iterations.1.max_steps=6",
-           "train_overrides=[optim.warmup_steps=2,checkpoint.every=3,log.every=1]",
-           "eval.probe_overrides=[phone.epochs=4,phone.ctc_epochs=1,speaker.epochs=20]"]
+           f"run_dir={run}", "corpus.synth_hours=0.02", "corpus.synth_max_clauses=1", "eval.synth_hours=0.03",
+           "corpus.per_shard=16", "iterations.0.max_steps=4", "iterations.1.max_steps=4",
+           "train_overrides=[optim.warmup_steps=1,checkpoint.every=2,log.every=1]",
+           "eval.probe_overrides=[phone.epochs=2,phone.ctc_epochs=1,speaker.epochs=10]"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env, cwd=REPO)
     assert done.returncode == 0, done.stderr[-4000:]
     names = [p.stem for p in (run / "stages").glob("*.json")]

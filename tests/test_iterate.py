@@ -25,7 +25,7 @@ def OVERRIDES(run: Path, corpus: Path, eval_shards: Path) -> list[str]:
             "train_overrides=[log.every=1,checkpoint.every=2,data.max_tokens=40000,optim.warmup_steps=1]",
             "eval.synth_hours=null", f"eval.shards={eval_shards}",
             # 3 utterances of each of the 11 voices: one per split
-            "eval.probe_overrides=[max_utterances=33,phone.epochs=4,phone.ctc_epochs=1,speaker.epochs=20,pnmi_k=20]"]
+            "eval.probe_overrides=[max_utterances=33,phone.epochs=2,phone.ctc_epochs=1,speaker.epochs=10,pnmi_k=20]"]
 
 
 def iterate(run: Path, corpus: Path, eval_shards: Path, *overrides: str,
