@@ -71,13 +71,14 @@ def decode_int16(data: bytes, start: int = 0, frames: int = -1) -> np.ndarray:
 
 
 def decode_into(data: bytes, start: int, out: np.ndarray) -> None:
-    """Decode samples ``[start, start + len(out))`` of FLAC/WAV bytes straight into the int16
-    row ``out`` (a row of the padded batch: no intermediate array, no copy)."""
+    """Decode samples ``[start, start + len(out))`` of FLAC/WAV bytes straight into the row
+    ``out`` of the padded batch (no intermediate array, no copy): int16, or float32 scaled by
+    1/32768 as libsndfile does for 16-bit audio."""
     with sf.SoundFile(io.BytesIO(data)) as f:
         if f.samplerate != SAMPLE_RATE or f.channels != 1:
             raise ValueError(f"expected 16 kHz mono, got {f.samplerate} Hz with {f.channels} channels")
         if start:
             f.seek(start)
-        got = len(f.read(len(out), dtype="int16", out=out))
+        got = len(f.read(len(out), dtype=out.dtype.name, out=out))
     if got != len(out):
         raise ValueError(f"decoded {got} samples from {start}, expected {len(out)}")

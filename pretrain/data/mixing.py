@@ -104,14 +104,14 @@ def _decode_segment(data: bytes, length: int, rng: np.random.Generator, tile: bo
         total = f.frames
     if total >= length:
         start = int(rng.integers(0, total - length + 1))
-        out = np.empty(length, dtype=np.int16)
+        out = np.empty(length, dtype=np.float32)
         decode_into(data, start, out)
     else:
-        out = np.empty(total, dtype=np.int16)
+        out = np.empty(total, dtype=np.float32)
         decode_into(data, 0, out)
         if tile:
             out = np.resize(out, length)
-    return out.astype(np.float32) * (1.0 / 32768.0)
+    return out
 
 
 def _mean_square(x: np.ndarray) -> float:

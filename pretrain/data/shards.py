@@ -344,14 +344,62 @@ def iter_shard(path: str | Path):
     yield from wds.tariterators.group_by_keys(_tar_members(str(path)))
 
 
+class _NotPlainTar(Exception):
+    """A header the fast reader leaves to tarfile (pax, GNU long names, base-256 sizes)."""
+
+
 def _tar_members(path: str):
+    """Regular members of a tar file as WebDataset's groupers take them. Our shards are plain
+    ustar (short names, no extended headers); those are read here directly, two reads per
+    member, which made the pipeline's tar reading 2x faster than tarfile's (measured in
+    benchmarks/data_pipeline.py). Any other header hands the file to tarfile, which
+    continues after the members already given."""
+    given = 0
+    try:
+        for member in _plain_tar_members(path):
+            given += 1
+            yield member
+        return
+    except _NotPlainTar:
+        pass
     # Seekable "r:" mode reads each member with one read call; WebDataset's own streaming "r|*"
     # mode copies through 10 kB blocks and made tar reading 40 % slower (measured).
     with tarfile.open(path, "r:") as tar:
+        seen = 0
         for info in tar:
             if info.isreg():
-                yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": path}
+                seen += 1
+                if seen > given:
+                    yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": path}
             tar.members = []  # tarfile keeps every header otherwise
+
+
+def _plain_tar_members(path: str):
+    with open(path, "rb") as f:
+        while True:
+            header = f.read(512)
+            if len(header) < 512:
+                if header:
+                    raise tarfile.ReadError(f"{path}: truncated tar header")
+                return  # tar files may end without their zero blocks
+            if header.count(0) == 512:
+                return  # end-of-archive marker
+            # The header checksum: unsigned byte sum with the checksum field read as spaces.
+            stored = header[148:156].split(b"\0", 1)[0].strip()
+            if not stored.isdigit() or int(stored, 8) != sum(header) - sum(header[148:156]) + 256:
+                raise tarfile.ReadError(f"{path}: bad tar header checksum at byte {f.tell() - 512}")
+            kind = header[156:157]
+            size_field = header[124:136]
+            if (kind not in (b"0", b"\0") or size_field[0] & 0x80 or header[257:262] != b"ustar"
+                    or header[345:346] != b"\0"):  # a ustar name prefix: leave those to tarfile
+                raise _NotPlainTar
+            size = int(size_field.split(b"\0", 1)[0].strip() or b"0", 8)
+            data = f.read(size)
+            if len(data) < size:
+                raise tarfile.ReadError(f"{path}: truncated member at byte {f.tell() - len(data)}")
+            if size % 512:
+                f.seek(512 - size % 512, 1)
+            yield {"fname": header[:100].split(b"\0", 1)[0].decode("utf-8"), "data": data, "__url__": path}
 
 
 # --------------------------------------------------------------------------- verify

@@ -204,3 +204,36 @@ def test_cli_verify_exit_codes_and_scripts(small_shards, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     assert "BAD shard-000004.tar: sha256" in proc.stderr and "problems in" in proc.stderr
+
+
+def test_the_fast_tar_reader_matches_tarfile_and_hands_it_what_it_does_not_read(tmp_path):
+    import io
+    import tarfile
+
+    from pretrain.data.shards import _tar_members
+
+    def write(path, names, fmt):
+        with tarfile.open(path, "w", format=fmt) as tar:
+            for i, name in enumerate(names):
+                data = bytes(range(256)) * (i + 1) + b"x" * i  # sizes on and off the 512 grid
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+    def reference(path):
+        with tarfile.open(path) as tar:
+            return [(m.name, tar.extractfile(m).read()) for m in tar if m.isreg()]
+
+    plain, mixed = tmp_path / "plain.tar", tmp_path / "mixed.tar"
+    write(plain, [f"utt{i}.{ext}" for i in range(3) for ext in ("flac", "json")], tarfile.USTAR_FORMAT)
+    # A long name (a pax header) midway: the members before it come from the fast reader,
+    # the rest from tarfile, none twice.
+    write(mixed, ["a.flac", "a.json", "d/" + "b" * 120 + ".flac", "c.flac"], tarfile.PAX_FORMAT)
+    for path in (plain, mixed):
+        assert [(m["fname"], m["data"]) for m in _tar_members(str(path))] == reference(path)
+    # A damaged header is an error (the loader's damaged-shard path), not garbage samples.
+    data = bytearray(plain.read_bytes())
+    data[512 * 2 + 10] ^= 0x01  # the second header's name (the first member is 256 bytes, one block)
+    (tmp_path / "bad.tar").write_bytes(bytes(data))
+    with pytest.raises(tarfile.ReadError, match="bad tar header checksum"):
+        list(_tar_members(str(tmp_path / "bad.tar")))
