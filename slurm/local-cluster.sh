@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# A real one-node SLURM cluster on this machine: munged + slurmctld + slurmd, everything under
-# one scratch directory, no systemd, no cgroups. For trying the SLURM path on a workstation
+# A real two-node SLURM cluster on this machine: munged + slurmctld + two slurmd (nodes n1 and
+# n2, both this host, on ports 17001-17002), everything under one scratch directory, no
+# systemd, no cgroups. For trying the SLURM path on a workstation
 # and for the tests (marker `slurm`). Needs root and Debian's slurmctld slurmd slurm-client
 # munge (scripts/setup.sh installs them).
 #
@@ -14,8 +15,11 @@
 # it with mode 0700 and a marker file, and refuses a DIR it did not create (another owner, a
 # mode other than 700, no marker): a file another local user planted there is never used.
 # Facts behind the config keys:
-# ../shared/notes/slurm.md. The node advertises CPUS (default 8) CPUs whatever the machine has
+# ../shared/notes/slurm.md. Each node advertises CPUS (default 8) CPUs whatever the machine has
 # (SlurmdParameters=config_overrides), so that several multi-task jobs fit on a 2-core box.
+# The node names do not resolve (no /etc/hosts entries are made): NodeAddr says where a node
+# is, and the sbatch templates take the rendezvous address from it, as on clusters whose
+# node names are not host names.
 set -euo pipefail
 
 cmd="${1:-}"
@@ -66,11 +70,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket=$DIR/munge/munge.socket.2,cred_expire=10
 StateSaveLocation=$DIR/state
-SlurmdSpoolDir=$DIR/spool
+SlurmdSpoolDir=$DIR/spool/%n
 SlurmctldPidFile=$DIR/slurmctld.pid
-SlurmdPidFile=$DIR/slurmd.pid
+SlurmdPidFile=$DIR/slurmd-%n.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
-SlurmdLogFile=$DIR/log/slurmd.log
+SlurmdLogFile=$DIR/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -85,8 +89,8 @@ ReturnToService=2
 KillWait=30
 MinJobAge=300
 SlurmdParameters=config_overrides
-NodeName=localhost CPUs=$CPUS RealMemory=8000 State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+NodeName=n[1-2] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[17001-17002] CPUs=$CPUS RealMemory=8000 State=UNKNOWN
+PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP
 EOF
 }
 
@@ -107,7 +111,8 @@ wait_for() {  # seconds, description, command...
   done
 }
 
-node_idle() { sinfo -h -n localhost -o %t | grep -qE '^(idle|mix|alloc)'; }
+nodes_idle() { [ "$(sinfo -h -N -o %t | grep -cE '^(idle|mix|alloc)')" -eq 2 ]; }
+slurmds_alive() { alive "$DIR/slurmd-n1.pid" && alive "$DIR/slurmd-n2.pid"; }
 
 up() {
   [ "$(id -u)" -eq 0 ] || die "needs root (slurmd runs jobs as their users)"
@@ -115,7 +120,7 @@ up() {
     command -v "$bin" >/dev/null || die "$bin is missing: apt-get install slurmctld slurmd slurm-client munge (scripts/setup.sh does)"
   done
   make_private_dir
-  if alive "$DIR/slurmctld.pid" && alive "$DIR/slurmd.pid" && scontrol ping >/dev/null 2>&1; then
+  if alive "$DIR/slurmctld.pid" && slurmds_alive && scontrol ping >/dev/null 2>&1; then
     echo "local-cluster: already up in $DIR"
     return
   fi
@@ -126,9 +131,10 @@ up() {
   start_munge
   slurmctld -f "$CONF" -i
   wait_for 30 "slurmctld" scontrol ping
-  slurmd -f "$CONF" -N localhost
-  wait_for 30 "the node to be idle" node_idle
-  echo "local-cluster: up in $DIR ($CPUS CPUs); export SLURM_CONF=$CONF"
+  slurmd -f "$CONF" -N n1
+  slurmd -f "$CONF" -N n2
+  wait_for 30 "both nodes to be idle" nodes_idle
+  echo "local-cluster: up in $DIR (nodes n1 and n2, $CPUS CPUs each); export SLURM_CONF=$CONF"
 }
 
 stop_pid() {  # pid file
@@ -153,7 +159,9 @@ stop_stepds() {
 }
 
 down_quiet() {
-  stop_pid "$DIR/slurmd.pid"
+  stop_pid "$DIR/slurmd-n1.pid"
+  stop_pid "$DIR/slurmd-n2.pid"
+  stop_pid "$DIR/slurmd.pid"  # a one-node cluster of an older version of this script
   stop_stepds
   stop_pid "$DIR/slurmctld.pid"
   stop_pid "$DIR/munged.pid"
@@ -166,7 +174,7 @@ case "$cmd" in
     trusted_dir || die "refusing to act on $DIR"
     down_quiet; echo "local-cluster: down ($DIR)" ;;
   status)
-    if trusted_dir 2>/dev/null && alive "$DIR/slurmctld.pid" && alive "$DIR/slurmd.pid" && scontrol ping >/dev/null 2>&1; then
+    if trusted_dir 2>/dev/null && alive "$DIR/slurmctld.pid" && slurmds_alive && scontrol ping >/dev/null 2>&1; then
       sinfo; exit 0
     fi
     echo "local-cluster: not running ($DIR)"; exit 1 ;;

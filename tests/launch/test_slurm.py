@@ -94,8 +94,10 @@ def test_dry_run_renders_a_multi_node_gpu_job(tmp_path):
         assert line in script.splitlines(), line
     assert re.search(r"^srun --kill-on-bad-exit=1 /shared/envs/pretrain/bin/python -m pretrain.cli train "
                      r"--config \S+\.config\.yaml", script, re.M)
-    # The rendezvous: SLURM's own expansion of the node list, a port from the job id.
-    assert 'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"' in script
+    # The rendezvous: SLURM's own expansion of the node list, that node's address as SLURM
+    # knows it, a port from the job id. (Run for real by the preemption test, on two nodes.)
+    assert 'first_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"' in script
+    assert 'export MASTER_ADDR="${MASTER_ADDR:-$first_node}"' in script
     assert "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))" in script
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
     # An offline stage renders as an array job whose batch shell requeues on the signal.
@@ -123,9 +125,11 @@ def test_preempted_training_checkpoints_requeues_and_resumes_exactly(slurm_env, 
     straight, preempted, capped = uninterrupted, tmp_path / "preempted", tmp_path / "capped"
     requeued = tmp_path / "requeued"
     jobs = {}
-    for name, run, extra in (("preempted", preempted, []), ("capped", capped, ["max_requeues=0"]),
-                             ("requeued", requeued, [])):
-        proc = launch(slurm_env, "train", *TRAIN, f"data.shards={small_shards}", f"run_dir={run}", *extra)
+    # The first run spans the cluster's two nodes (two slurmd on this host), one task on each:
+    # the same 2 ranks as the reference, rendezvous across nodes.
+    for name, run, extra, layout in (("preempted", preempted, [], ["--set", "nodes=2", "--set", "tasks_per_node=1"]),
+                                     ("capped", capped, ["max_requeues=0"], []), ("requeued", requeued, [], [])):
+        proc = launch(slurm_env, *layout, "train", *TRAIN, f"data.shards={small_shards}", f"run_dir={run}", *extra)
         jobs[name] = job_ids(proc)[0]
     # Signal the runs mid-training: USR1 to the job steps, as SLURM does before a time limit;
     # USR1 to the batch shell as well (--full, what some sites' preemption does: it used to
@@ -149,10 +153,11 @@ def test_preempted_training_checkpoints_requeues_and_resumes_exactly(slurm_env, 
     # the same training run uninterrupted (launched locally with torchrun) at every step.
     info = job_info(slurm_env, jobs["preempted"])
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
+    assert info["NumNodes"] == "2" and info["NodeList"] == "n[1-2]", info
     assert sorted(losses(straight)) == list(range(1, 17))
     assert losses(preempted) == losses(straight)
     log = logs(preempted / "slurm")
-    assert "restart 0 on" in log and "restart 1 on" in log  # the log file keeps both runs
+    assert "restart 0 on n[1-2] (rendezvous 127.0.0.1:" in log and "restart 1 on" in log  # both runs in one file
     step = int(re.search(r"preempted at step (\d+): checkpoint saved; requeueing", log).group(1))
     assert 4 <= step < 16 and f"resumed from step {step}:" in log
     # One wandb run id across the restart.
