@@ -14,12 +14,21 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${OUT:-gpu_check_out}
 mkdir -p "$OUT"
-if [ -d .gpu/wheels ] && ! "$PY" -c "import deepspeed, webdataset, pretrain" 2>/dev/null; then
-  "$PY" -m venv --system-site-packages /tmp/gpu-check-venv
-  PY=/tmp/gpu-check-venv/bin/python
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .gpu/wheels/*.whl
+if [ -d .gpu/wheels ] && { [ -n "${GPU_CHECK_VENV:-}" ] || ! "$PY" -c "import deepspeed, webdataset, pretrain" 2>/dev/null; }; then
+  # A virtual environment that sees the machine's own packages (its CUDA torch) through a .pth
+  # file: --system-site-packages would see the base interpreter's only, and images often keep
+  # torch in a virtual environment of their own.
+  venv=/tmp/gpu-check-venv
+  rm -rf "$venv"
+  "$PY" -m venv --without-pip "$venv" 2>/dev/null || "$PY" -m venv "$venv"
+  site=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  "$PY" -c "import site, sys; print('\n'.join(p for p in site.getsitepackages() + [site.getusersitepackages()] if p))" \
+    > "$site/gpu-check-parent.pth"
+  # The parent's pip, run by the new interpreter, installs into the new environment.
+  "$venv/bin/python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .gpu/wheels/*.whl
   # --no-build-isolation: setuptools from the machine, nothing fetched.
-  "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e .
+  "$venv/bin/python" -m pip install -q --no-index --no-deps --no-build-isolation -e .
+  PY=$venv/bin/python
 fi
 [ -d .gpu/corpora ] && export PRETRAIN_TEST_CORPORA=$PWD/.gpu/corpora
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled OUT

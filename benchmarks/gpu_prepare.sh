@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepare .gpu/ for benchmarks/gpu_check.sh on a GPU machine that has a CUDA torch (Python 3.12,
 # x86-64) but neither network access nor our other packages nor TTS engines; run it here, with
-# this repository set up (scripts/setup.sh), then carry .gpu/ (about 30 MB) there.
+# this repository set up (scripts/setup.sh), then carry .gpu/ (about 32 MB) there.
+# WHEEL_PYTHON=3.11 makes wheels for another Python (the default, 3.12, is the device image's).
 #   .gpu/wheels/   what the check needs beyond such an image. faiss-gpu is not among them:
 #                  PyPI's faiss-gpu-cu12 needs CUDA 12's cuBLAS (hundreds of MB) and is 1.14,
 #                  older than the 1.15 our k-means++ seeding needs; the check then times
@@ -17,7 +18,7 @@ platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --p
            --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any)
 for pkg in hjson pydantic pydantic-core annotated-types typing-inspection webdataset braceexpand omegaconf \
            soundfile cffi pycparser soxr praatio faiss-cpu; do
-  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" \
+  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "${WHEEL_PYTHON:-3.12}" --implementation cp "${platforms[@]}" \
     -d .gpu/wheels "$pkg"
 done
 # Published as source only; both are pure Python, so a wheel built here installs anywhere.
