@@ -44,7 +44,7 @@ def wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def test_two_nodes_survive_a_killed_node_and_resume_bitwise_then_on_one_node(uninterrupted, small_shards,
+def test_two_nodes_survive_a_killed_node_resume_bitwise_then_continue_on_one_node(uninterrupted, small_shards,
                                                                           tmp_path):
     run, log = tmp_path / "two_nodes", tmp_path / "nodes.log"
     port = free_port()
@@ -85,11 +85,17 @@ def test_two_nodes_survive_a_killed_node_and_resume_bitwise_then_on_one_node(uni
     assert len(offline) == 2 and all(p.name.endswith(run_id) for p in offline)
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
-    # The same checkpoint continued by one node of 2 processes: rank r holds the same state
-    # wherever it runs, so the losses are the reference's too.
-    proc = launch(one_node, small_shards, "deepspeed.grad_accum=2")
+    # The same checkpoint continued on one node by one process: ZeRO's partitioned optimizer
+    # state goes through DeepSpeed's universal format, the data through the loader's
+    # repartition (test_resume_with_another_process_count checks the loaded state in detail).
+    # Other batches, the same weights and optimizer state: the losses stay at the trained level.
+    proc = launch(one_node, small_shards, "deepspeed.grad_accum=2", nproc=1)
+    assert "converting it to DeepSpeed's universal format" in proc.stderr and "world_size 2 -> 1" in proc.stderr
     assert f"resumed from step {max(saved)}" in proc.stderr
-    assert {s: v for s, v in losses(one_node).items()} == {s: straight[s] for s in range(max(saved) + 1, 17)}
+    resumed = losses(one_node)
+    assert sorted(resumed) == list(range(max(saved) + 1, 17))
+    for step, loss in resumed.items():
+        assert abs(loss - straight[step]) < 0.1 * straight[step], (step, loss, straight[step])
 
 
 def test_several_nodes_need_an_address_and_a_port():
