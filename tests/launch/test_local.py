@@ -89,7 +89,10 @@ def test_two_nodes_survive_a_killed_node_resume_bitwise_then_continue_on_one_nod
     # state goes through DeepSpeed's universal format, the data through the loader's
     # repartition (test_resume_with_another_process_count checks the loaded state in detail).
     # Other batches, the same weights and optimizer state: the losses stay at the trained level.
-    proc = launch(one_node, small_shards, "deepspeed.grad_accum=2", nproc=1)
+    # It also switches compilation and activation checkpointing on, which a resume allows
+    # (they change how a step is computed, not the model), and runs them in the real trainer.
+    proc = launch(one_node, small_shards, "deepspeed.grad_accum=2", "model.compile=true",
+                  "model.checkpoint_activations=true", nproc=1)
     assert "converting it to DeepSpeed's universal format" in proc.stderr and "world_size 2 -> 1" in proc.stderr
     assert f"resumed from step {max(saved)}" in proc.stderr
     resumed = losses(one_node)
