@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import hashlib
 import json
+import re
 import logging
 import multiprocessing
 import os
@@ -26,7 +27,6 @@ import tarfile
 from pathlib import Path
 
 import soundfile as sf
-import webdataset as wds
 from tqdm import tqdm
 
 from pretrain import __version__
@@ -126,6 +126,8 @@ def build_shard(out: str, index: int, items: list[SourceItem], audio_format: str
     skipped, utterances, seconds = [], 0, 0.0
     phone_labels: dict[int, dict] = {rate: {} for rate in PHONE_LABEL_RATES}
     with open(tmp, "wb") as f:
+        import webdataset as wds  # here only: it imports torch, which readers of shards need not
+
         writer = wds.TarWriter(f, mtime=TAR_MTIME)
         for item in items:
             try:
@@ -339,9 +341,31 @@ def shard_index(shards: Path, progress: bool = True) -> dict[str, tuple[str, int
     return index
 
 
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
 def iter_shard(path: str | Path):
-    """Samples of one shard as WebDataset groups them: dicts of ``__key__`` and member bytes."""
-    yield from wds.tariterators.group_by_keys(_tar_members(str(path)))
+    """Samples of one shard as WebDataset groups them: dicts of ``__key__`` and member bytes.
+
+    WebDataset's rule, kept here so that reading shards does not import webdataset (and with
+    it torch, 1.5 s at every start of a stage that needs neither): consecutive members whose
+    names agree up to the first dot of the file name form a sample, keyed by that prefix; the
+    rest of the name, lower-cased, is the field; a repeated field is an error."""
+    sample: dict | None = None
+    for member in _tar_members(str(path)):
+        match = _KEY_EXT.match(member["fname"])
+        if match is None:
+            continue
+        prefix, field = match.group(1), match.group(2).lower()
+        if sample is None or prefix != sample["__key__"]:
+            if sample is not None and len(sample) > 2:
+                yield sample
+            sample = {"__key__": prefix, "__url__": member["__url__"]}
+        if field in sample:
+            raise ValueError(f"{member['fname']}: duplicate file name in tar file {path}")
+        sample[field] = member["data"]
+    if sample is not None and len(sample) > 2:
+        yield sample
 
 
 class _NotPlainTar(Exception):
