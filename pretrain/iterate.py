@@ -56,6 +56,7 @@ import shutil
 import subprocess
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -64,6 +65,7 @@ from omegaconf import OmegaConf
 
 from pretrain.config import quote_override
 from pretrain.config.iterate import IterateConfig
+from pretrain.config.model import Data2VecConfig
 from pretrain.resources import config_path
 from pretrain.utils import PretrainError, atomic_write_json, redact
 
@@ -77,7 +79,8 @@ ADDED_FIELDS = {"stretch": 1.0, "checkpoint.start_over": False,
                     ("long_policy", "split"), ("subset", "all"), ("valid_fraction", 0.0), ("split_by", "speaker"),
                     ("split_seed", 0))},
                 "features model:chunk_seconds": 30.0, "features model:chunk_context": 5.0,
-                "model.checkpoint_activations": False, "model.compile": False}
+                "model.checkpoint_activations": False, "model.compile": False, "model.objective": "hubert",
+                "model.data2vec": dataclasses.asdict(Data2VecConfig())}
 """Stage config fields added later (dotted for nested ones; ``COMMAND:field`` for one stage
 command's only), with the value runs made before them had."""
 RUN_DIR = "${run_dir}"
@@ -218,8 +221,24 @@ def _reference(cfg: IterateConfig, rate: int) -> str | None:
     return name if synthetic else None
 
 
+def _refuse_data2vec(cfg: IterateConfig) -> None:
+    """Every iteration here clusters and trains on the labels; data2vec learns from its EMA
+    teacher and uses none, so such a run is refused before anything is planned (its own
+    validation would otherwise stop it at the training stage, naming data.labels)."""
+    files = [OmegaConf.load(config_path(path)) for path in cfg.train_configs]
+    for i, it in enumerate(cfg.iterations):
+        merged = OmegaConf.merge(*files, OmegaConf.from_dotlist([*cfg.train_overrides, *it.train_overrides]))
+        if OmegaConf.select(merged, "model.objective", default="hubert") == "data2vec":
+            raise PretrainError(
+                f"iterations.{i}: its training has model.objective=data2vec (from train_configs/train_overrides), "
+                f"which learns from an EMA teacher without cluster labels, but each iteration of pretrain iterate "
+                f"clusters (iterations.{i}.k={it.k}) and trains on the labels; train data2vec with `pretrain "
+                "train` (or `launch slurm train`) and data.labels=[]")
+
+
 def plan(cfg: IterateConfig, create_identity: bool = True) -> list[PlannedStage]:
     """The stages of ``cfg``; ``create_identity=False`` (a dry run) writes nothing."""
+    _refuse_data2vec(cfg)
     run = Path(cfg.run_dir).resolve()
     shards = shards_dir(cfg).resolve()
     run_id = "" if _inside(shards, run) else run_identity(run, create_identity)

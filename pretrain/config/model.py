@@ -4,9 +4,47 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 from pretrain.config.core import ConfigError
+
+
+@dataclass
+class Data2VecConfig:
+    """data2vec (Baevski et al., 2022) as published for speech, fairseq's ``data2vec_audio``
+    defaults: an EMA teacher of the Transformer layers sees the unmasked input; the student
+    regresses, at masked frames, the average of the teacher's top layers."""
+
+    ema_decay: float = 0.999
+    """Teacher decay at the first update."""
+
+    ema_end_decay: float = 0.9999
+    """Teacher decay from ``ema_anneal_steps`` updates on."""
+
+    ema_anneal_steps: int = 30000
+    """Updates over which the decay rises linearly from ``ema_decay`` to ``ema_end_decay``."""
+
+    top_k_layers: int = 8
+    """Targets: the average of the teacher's top K layers' feed-forward outputs (before the
+    layer's last residual connection), each normalized per utterance and channel over its
+    unpadded frames (instance norm)."""
+
+    loss_beta: float = 0.0
+    """0: squared error; > 0: smooth L1 with this beta."""
+
+    loss_scale: Optional[float] = None
+    """Multiplies the per-frame loss (summed over channels); None: 1/sqrt(encoder_embed_dim)."""
+
+    min_target_var: float = 0.1
+    """Collapse guard: training stops, saying so, when the targets' standard deviation over
+    frames (mean over channels) falls below this ..."""
+
+    min_pred_var: float = 0.01
+    """... or the predictions' falls below this ..."""
+
+    collapse_check_after: int = 5000
+    """... from this many updates on (both start low while the teacher is near the student)."""
 
 
 @dataclass
@@ -124,6 +162,13 @@ class ModelConfig:
     """Weight of the L2 penalty on the waveform encoder's output (none with the Fbank front end:
     its output is fixed)."""
 
+    objective: str = "hubert"
+    """``hubert``: masked prediction of cluster labels (``data.labels``). ``data2vec``: masked
+    regression of an EMA teacher's representations (``data2vec``); no labels, no clustering."""
+
+    data2vec: Data2VecConfig = field(default_factory=Data2VecConfig)
+    """The data2vec objective's settings (used with ``objective: data2vec``)."""
+
     checkpoint_activations: bool = False
     """Recompute each encoder layer's activations in the backward pass instead of keeping
     them (``torch.utils.checkpoint``): less activation memory for about one more forward of
@@ -136,6 +181,19 @@ class ModelConfig:
     model, so it can be switched on or off across a resume."""
 
     def validate(self) -> None:
+        if self.objective not in ("hubert", "data2vec"):
+            raise ConfigError(f"must be 'hubert' or 'data2vec', got '{self.objective}'", field="objective")
+        d2v = self.data2vec
+        for name in ("ema_decay", "ema_end_decay"):
+            if not 0.0 <= getattr(d2v, name) < 1.0:
+                raise ConfigError(f"must be in [0, 1), got {getattr(d2v, name)}", field=f"data2vec.{name}")
+        if d2v.ema_anneal_steps < 0:
+            raise ConfigError(f"must be >= 0, got {d2v.ema_anneal_steps}", field="data2vec.ema_anneal_steps")
+        if self.objective == "data2vec" and not 1 <= d2v.top_k_layers <= self.encoder_layers:
+            raise ConfigError(f"must be in [1, encoder_layers={self.encoder_layers}], got {d2v.top_k_layers}",
+                              field="data2vec.top_k_layers")
+        if d2v.loss_beta < 0:
+            raise ConfigError(f"must be >= 0, got {d2v.loss_beta}", field="data2vec.loss_beta")
         if self.arch not in ("hubert", "wavlm"):
             raise ConfigError(f"must be 'hubert' or 'wavlm', got '{self.arch}'", field="arch")
         if self.num_buckets < 4 or self.num_buckets % 2:

@@ -188,7 +188,19 @@ class TrainConfig:
     """Stop after this many consecutive steps with a non-finite loss or gradient norm."""
 
     def validate(self) -> None:
-        if not self.data.labels:
+        if self.model.objective == "data2vec":
+            if self.data.labels:
+                raise ConfigError("data2vec learns from its EMA teacher, not from labels: set data.labels=[]",
+                                  field="data.labels")
+            if self.deepspeed.zero_stage == 3:
+                # ZeRO 3 partitions the student's weights over the ranks; the teacher's update
+                # would have to gather them every step.
+                raise ConfigError("data2vec's EMA teacher needs the whole student on every rank: use ZeRO 0, 1 "
+                                  "or 2", field="deepspeed.zero_stage")
+            if self.valid_shards:
+                raise ConfigError("validation losses are HuBERT's; for data2vec leave valid_shards unset and "
+                                  "use the probes (probe.every)", field="valid_shards")
+        elif not self.data.labels:
             raise ConfigError("training needs at least one label set", field="data.labels")
         if self.max_bad_steps < 1:
             raise ConfigError(f"must be >= 1, got {self.max_bad_steps}", field="max_bad_steps")

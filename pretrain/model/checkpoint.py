@@ -23,9 +23,11 @@ VERSION = 1
 MODEL_FILE = "model.pt"
 
 
-def save_model(path: str | Path, model: HubertPretrain, state_dict: dict | None = None) -> None:
+def save_model(path: str | Path, model: HubertPretrain, state_dict: dict | None = None,
+               teacher: dict | None = None) -> None:
     """Write ``model`` as a model file, its weights in float32 whatever precision it trains in;
-    ``state_dict`` replaces the module's own (the gathered weights of a ZeRO 3 run).
+    ``state_dict`` replaces the module's own (the gathered weights of a ZeRO 3 run); ``teacher``
+    is a data2vec run's EMA teacher (its state dict), kept beside the model for resuming.
 
     Builds no module (a fresh one would draw its initialization from the global RNG and shift
     the trainer's dropout stream)."""
@@ -38,6 +40,8 @@ def save_model(path: str | Path, model: HubertPretrain, state_dict: dict | None 
         "state_dict": {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
                        for k, v in state_dict.items()},
     }
+    if teacher is not None:
+        payload["teacher"] = {k: v.detach().cpu() for k, v in teacher.items()}
     buf = io.BytesIO()
     torch.save(payload, buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -66,6 +70,20 @@ def load_model(path: str | Path, map_location: str = "cpu") -> HubertPretrain:
     # Through OmegaConf so that a file from an older version with a missing field gets the
     # default and a removed one is an error naming it.
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), payload["model_config"]))
-    model = HubertPretrain(cfg, [LabelSpec(**spec) for spec in payload["labels"]])
+    if cfg.objective == "data2vec":
+        from pretrain.model.data2vec import Data2VecPretrain
+
+        model = Data2VecPretrain(cfg)
+    else:
+        model = HubertPretrain(cfg, [LabelSpec(**spec) for spec in payload["labels"]])
     model.load_state_dict(payload["state_dict"], strict=True)
     return model
+
+
+def load_teacher_state(path: str | Path) -> dict:
+    """The EMA teacher saved with a data2vec model file."""
+    path = resolve_model_file(path)
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if "teacher" not in payload:
+        raise PretrainError(f"{path} holds no data2vec teacher (a HuBERT model, or written by another tool)")
+    return payload["teacher"]

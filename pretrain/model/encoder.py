@@ -188,12 +188,20 @@ class EncoderLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None,
-                position_bias: torch.Tensor | None = None) -> torch.Tensor:
+                position_bias: torch.Tensor | None = None, ffn_out: list | None = None) -> torch.Tensor:
+        """``ffn_out``, a list, receives the feed-forward output before the layer's last
+        residual connection (data2vec's target)."""
         if self.pre_ln:
             x = x + self.dropout(self.attention(self.layer_norm(x), attn_mask, position_bias))
-            return x + self.feed_forward(self.final_layer_norm(x))
+            ffn = self.feed_forward(self.final_layer_norm(x))
+            if ffn_out is not None:
+                ffn_out.append(ffn)
+            return x + ffn
         x = self.layer_norm(x + self.dropout(self.attention(x, attn_mask, position_bias)))
-        return self.final_layer_norm(x + self.feed_forward(x))
+        ffn = self.feed_forward(x)
+        if ffn_out is not None:
+            ffn_out.append(ffn)
+        return self.final_layer_norm(x + ffn)
 
 
 class Encoder(nn.Module):
@@ -208,6 +216,18 @@ class Encoder(nn.Module):
         self.relative_bias = cfg.arch == "wavlm"
         self.checkpoint_activations = cfg.checkpoint_activations
 
+    def embed(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layers' input before dropout (padded frames zeroed, positional convolution, the
+        post-LN stack's norm) and the attention mask."""
+        attn_mask = None
+        if padding_mask is not None:
+            x = x.masked_fill(padding_mask[..., None], 0.0)
+            attn_mask = ~padding_mask[:, None, None, :]
+        x = x + self.pos_conv_embed(x)
+        if not self.pre_ln:
+            x = self.layer_norm(x)
+        return x, attn_mask
+
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None,
                 output_layer: int | None = None, collect: list | None = None) -> torch.Tensor:
         """Hidden states after layer ``output_layer`` (1-based), or the encoder's output.
@@ -216,13 +236,7 @@ class Encoder(nn.Module):
         never attended to. ``collect``, a list, receives every layer's output in turn (raw, as
         ``output_layer`` gives them), so all layers cost one forward.
         """
-        attn_mask = None
-        if padding_mask is not None:
-            x = x.masked_fill(padding_mask[..., None], 0.0)
-            attn_mask = ~padding_mask[:, None, None, :]
-        x = x + self.pos_conv_embed(x)
-        if not self.pre_ln:
-            x = self.layer_norm(x)
+        x, attn_mask = self.embed(x, padding_mask)
         x = self.dropout(x)
         # WavLM: the first layer's bucket embedding, computed once here (not inside layer 0, so
         # that LayerDrop may skip any layer) and handed ungated to every layer.

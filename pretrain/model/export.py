@@ -136,7 +136,8 @@ def model_card(checkpoint: str | Path, model, hf) -> str:
     params = sum(p.numel() for p in hf.parameters())
     lines = ["---", "library_name: transformers", "tags: [speech, self-supervised, hubert]" if cfg.arch != "wavlm"
              else "tags: [speech, self-supervised, wavlm]", "---", "",
-             f"# {'WavLM' if cfg.arch == 'wavlm' else 'HuBERT'} pretrained with pretrain", "",
+             f"# {'WavLM' if cfg.arch == 'wavlm' else 'HuBERT'}"
+             f"{' (data2vec objective)' if cfg.objective == 'data2vec' else ''} pretrained with pretrain", "",
              f"Exported from `{checkpoint}` by `pretrain export hf`. Load it with "
              f"`transformers.{type(hf).__name__}.from_pretrained(...)`.", "", "## Architecture", "",
              f"- {cfg.encoder_layers} Transformer layers, dimension {cfg.encoder_embed_dim}, "
@@ -150,8 +151,14 @@ def model_card(checkpoint: str | Path, model, hf) -> str:
         lines.append(f"- {facts['step']} optimizer steps")
     if "hours" in facts:
         lines.append(f"- on {facts['hours']:.2f} h of audio ({facts['utterances']} utterances)")
-    labels = ", ".join(f"`{s.name}` ({s.num_classes} classes, {s.rate} Hz)" for s in model.labels)
-    lines.append(f"- masked prediction of the label sets {labels}")
+    if cfg.objective == "data2vec":
+        d = cfg.data2vec
+        lines.append(f"- data2vec: masked regression of an EMA teacher's top {d.top_k_layers} layers (decay "
+                     f"{d.ema_decay} to {d.ema_end_decay} over {d.ema_anneal_steps} updates); the architecture is "
+                     "HuBERT's, so it loads as a HubertModel")
+    else:
+        labels = ", ".join(f"`{s.name}` ({s.num_classes} classes, {s.rate} Hz)" for s in model.labels)
+        lines.append(f"- masked prediction of the label sets {labels}")
     if facts.get("probe"):
         lines += ["", "## Probes (held-out speech)", "", f"From `{facts['probe_file']}`:", "",
                   "| metric | best layer | value |", "|---|---|---|"]

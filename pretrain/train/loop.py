@@ -31,8 +31,9 @@ from pretrain.distributed import read_env, requeue_slurm_job, slurm_job_id, slur
 from pretrain.distributed import engine as dist_engine
 from pretrain.frames import conv_num_frames
 from pretrain.lifecycle import RunLock, Stop
-from pretrain.model.checkpoint import load_model, resolve_model_file, save_model
+from pretrain.model.checkpoint import load_model, load_teacher_state, resolve_model_file, save_model
 from pretrain.train.probes import ProbeScheduler
+from pretrain.model.data2vec import ema_decay
 from pretrain.model.hubert import HubertPretrain, LabelSpec
 from pretrain.train.checkpoint import CheckpointManager, rng_state, set_rng_state
 from pretrain.train.metrics import MetricsLogger
@@ -46,8 +47,18 @@ RUNTIME_FIELDS = ("checkpoint_activations", "compile")
 """Model fields that change how a step is computed, not the model: free to differ on resume."""
 
 
+def _comparable(model: dict) -> dict:
+    """The model fields a checkpoint must agree on: no runtime fields, and for HuBERT none of
+    data2vec's (as checkpoints from before data2vec recorded them; they shape no HuBERT)."""
+    fields = {k: v for k, v in model.items() if k not in RUNTIME_FIELDS}
+    if fields.get("objective", "hubert") == "hubert":
+        fields.pop("objective", None)
+        fields.pop("data2vec", None)
+    return fields
+
+
 def _model_fields(cfg: TrainConfig) -> dict:
-    return {k: v for k, v in asdict(cfg.model).items() if k not in RUNTIME_FIELDS}
+    return _comparable(asdict(cfg.model))
 
 
 def config_hash(cfg: TrainConfig) -> str:
@@ -68,12 +79,12 @@ def check_resumable(manifest: dict, cfg: TrainConfig, specs: list[LabelSpec], st
             raise PretrainError(f"checkpoint step_{step} was trained with another model config; "
                                 "start a new run_dir")
         return
-    saved, mine = manifest, _shape_record(cfg, specs)
-    changes = [f"model.{k}: {saved['model'].get(k)!r} -> {mine['model'].get(k)!r}"
-               for k in sorted(set(saved["model"]) | set(mine["model"]))
-               if saved["model"].get(k) != mine["model"].get(k) and k not in RUNTIME_FIELDS]
-    if saved["labels"] != mine["labels"]:
-        changes.append(f"data.labels (name, classes, rate): {saved['labels']} -> {mine['labels']}")
+    saved, mine = _comparable(manifest["model"]), _shape_record(cfg, specs)["model"]
+    changes = [f"model.{k}: {saved.get(k)!r} -> {mine.get(k)!r}"
+               for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)]
+    labels = [[s.name, s.num_classes, s.rate] for s in specs]
+    if manifest["labels"] != labels:
+        changes.append(f"data.labels (name, classes, rate): {manifest['labels']} -> {labels}")
     if changes:
         raise PretrainError(f"cannot resume from checkpoint step_{step}: these fields shape the model and "
                             f"differ from the checkpoint: {'; '.join(changes)}. Start a new run_dir to "
@@ -154,14 +165,30 @@ def _train(cfg: TrainConfig, argv: list[str] | None, fault: dict, dist, run_dir:
         check_resumable(checkpoints.manifest(resume), cfg, specs, resume)
         universal = checkpoints.prepare_load(resume, cfg.deepspeed.zero_stage)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = HubertPretrain(cfg.model, specs)
+    teacher = None
+    if cfg.model.objective == "data2vec":
+        from pretrain.model.data2vec import Data2VecPretrain
+
+        model = Data2VecPretrain(cfg.model)
+    else:
+        model = HubertPretrain(cfg.model, specs)
     if cfg.model.compile:
         compile_layers(model)
     if resume is None and cfg.init_from is not None:
         source = init_backbone(model, cfg.init_from)
         if dist.is_main:
             log.info("new run: backbone from %s; label embeddings and final_proj initialized fresh", source)
+    if cfg.model.objective == "data2vec":
+        from pretrain.model.data2vec import EmaTeacher
+
+        # The student as it starts (its weights are the same on every rank, and so is every
+        # update after), or the teacher saved with the checkpoint.
+        teacher = EmaTeacher(model)
+        if resume is not None:
+            teacher.load_state_dict(load_teacher_state(checkpoints.root / f"step_{resume}"), strict=True)
     engine = dist_engine.build_engine(model, cfg, load_universal=universal)
+    if teacher is not None:
+        teacher.to(engine.device)
 
     step = 0
     if resume is not None:
@@ -206,7 +233,7 @@ def _train(cfg: TrainConfig, argv: list[str] | None, fault: dict, dist, run_dir:
         step_fault = {"kill": fault.get("kill_at") == step and here,
                       "nan_grad": fault.get("nan_grad_at") == step and here}
         outs, skipped, global_masked = forward_backward(engine, micro, masks, dist.world_size, dtype,
-                                                        nan_here, step_fault)
+                                                        nan_here, step_fault, teacher=teacher)
         if skipped:
             # The update is taken at learning rate 0: AdamW (decoupled decay included) then
             # leaves every parameter exactly as it was, on every rank.
@@ -214,6 +241,10 @@ def _train(cfg: TrainConfig, argv: list[str] | None, fault: dict, dist, run_dir:
                 group["lr"] = 0.0
         applied = dist_engine.optimizer_step(engine)
         step += 1
+        if teacher is not None:
+            # Every step, applied or skipped (a skipped one left the student as it was): the
+            # decay schedule follows the step count, so a resumed run continues it exactly.
+            teacher.update(model, ema_decay(cfg.model, step))
         if skipped or not applied:
             bad_steps += 1
             skipped_total += 1
@@ -237,6 +268,10 @@ def _train(cfg: TrainConfig, argv: list[str] | None, fault: dict, dist, run_dir:
                 key = f"{kind}/{spec.name}"
                 counts = sum(o[f"{kind}_hist/{spec.name}"].numpy() for o in outs)
                 hists[key] = hists.get(key, 0) + counts
+        if teacher is not None:
+            for kind in ("target", "pred"):
+                key = f"{MOMENTS}{kind}"
+                hists[key] = hists.get(key, 0) + sum(o[f"{kind}_moments"].numpy().ravel() for o in outs)
         if step % cfg.log.every == 0 or step == cfg.optim.max_steps:
             keys = sorted(sums)
             totals = dict(zip(keys, dist_engine.all_reduce_sum([sums[k] for k in keys])))
@@ -246,7 +281,9 @@ def _train(cfg: TrainConfig, argv: list[str] | None, fault: dict, dist, run_dir:
             global_hists = {k: np.asarray(flat[a:b]) for k, a, b in zip(hist_keys, sizes[:-1], sizes[1:])}
             elapsed = time.perf_counter() - window_start
             last = _metrics(totals, specs, lr, engine, elapsed, data_wait, dist.world_size)
-            last.update(usage_perplexity(global_hists))
+            if teacher is not None:
+                last.update(_data2vec_metrics(cfg, step, global_hists, totals["num_masked"]))
+            last.update(usage_perplexity({k: v for k, v in global_hists.items() if not k.startswith(MOMENTS)}))
             last["skipped_steps"] = skipped_total
             logger.log(step, last)
             if dist.is_main:
@@ -264,7 +301,8 @@ def _train(cfg: TrainConfig, argv: list[str] | None, fault: dict, dist, run_dir:
             rank_state = {"step": step, "data": loader.state_dict(), "rng": rng_state()}
             weights = dist_engine.full_state_dict(engine)  # every rank: a collective under ZeRO 3
             checkpoints.save(engine, step, rank_state, config_hash(cfg),
-                             model_file=lambda path: save_model(path, model, weights),
+                             model_file=lambda path: save_model(
+                                 path, model, weights, teacher=None if teacher is None else teacher.state_dict()),
                              meta=_shape_record(cfg, specs))
             if dist.is_main and probes.due(step):
                 probes.start(step, run_dir / "checkpoints" / f"step_{step}")
@@ -327,8 +365,8 @@ def handle_preemption(step: int, cfg: TrainConfig, dist, term: bool = False) -> 
 
 
 def forward_backward(engine, micro: list[dict], masks: list[torch.Tensor], world_size: int,
-                     dtype: torch.dtype, inject_nan: bool = False, fault: dict | None = None
-                     ) -> tuple[list[dict], bool, float]:
+                     dtype: torch.dtype, inject_nan: bool = False, fault: dict | None = None,
+                     teacher=None) -> tuple[list[dict], bool, float]:
     """Forward and backward of this rank's micro-batches of one optimizer step.
 
     Returns the model outputs, whether some rank's loss was non-finite (then every rank ran a
@@ -353,7 +391,9 @@ def forward_backward(engine, micro: list[dict], masks: list[torch.Tensor], world
     for batch, mask in zip(micro, masks):
         audio = batch["audio"].to(engine.device, dtype)
         targets = {k: v.to(engine.device) for k, v in batch["labels"].items()}
-        out = engine(audio, batch["lengths"].to(engine.device), targets, mask=mask, feature_pen_scale=pen_scale)
+        extra = {} if teacher is None else {"teacher": teacher}  # data2vec's targets
+        out = engine(audio, batch["lengths"].to(engine.device), targets, mask=mask, feature_pen_scale=pen_scale,
+                     **extra)
         if fault.get("kill"):
             log.warning("test fault: killing this rank mid-step")
             os.kill(os.getpid(), signal.SIGKILL)
@@ -375,6 +415,31 @@ def forward_backward(engine, micro: list[dict], masks: list[torch.Tensor], world
     if hook is not None:
         hook.remove()
     return outs, skipped, global_masked
+
+
+MOMENTS = "moments/"
+"""Prefix of the data2vec per-channel sums among the summed histograms."""
+
+
+def _data2vec_metrics(cfg: TrainConfig, step: int, hists: dict, masked: float) -> dict:
+    """The spread of targets and predictions over the window's masked frames (all ranks), and
+    the collapse guard: stopping with the reason beats training a dead representation."""
+    from pretrain.model.data2vec import ema_decay, spread
+
+    d = cfg.model.data2vec
+    dim = cfg.model.encoder_embed_dim
+    target = spread(torch.from_numpy(hists[f"{MOMENTS}target"].reshape(2, dim)), masked)
+    pred = spread(torch.from_numpy(hists[f"{MOMENTS}pred"].reshape(2, dim)), masked)
+    if step >= d.collapse_check_after:
+        for name, value, floor in (("target", target, d.min_target_var), ("prediction", pred, d.min_pred_var)):
+            if value < floor:
+                raise PretrainError(
+                    f"step {step}: the data2vec {name} spread fell to {value:.4g}, below "
+                    f"model.data2vec.min_{'target' if name == 'target' else 'pred'}_var={floor}: the "
+                    "representation is collapsing (the loss can keep falling while it does). Resume from an "
+                    "earlier checkpoint with a lower learning rate or a slower teacher (ema_decay), or lower "
+                    "the floor if this spread is expected.")
+    return {"target_var": target, "pred_var": pred, "ema_decay": ema_decay(cfg.model, step)}
 
 
 def usage_perplexity(hists: dict[str, np.ndarray]) -> dict[str, float]:

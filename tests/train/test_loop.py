@@ -71,3 +71,27 @@ def test_init_from_copies_the_backbone_and_starts_the_label_heads_fresh(tmp_path
         init_backbone(wider, str(tmp_path / "model.pt"))
     with pytest.raises(PretrainError, match="no model file"):
         init_backbone(new, str(tmp_path / "missing"))
+
+
+def test_data2vec_collapse_stops_training_with_the_reason():
+    import numpy as np
+
+    from pretrain.train.loop import MOMENTS, _data2vec_metrics
+
+    c = cfg("model.objective=data2vec", "data.labels=[]", "model.data2vec.top_k_layers=2",
+            "model.data2vec.collapse_check_after=100")
+    dim, n = c.model.encoder_embed_dim, 1000
+    rng = np.random.default_rng(0)
+
+    def moments(scale):
+        x = rng.normal(size=(n, dim)) * scale
+        return np.stack([x.sum(0), (x ** 2).sum(0)]).ravel()
+
+    alive = {f"{MOMENTS}target": moments(1.0), f"{MOMENTS}pred": moments(1.0)}
+    dead = {f"{MOMENTS}target": moments(0.01), f"{MOMENTS}pred": moments(1.0)}
+    metrics = _data2vec_metrics(c, 50, dead, n)  # before collapse_check_after: logged, not judged
+    assert metrics["target_var"] == pytest.approx(0.01, rel=0.1) and metrics["pred_var"] == pytest.approx(1, rel=0.1)
+    _data2vec_metrics(c, 100, alive, n)
+    with pytest.raises(PretrainError, match=r"step 100: the data2vec target spread fell to 0\.01.*min_target_var=0\.1"
+                                            r".*collapsing"):
+        _data2vec_metrics(c, 100, dead, n)
