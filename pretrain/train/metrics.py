@@ -100,7 +100,8 @@ class MetricsLogger:
         self._wandb(lambda run: run.log(named, step=step))
         shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                          for k, v in named.items() if k in (f"{prefix}loss", f"{prefix}lr", f"{prefix}acc_masked",
-                                                             f"{prefix}grad_norm", f"{prefix}audio_s_per_s"))
+                                                             f"{prefix}grad_norm", f"{prefix}audio_s_per_s",
+                                                             f"{prefix}target_var", f"{prefix}pred_var"))
         print(f"step {step} {shown}", file=sys.stderr, flush=True)
 
     def log_probe(self, probe_step: int, metrics: dict[str, float]) -> None:
