@@ -172,8 +172,6 @@ def _train(cfg: TrainConfig, argv: list[str] | None, fault: dict, dist, run_dir:
         model = Data2VecPretrain(cfg.model)
     else:
         model = HubertPretrain(cfg.model, specs)
-    if cfg.model.compile:
-        compile_layers(model)
     if resume is None and cfg.init_from is not None:
         source = init_backbone(model, cfg.init_from)
         if dist.is_main:
@@ -186,6 +184,8 @@ def _train(cfg: TrainConfig, argv: list[str] | None, fault: dict, dist, run_dir:
         teacher = EmaTeacher(model)
         if resume is not None:
             teacher.load_state_dict(load_teacher_state(checkpoints.root / f"step_{resume}"), strict=True)
+    if cfg.model.compile:  # after the teacher's copy, which is never compiled
+        compile_layers(model)
     engine = dist_engine.build_engine(model, cfg, load_universal=universal)
     if teacher is not None:
         teacher.to(engine.device)

@@ -129,3 +129,4 @@ def test_train_configs_refuse_what_data2vec_cannot_do():
                          (["data.labels=[]", "model.data2vec.top_k_layers=13"], "top_k_layers")):
         with pytest.raises(ConfigError, match=field):
             load_config(TrainConfig, [], [*base, *extra])
+
