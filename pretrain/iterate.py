@@ -47,6 +47,7 @@ chained with ``afterok``; both go through ``run_stage``. ``report.md`` is rewrit
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -56,7 +57,6 @@ import shutil
 import subprocess
 import sys
 import time
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable

@@ -18,10 +18,10 @@ from __future__ import annotations
 import concurrent.futures as cf
 import hashlib
 import json
-import re
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import tarfile
 from pathlib import Path

@@ -23,6 +23,15 @@ VERSION = 1
 MODEL_FILE = "model.pt"
 
 
+def build_model(cfg: ModelConfig, labels: list[LabelSpec]):
+    """The pretraining model ``cfg.objective`` names: HuBERT on ``labels``, or data2vec."""
+    if cfg.objective == "data2vec":
+        from pretrain.model.data2vec import Data2VecPretrain
+
+        return Data2VecPretrain(cfg)
+    return HubertPretrain(cfg, labels)
+
+
 def save_model(path: str | Path, model: HubertPretrain, state_dict: dict | None = None,
                teacher: dict | None = None) -> None:
     """Write ``model`` as a model file, its weights in float32 whatever precision it trains in;
@@ -70,12 +79,7 @@ def load_model(path: str | Path, map_location: str = "cpu") -> HubertPretrain:
     # Through OmegaConf so that a file from an older version with a missing field gets the
     # default and a removed one is an error naming it.
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), payload["model_config"]))
-    if cfg.objective == "data2vec":
-        from pretrain.model.data2vec import Data2VecPretrain
-
-        model = Data2VecPretrain(cfg)
-    else:
-        model = HubertPretrain(cfg, [LabelSpec(**spec) for spec in payload["labels"]])
+    model = build_model(cfg, [LabelSpec(**spec) for spec in payload["labels"]])
     model.load_state_dict(payload["state_dict"], strict=True)
     return model
 

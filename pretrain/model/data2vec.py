@@ -31,8 +31,7 @@ from torch import nn
 
 from pretrain.config.model import ModelConfig
 from pretrain.frames import conv_num_frames
-from pretrain.model.hubert import HubertBackbone, frame_padding_mask
-from pretrain.model.masking import compute_span_mask
+from pretrain.model.hubert import HubertBackbone, frame_padding_mask, init_bert_params, span_mask
 
 
 def ema_decay(cfg: ModelConfig, updates: int) -> float:
@@ -101,14 +100,7 @@ class Data2VecPretrain(nn.Module):
         self.backbone = HubertBackbone(cfg)
         self.dropout_input = nn.Dropout(cfg.dropout_input)
         self.final_proj = nn.Linear(cfg.encoder_embed_dim, cfg.encoder_embed_dim)
-        for name, module in self.named_modules():  # BERT-style, as HubertPretrain
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            elif isinstance(module, nn.Conv1d) and "feature_extractor" in name:
-                nn.init.kaiming_normal_(module.weight)
+        init_bert_params(self)
 
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor, targets: dict | None = None,
                 mask: torch.Tensor | None = None, rng: np.random.Generator | None = None,
@@ -126,9 +118,8 @@ class Data2VecPretrain(nn.Module):
         if mask is None:
             if rng is None:
                 raise ValueError("pass mask= or rng= (a numpy Generator) to draw the span mask")
-            mask = compute_span_mask((~padding).sum(1).tolist(), x.shape[1], self.cfg.mask_prob,
-                                     self.cfg.mask_length, rng, self.cfg.mask_min_spans)
-        mask = mask[:, : x.shape[1]].to(x.device) & ~padding
+            mask = self.draw_mask(lengths, audio.shape[1], None, rng)
+        mask = mask.to(x.device) & ~padding
         x = torch.where(mask[..., None], backbone.masked_spec_embed.to(x.dtype), x)
         x = backbone.encoder(x, padding)
         pred = self.final_proj(x[mask]).float()
@@ -147,16 +138,10 @@ class Data2VecPretrain(nn.Module):
                 "target_moments": torch.stack([target.sum(0), (target ** 2).sum(0)]).detach().double().cpu(),
                 "pred_moments": torch.stack([pred.sum(0), (pred ** 2).sum(0)]).detach().double().cpu()}
 
-    def num_frames(self, num_samples: int, targets: dict | None = None) -> int:
-        return conv_num_frames(num_samples)
-
     def draw_mask(self, lengths: torch.Tensor, num_samples: int, targets: dict | None,
                   rng: np.random.Generator) -> torch.Tensor:
         """The span mask ``forward`` would draw, drawn ahead (the trainer's loss normalizer)."""
-        frames = self.num_frames(num_samples)
-        padding = frame_padding_mask(lengths, frames)
-        return compute_span_mask((~padding).sum(1).tolist(), frames, self.cfg.mask_prob, self.cfg.mask_length,
-                                 rng, self.cfg.mask_min_spans) & ~padding
+        return span_mask(self.cfg, lengths, conv_num_frames(num_samples), rng)
 
 
 def spread(moments: torch.Tensor, count: float) -> float:

@@ -44,6 +44,26 @@ def frame_padding_mask(lengths: torch.Tensor, num_frames: int) -> torch.Tensor:
     return torch.arange(num_frames, device=lengths.device)[None, :] >= valid[:, None]
 
 
+def init_bert_params(model: nn.Module) -> None:
+    """BERT-style initialization, as fairseq's init_bert_params does for the Transformer (and
+    He initialization of the waveform encoder's convolutions)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):  # WavLM's relative-position buckets
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, nn.Conv1d) and "feature_extractor" in name:
+            nn.init.kaiming_normal_(module.weight)
+
+
+def span_mask(cfg: ModelConfig, lengths: torch.Tensor, frames: int, rng: np.random.Generator) -> torch.Tensor:
+    """(B, frames) span mask over each utterance's unpadded 50 Hz frames (``cfg.mask_*``)."""
+    padding = frame_padding_mask(lengths, frames)
+    return compute_span_mask((~padding).sum(1).tolist(), frames, cfg.mask_prob, cfg.mask_length, rng,
+                             cfg.mask_min_spans) & ~padding
+
+
 @dataclass
 class LabelSpec:
     """A label set the model predicts: its name, number of classes and label rate (Hz)."""
@@ -144,18 +164,7 @@ class HubertPretrain(nn.Module):
         self.final_proj = nn.Linear(cfg.encoder_embed_dim, proj_dim)
         self.label_embs = nn.ParameterList(
             nn.Parameter(torch.empty(spec.num_classes, cfg.final_dim).uniform_()) for spec in labels)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        # BERT-style initialization, as fairseq's init_bert_params does for the Transformer.
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):  # WavLM's relative-position buckets
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            elif isinstance(module, nn.Conv1d) and "feature_extractor" in name:
-                nn.init.kaiming_normal_(module.weight)
+        init_bert_params(self)
 
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor, targets: dict[str, torch.Tensor],
                 mask: torch.Tensor | None = None, rng: np.random.Generator | None = None,
@@ -248,11 +257,7 @@ class HubertPretrain(nn.Module):
                   rng: np.random.Generator) -> torch.Tensor:
         """The span mask ``forward`` would draw, drawn ahead so that the trainer can count the
         masked frames of every rank before the forward pass (the loss normalizer)."""
-        frames = self.num_frames(num_samples, targets)
-        padding = frame_padding_mask(lengths, frames)
-        valid = (~padding).sum(1).tolist()
-        return compute_span_mask(valid, frames, self.cfg.mask_prob, self.cfg.mask_length, rng,
-                                 self.cfg.mask_min_spans) & ~padding
+        return span_mask(self.cfg, lengths, self.num_frames(num_samples, targets), rng)
 
     def _logits(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """Cosine similarity to every class embedding, over the temperature."""

@@ -31,10 +31,10 @@ from pretrain.distributed import read_env, requeue_slurm_job, slurm_job_id, slur
 from pretrain.distributed import engine as dist_engine
 from pretrain.frames import conv_num_frames
 from pretrain.lifecycle import RunLock, Stop
-from pretrain.model.checkpoint import load_model, load_teacher_state, resolve_model_file, save_model
-from pretrain.train.probes import ProbeScheduler
-from pretrain.model.data2vec import ema_decay
+from pretrain.model.checkpoint import build_model, load_model, load_teacher_state, resolve_model_file, save_model
+from pretrain.model.data2vec import EmaTeacher, ema_decay, spread
 from pretrain.model.hubert import HubertPretrain, LabelSpec
+from pretrain.train.probes import ProbeScheduler
 from pretrain.train.checkpoint import CheckpointManager, rng_state, set_rng_state
 from pretrain.train.metrics import MetricsLogger
 from pretrain.train.schedule import learning_rate
@@ -165,20 +165,13 @@ def _train(cfg: TrainConfig, argv: list[str] | None, fault: dict, dist, run_dir:
         check_resumable(checkpoints.manifest(resume), cfg, specs, resume)
         universal = checkpoints.prepare_load(resume, cfg.deepspeed.zero_stage)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    teacher = None
-    if cfg.model.objective == "data2vec":
-        from pretrain.model.data2vec import Data2VecPretrain
-
-        model = Data2VecPretrain(cfg.model)
-    else:
-        model = HubertPretrain(cfg.model, specs)
+    model = build_model(cfg.model, specs)
     if resume is None and cfg.init_from is not None:
         source = init_backbone(model, cfg.init_from)
         if dist.is_main:
             log.info("new run: backbone from %s; label embeddings and final_proj initialized fresh", source)
+    teacher = None
     if cfg.model.objective == "data2vec":
-        from pretrain.model.data2vec import EmaTeacher
-
         # The student as it starts (its weights are the same on every rank, and so is every
         # update after), or the teacher saved with the checkpoint.
         teacher = EmaTeacher(model)
@@ -424,8 +417,6 @@ MOMENTS = "moments/"
 def _data2vec_metrics(cfg: TrainConfig, step: int, hists: dict, masked: float) -> dict:
     """The spread of targets and predictions over the window's masked frames (all ranks), and
     the collapse guard: stopping with the reason beats training a dead representation."""
-    from pretrain.model.data2vec import ema_decay, spread
-
     d = cfg.model.data2vec
     dim = cfg.model.encoder_embed_dim
     target = spread(torch.from_numpy(hists[f"{MOMENTS}target"].reshape(2, dim)), masked)
