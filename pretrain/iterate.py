@@ -80,6 +80,7 @@ ADDED_FIELDS = {"stretch": 1.0, "checkpoint.start_over": False,
                     ("split_seed", 0))},
                 "features model:chunk_seconds": 30.0, "features model:chunk_context": 5.0,
                 "model.checkpoint_activations": False, "model.compile": False, "model.objective": "hubert",
+                "model.conv_pos_depth": 1,
                 "model.data2vec": dataclasses.asdict(Data2VecConfig())}
 """Stage config fields added later (dotted for nested ones; ``COMMAND:field`` for one stage
 command's only), with the value runs made before them had."""

@@ -107,6 +107,13 @@ class ModelConfig:
     conv_pos_groups: int = 16
     """Groups of the convolutional relative positional embedding."""
 
+    conv_pos_depth: int = 1
+    """Convolutions of the positional embedding. 1: HuBERT's one convolution of kernel
+    ``conv_pos``, weight-normalized. More: data2vec's stack of this many plain convolutions of
+    kernel ``conv_pos`` each, each followed by a LayerNorm without parameters and a GELU (data2vec
+    audio: 5 of kernel 19); with ``extractor_mode: layer_norm`` and a post-LN Transformer it
+    exports as ``transformers.Data2VecAudioModel``."""
+
     dropout: float = 0.1
     """Dropout in the Transformer (residual branches)."""
 
@@ -213,7 +220,8 @@ class ModelConfig:
             raise ConfigError(f"must be 'group_norm' or 'layer_norm', got '{self.extractor_mode}'",
                               field="extractor_mode")
         for name in ("encoder_layers", "encoder_embed_dim", "encoder_ffn_embed_dim",
-                     "encoder_attention_heads", "conv_pos", "conv_pos_groups", "mask_length", "final_dim"):
+                     "encoder_attention_heads", "conv_pos", "conv_pos_groups", "conv_pos_depth", "mask_length",
+                     "final_dim"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"must be >= 1, got {getattr(self, name)}", field=name)
         if self.encoder_embed_dim % self.encoder_attention_heads:

@@ -1,7 +1,7 @@
 """HuBERT's backbone: convolutional waveform encoder, feature projection, convolutional
-relative positional embedding and Transformer (post-LN as in BASE, pre-LN as in LARGE), and
-WavLM's variant of it: the same network with a gated relative position bias in every attention
-layer (``arch: wavlm``).
+relative positional embedding (or data2vec's stack of them) and Transformer (post-LN as in
+BASE, pre-LN as in LARGE), and WavLM's variant of it: the same network with a gated relative
+position bias in every attention layer (``arch: wavlm``).
 
 Parameter names follow ``transformers.HubertModel`` (``feature_extractor.conv_layers.0.conv``,
 ``encoder.layers.3.attention.q_proj``, ...), so exporting is a copy of the backbone's state
@@ -86,6 +86,36 @@ class PositionalConv(nn.Module):
         if self.trim:
             y = y[:, :, : -self.trim]
         return F.gelu(y).transpose(1, 2)
+
+
+class _PositionalConvLayer(nn.Module):
+    def __init__(self, dim: int, kernel: int, groups: int):
+        super().__init__()
+        self.conv = nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=groups)
+        self.layer_norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.trim = 1 if kernel % 2 == 0 else 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.trim:
+            y = y[:, :, : -self.trim]
+        return F.gelu(self.layer_norm(y.transpose(1, 2)).transpose(1, 2))
+
+
+class PositionalConvStack(nn.Module):
+    """data2vec's positional embedding: ``depth`` grouped convolutions, each normalized (no
+    parameters) and GELU'd; small kernels stacked see as far as HuBERT's one wide kernel
+    (5 x 19 frames) with a quarter of its weights. Names as ``transformers.Data2VecAudioModel``."""
+
+    def __init__(self, dim: int, kernel: int, groups: int, depth: int):
+        super().__init__()
+        self.layers = nn.ModuleList(_PositionalConvLayer(dim, kernel, groups) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.transpose(1, 2)
+        for layer in self.layers:
+            y = layer(y)
+        return y.transpose(1, 2)
 
 
 def relative_position_buckets(relative: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
@@ -209,7 +239,11 @@ class Encoder(nn.Module):
         super().__init__()
         self.pre_ln = cfg.layer_norm_first
         self.layerdrop = cfg.encoder_layerdrop
-        self.pos_conv_embed = PositionalConv(cfg.encoder_embed_dim, cfg.conv_pos, cfg.conv_pos_groups)
+        if cfg.conv_pos_depth == 1:
+            self.pos_conv_embed = PositionalConv(cfg.encoder_embed_dim, cfg.conv_pos, cfg.conv_pos_groups)
+        else:
+            self.pos_conv_embed = PositionalConvStack(cfg.encoder_embed_dim, cfg.conv_pos, cfg.conv_pos_groups,
+                                                      cfg.conv_pos_depth)
         self.layer_norm = nn.LayerNorm(cfg.encoder_embed_dim)
         self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(EncoderLayer(cfg, first=i == 0) for i in range(cfg.encoder_layers))

@@ -1,4 +1,5 @@
-"""Export to ``transformers.HubertModel`` (or ``WavLMModel`` for ``arch: wavlm``): the
+"""Export to ``transformers.HubertModel`` (``WavLMModel`` for ``arch: wavlm``,
+``Data2VecAudioModel`` for data2vec's positional convolutions, ``conv_pos_depth`` > 1): the
 backbone's weights under their own names (ours follow transformers'), a config that rebuilds
 the same network, and a ``preprocessor_config.json`` saying whether waveforms are normalized."""
 
@@ -16,9 +17,32 @@ from pretrain.model.encoder import CONV_CHANNELS
 from pretrain.utils import PretrainError
 
 
-def hf_config(cfg: ModelConfig):
-    from transformers import HubertConfig, WavLMConfig
+def hf_class_name(cfg: ModelConfig) -> str:
+    """The transformers class a model of ``cfg`` exports to; a clear error where there is none."""
+    if cfg.conv_pos_depth == 1:
+        return "WavLMModel" if cfg.arch == "wavlm" else "HubertModel"
+    # Data2VecAudioModel is the one transformers model with the stacked positional convolution,
+    # and it is fixed otherwise: LayerNorm after every waveform convolution, post-LN, no WavLM bias.
+    wrong = [f"{name}={value!r} (Data2VecAudioModel: {want!r})" for name, value, want in (
+        ("arch", cfg.arch, "hubert"), ("extractor_mode", cfg.extractor_mode, "layer_norm"),
+        ("layer_norm_first", cfg.layer_norm_first, False)) if value != want]
+    if wrong:
+        raise PretrainError(f"model.conv_pos_depth={cfg.conv_pos_depth} (data2vec's positional convolutions) "
+                            f"exports only as transformers.Data2VecAudioModel, which this model does not fit: "
+                            f"model.{', model.'.join(wrong)}")
+    return "Data2VecAudioModel"
 
+
+def hf_config(cfg: ModelConfig):
+    from transformers import Data2VecAudioConfig, HubertConfig, WavLMConfig
+
+    if hf_class_name(cfg) == "Data2VecAudioModel":
+        common = _common_config(cfg)
+        for name in ("feat_extract_norm", "do_stable_layer_norm"):  # fixed in Data2VecAudio
+            del common[name]
+        # Its num_conv_pos_embeddings counts the convolutions, each of conv_pos_kernel_size.
+        common.update(num_conv_pos_embeddings=cfg.conv_pos_depth, conv_pos_kernel_size=cfg.conv_pos)
+        return Data2VecAudioConfig(architectures=["Data2VecAudioModel"], **common)
     if cfg.arch == "wavlm":
         return WavLMConfig(num_buckets=cfg.num_buckets, max_bucket_distance=cfg.max_distance,
                            architectures=["WavLMModel"], **_common_config(cfg))
@@ -51,19 +75,24 @@ def _common_config(cfg: ModelConfig) -> dict:
 
 
 def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Write a ``transformers`` HubertModel (WavLMModel) directory for the model in ``checkpoint``."""
+    """Write a ``transformers`` model directory (:func:`hf_class_name`) for the model in ``checkpoint``."""
     try:
-        from transformers import HubertModel, Wav2Vec2FeatureExtractor, WavLMModel
+        import transformers
+        from transformers import Wav2Vec2FeatureExtractor
     except ImportError as e:
         raise PretrainError(f"export needs transformers (pip install transformers): {e}") from None
     model = load_model(checkpoint)
     if model.cfg.frontend != "conv":
         raise PretrainError(
-            f"{checkpoint}: model.frontend is '{model.cfg.frontend}'; transformers' HubertModel and "
-            "WavLMModel only take waveforms through the convolutional encoder, so an Fbank model "
-            "cannot be written in their format. Use the checkpoint with pretrain (features model, "
-            "kmeans assign) instead.")
-    hf = (WavLMModel if model.cfg.arch == "wavlm" else HubertModel)(hf_config(model.cfg))
+            f"{checkpoint}: model.frontend is '{model.cfg.frontend}'; transformers' HubertModel, "
+            "WavLMModel and Data2VecAudioModel only take waveforms through the convolutional encoder, "
+            "so an Fbank model cannot be written in their format. Use the checkpoint with pretrain "
+            "(features model, kmeans assign) instead.")
+    try:
+        name = hf_class_name(model.cfg)
+    except PretrainError as e:
+        raise PretrainError(f"{checkpoint}: {e}") from None
+    hf = getattr(transformers, name)(hf_config(model.cfg))
     state = model.backbone.state_dict()
     missing, unexpected = hf.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -134,10 +163,10 @@ def model_card(checkpoint: str | Path, model, hf) -> str:
     cfg = model.cfg
     facts = _training_facts(checkpoint)
     params = sum(p.numel() for p in hf.parameters())
-    lines = ["---", "library_name: transformers", "tags: [speech, self-supervised, hubert]" if cfg.arch != "wavlm"
-             else "tags: [speech, self-supervised, wavlm]", "---", "",
-             f"# {'WavLM' if cfg.arch == 'wavlm' else 'HuBERT'}"
-             f"{' (data2vec objective)' if cfg.objective == 'data2vec' else ''} pretrained with pretrain", "",
+    kind = {"WavLMModel": "WavLM", "Data2VecAudioModel": "data2vec"}.get(type(hf).__name__, "HuBERT")
+    objective = " (data2vec objective)" if cfg.objective == "data2vec" and kind != "data2vec" else ""
+    lines = ["---", "library_name: transformers", f"tags: [speech, self-supervised, {kind.lower()}]", "---", "",
+             f"# {kind}{objective} pretrained with pretrain", "",
              f"Exported from `{checkpoint}` by `pretrain export hf`. Load it with "
              f"`transformers.{type(hf).__name__}.from_pretrained(...)`.", "", "## Architecture", "",
              f"- {cfg.encoder_layers} Transformer layers, dimension {cfg.encoder_embed_dim}, "
@@ -154,8 +183,7 @@ def model_card(checkpoint: str | Path, model, hf) -> str:
     if cfg.objective == "data2vec":
         d = cfg.data2vec
         lines.append(f"- data2vec: masked regression of an EMA teacher's top {d.top_k_layers} layers (decay "
-                     f"{d.ema_decay} to {d.ema_end_decay} over {d.ema_anneal_steps} updates); the architecture is "
-                     "HuBERT's, so it loads as a HubertModel")
+                     f"{d.ema_decay} to {d.ema_end_decay} over {d.ema_anneal_steps} updates)")
     else:
         labels = ", ".join(f"`{s.name}` ({s.num_classes} classes, {s.rate} Hz)" for s in model.labels)
         lines.append(f"- masked prediction of the label sets {labels}")

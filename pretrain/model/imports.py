@@ -81,16 +81,16 @@ def _load_strict(model: HubertPretrain, state: dict, source: str) -> None:
 
 
 def import_hf(folder: str | Path) -> HubertPretrain:
-    """The backbone of a transformers HubertModel / WavLMModel folder."""
+    """The backbone of a transformers HubertModel / WavLMModel / Data2VecAudioModel folder."""
     folder = Path(folder)
     path = folder / "config.json"
     if not path.is_file():
         raise PretrainError(f"{folder} has no config.json: not a transformers model folder")
     config = json.loads(path.read_text())
     kind = config.get("model_type")
-    if kind not in ("hubert", "wavlm"):
+    if kind not in ("hubert", "wavlm", "data2vec-audio"):
         raise PretrainError(f"{folder} holds a transformers '{kind}' model ({', '.join(config.get('architectures') or [])}); "
-                            "pretrain imports HubertModel and WavLMModel")
+                            "pretrain imports HubertModel, WavLMModel and Data2VecAudioModel")
     conv = (config.get("conv_dim"), config.get("conv_kernel"), config.get("conv_stride"))
     ours = ([CONV_CHANNELS] * len(CONV_LAYERS), [k for k, _ in CONV_LAYERS], [s for _, s in CONV_LAYERS])
     if tuple(map(list, conv)) != ours:
@@ -101,18 +101,26 @@ def import_hf(folder: str | Path) -> HubertPretrain:
     pre = folder / "preprocessor_config.json"
     if pre.is_file():
         do_normalize = bool(json.loads(pre.read_text()).get("do_normalize", False))
+    if kind == "data2vec-audio":
+        # Fixed in Data2VecAudio: LayerNorm after every waveform convolution, post-LN; its
+        # num_conv_pos_embeddings counts positional convolutions of conv_pos_kernel_size each.
+        network = dict(extractor_mode="layer_norm", layer_norm_first=False, conv_pos=config.get("conv_pos_kernel_size", 19),
+                       conv_pos_depth=config.get("num_conv_pos_embeddings", 5))
+    else:
+        network = dict(extractor_mode="layer_norm" if config.get("feat_extract_norm") == "layer" else "group_norm",
+                       layer_norm_first=bool(config.get("do_stable_layer_norm", False)),
+                       conv_pos=config.get("num_conv_pos_embeddings", 128))
     cfg = ModelConfig(
-        arch=kind, encoder_layers=config["num_hidden_layers"], encoder_embed_dim=config["hidden_size"],
-        encoder_ffn_embed_dim=config["intermediate_size"], encoder_attention_heads=config["num_attention_heads"],
-        extractor_mode="layer_norm" if config.get("feat_extract_norm") == "layer" else "group_norm",
-        layer_norm_first=bool(config.get("do_stable_layer_norm", False)), conv_bias=bool(config.get("conv_bias", False)),
-        conv_pos=config.get("num_conv_pos_embeddings", 128), conv_pos_groups=config.get("num_conv_pos_embedding_groups", 16),
-        normalize_waveform=do_normalize,
+        arch="wavlm" if kind == "wavlm" else "hubert", encoder_layers=config["num_hidden_layers"],
+        encoder_embed_dim=config["hidden_size"], encoder_ffn_embed_dim=config["intermediate_size"],
+        encoder_attention_heads=config["num_attention_heads"], conv_bias=bool(config.get("conv_bias", False)),
+        conv_pos_groups=config.get("num_conv_pos_embedding_groups", 16), normalize_waveform=do_normalize, **network,
         **({"num_buckets": config.get("num_buckets", 320), "max_distance": config.get("max_bucket_distance", 800)}
            if kind == "wavlm" else {}))
-    from transformers import HubertModel, WavLMModel
+    import transformers
 
-    hf = (WavLMModel if kind == "wavlm" else HubertModel).from_pretrained(folder)
+    hf = getattr(transformers, {"wavlm": "WavLMModel", "hubert": "HubertModel"}.get(kind, "Data2VecAudioModel")
+                 ).from_pretrained(folder)
     model = _backbone_model(cfg)
     _load_strict(model, hf.state_dict(), str(folder))
     return model

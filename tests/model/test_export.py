@@ -59,6 +59,41 @@ def test_hf_export_gives_the_same_hidden_states(arch, mode, tmp_path, tiny_corpu
         mode == "layer_norm-pre_ln")
 
 
+def test_data2vec_base_is_transformers_data2vec_audio_base():
+    """configs/model/data2vec.yaml on BASE is the published data2vec audio BASE network:
+    transformers' default Data2VecAudioConfig, parameter for parameter."""
+    from pretrain.model.export import hf_config
+
+    cfg = model_config("base", *_data2vec_network())
+    ours = HubertPretrain(cfg, []).backbone.state_dict()
+    theirs = transformers.Data2VecAudioModel(transformers.Data2VecAudioConfig()).state_dict()
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    exported = hf_config(cfg)
+    assert (exported.num_conv_pos_embeddings, exported.conv_pos_kernel_size) == (5, 19)
+
+
+def _data2vec_network() -> list[str]:
+    """configs/model/data2vec.yaml's architecture lines as overrides."""
+    import yaml
+
+    model = yaml.safe_load(open("configs/model/data2vec.yaml"))["model"]
+    return [f"model.{k}={str(v).lower()}" for k, v in model.items() if k in (
+        "extractor_mode", "normalize_waveform", "layer_norm_first", "conv_pos", "conv_pos_depth")]
+
+
+def test_data2vec_networks_that_transformers_cannot_hold_are_refused(tmp_path):
+    model = HubertPretrain(model_config("tiny", "model.conv_pos_depth=3", "model.conv_pos=5",
+                                        "model.layer_norm_first=true"), [])
+    save_model(tmp_path / "ckpt" / "model.pt", model)
+    with pytest.raises(PretrainError, match=r"conv_pos_depth=3 .*\.Data2VecAudioModel, which this model does not fit: "
+                                            r"model.extractor_mode='group_norm' \(Data2VecAudioModel: 'layer_norm'\), "
+                                            r"model.layer_norm_first=True"):
+        from pretrain.model.export import export_hf
+
+        export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
 def test_model_file_round_trip_and_errors(tmp_path):
     model = HubertPretrain(model_config("tiny"), [LabelSpec("a", 10, 100), LabelSpec("b", 20, 50)])
     save_model(tmp_path / "model.pt", model)

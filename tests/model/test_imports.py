@@ -34,17 +34,23 @@ def layers(model: HubertPretrain, wave: torch.Tensor) -> list[torch.Tensor]:
                 for i in range(1, model.cfg.encoder_layers + 1)]
 
 
-@pytest.mark.parametrize("arch", ["hubert", "wavlm"])
+HF_CLASSES = {"hubert": "HubertModel", "wavlm": "WavLMModel", "data2vec": "Data2VecAudioModel"}
+
+
+@pytest.mark.parametrize("arch", HF_CLASSES)
 def test_a_transformers_model_imports_with_equal_hidden_states(arch, tiny_corpus, tmp_path):
     torch.manual_seed(0)
-    cfg = model_config("tiny" if arch == "hubert" else "wavlm_tiny", "model.extractor_mode=layer_norm",
-                       "model.layer_norm_first=true", "model.normalize_waveform=true")
-    hf = (transformers.WavLMModel if arch == "wavlm" else transformers.HubertModel)(hf_config(cfg)).eval()
+    # data2vec: post-LN and 3 positional convolutions of kernel 5 (its network, small)
+    network = ("model.conv_pos=5", "model.conv_pos_depth=3") if arch == "data2vec" else ("model.layer_norm_first=true",)
+    cfg = model_config("wavlm_tiny" if arch == "wavlm" else "tiny", "model.extractor_mode=layer_norm",
+                       "model.normalize_waveform=true", *network)
+    hf = getattr(transformers, HF_CLASSES[arch])(hf_config(cfg)).eval()
     hf.save_pretrained(tmp_path / "hf")
     transformers.Wav2Vec2FeatureExtractor(do_normalize=True).save_pretrained(tmp_path / "hf")
     assert execute(["import", "hf", str(tmp_path / "hf"), str(tmp_path / "m/model.pt")]) == 0
     model = load_model(tmp_path / "m").eval()
-    assert model.labels == [] and model.cfg.arch == arch and model.cfg.normalize_waveform
+    assert model.labels == [] and model.cfg.arch == ("wavlm" if arch == "wavlm" else "hubert")
+    assert model.cfg.normalize_waveform and model.cfg.conv_pos_depth == (3 if arch == "data2vec" else 1)
     wave = speech(tiny_corpus)
     normalized = (wave - wave.mean()) / (wave.var(unbiased=False) + 1e-7).sqrt()  # the processor's
     with torch.no_grad():

@@ -289,7 +289,8 @@ def test_data2vec_trains_and_resumes_bitwise_with_its_teacher(small_shards, tmp_
     assert all(r["target_var"] > 0 and r["pred_var"] > 0 for r in logged)
     assert [round(r["ema_decay"], 7) for r in logged] == [0.999225, 0.99945, 0.999675, 0.9999, 0.9999, 0.9999]
     assert not any(k.startswith("acc_") for r in logged for k in r)
-    # The architecture is HuBERT's: the export loads as a HubertModel with the same hidden states.
+    # data2vec's architecture (configs/model/data2vec.yaml) exports as a Data2VecAudioModel with
+    # the same hidden states at every layer, padded batch and attention mask included.
     import torch
     import transformers
 
@@ -297,10 +298,20 @@ def test_data2vec_trains_and_resumes_bitwise_with_its_teacher(small_shards, tmp_
     from pretrain.model.checkpoint import load_model
 
     assert main(["export", "hf", str(straight / "checkpoints/step_6"), str(tmp_path / "hf")]) == 0
-    assert "(data2vec objective)" in (tmp_path / "hf/README.md").read_text()
+    card = (tmp_path / "hf/README.md").read_text()
+    assert "# data2vec pretrained with pretrain" in card and "6 optimizer steps" in card
     ours = load_model(straight / "checkpoints/step_6").eval()
-    hf = transformers.HubertModel.from_pretrained(tmp_path / "hf").eval()
-    audio = torch.randn(1, 24000) * 0.1
+    assert ours.cfg.conv_pos_depth == 5 and ours.cfg.extractor_mode == "layer_norm"
+    hf = transformers.Data2VecAudioModel.from_pretrained(tmp_path / "hf").eval()
+    processor = transformers.Wav2Vec2FeatureExtractor.from_pretrained(tmp_path / "hf")
+    torch.manual_seed(0)
+    speech = [torch.randn(24000).numpy() * 0.1, torch.randn(17000).numpy() * 0.3]
+    inputs = processor(speech, sampling_rate=16000, padding=True, return_tensors="pt")
+    lengths = torch.tensor([24000, 17000])
     with torch.no_grad():
-        mine, _ = ours.backbone.hidden_states(audio, torch.tensor([24000]))
-        assert torch.allclose(mine, hf(audio).last_hidden_state, atol=1e-4)
+        theirs = hf(inputs.input_values, attention_mask=inputs.attention_mask, output_hidden_states=True)
+        audio = torch.nn.utils.rnn.pad_sequence([torch.from_numpy(s) for s in speech], batch_first=True)
+        for layer in range(1, ours.cfg.encoder_layers + 1):
+            mine, padding = ours.backbone.hidden_states(audio, lengths, layer=layer)
+            valid = ~padding
+            assert (mine - theirs.hidden_states[layer])[valid].abs().max() < 1e-4
