@@ -517,7 +517,7 @@ def _import_run(cfg: Any, argv: list[str], progress: bool) -> int:
 
 
 STAGES += (
-    Stage(group="import", name="hf", help="a transformers HubertModel / WavLMModel folder into a pretrain model file",
+    Stage(group="import", name="hf", help="a transformers HubertModel / WavLMModel / Data2VecAudioModel folder into a pretrain model file",
           schema=_import_schema("ImportHfConfig"), run=_import_run, positional=("source", "out")),
     Stage(group="import", name="fairseq", help="a fairseq HuBERT checkpoint into a pretrain model file",
           schema=_import_schema("ImportFairseqConfig"), run=_import_run, positional=("source", "out")),

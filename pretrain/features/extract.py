@@ -89,6 +89,7 @@ class Extractor:
             import torch
 
             from pretrain.model.checkpoint import load_model
+            from pretrain.model.encoder import batch_invariant
 
             if sha256_file(spec.checkpoint) != spec.checkpoint_sha256:
                 raise PretrainError(f"{spec.checkpoint} changed since these features were defined "
@@ -96,8 +97,8 @@ class Extractor:
             self.device = resolve_device(device)
             self.model = load_model(spec.checkpoint, map_location=self.device).eval()
             self.torch = torch
-            if self.model.cfg.frontend == "conv" and self.model.cfg.extractor_mode == "group_norm":
-                # BASE's first conv layer normalizes over the whole (padded) time axis, so
+            if not batch_invariant(self.model.cfg):
+                # e.g. BASE's first conv layer normalizes over the whole (padded) time axis, so
                 # padding would change a shorter utterance's features (by up to 0.3 here):
                 # one utterance per forward, as fairseq's feature dumper does.
                 self.batch_samples = 0

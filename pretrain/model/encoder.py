@@ -23,6 +23,16 @@ from pretrain.frames import CONV_LAYERS
 CONV_CHANNELS = 512
 
 
+def batch_invariant(cfg: ModelConfig) -> bool:
+    """Whether an utterance's hidden states in a padded batch are those it gets alone. Not with
+    BASE's group-norm waveform encoder (its first norm spans the padded time axis), nor with
+    data2vec's stacked positional convolutions: padded frames are zeroed before the first one
+    only (as in fairseq and transformers, whose hidden states the export must match), so the
+    later ones read the padding's values near an utterance's end. Feature dumping and the
+    probes run such models one utterance per forward."""
+    return not ((cfg.frontend == "conv" and cfg.extractor_mode == "group_norm") or cfg.conv_pos_depth > 1)
+
+
 class _ConvLayer(nn.Module):
     def __init__(self, in_dim: int, kernel: int, stride: int, bias: bool, norm: str | None):
         super().__init__()

@@ -1,6 +1,6 @@
 """Models from elsewhere into our model file: ``pretrain import hf DIR`` (a transformers
-HubertModel or WavLMModel folder) and ``pretrain import fairseq CKPT`` (a fairseq HuBERT
-checkpoint's model state).
+HubertModel, WavLMModel or Data2VecAudioModel folder) and ``pretrain import fairseq CKPT`` (a
+fairseq HuBERT checkpoint's model state).
 
 What is imported is the backbone (waveform encoder, projection, Transformer, mask embedding):
 the model file gets no label sets. That is what the two uses need: ``features model`` on one of

@@ -9,7 +9,7 @@ evaluation-set order; ``offsets`` (shared by every row) delimit the utterances, 
 
 Models: our ``model.pt`` (or a checkpoint folder: its ``manifest.json`` sha256 of ``model.pt``
 is checked first) gives every layer from one forward (``all_hidden_states``); a
-``transformers`` HubertModel / WavLMModel folder gives its ``hidden_states[1:]``. Forwards are
+``transformers`` HubertModel / WavLMModel / Data2VecAudioModel folder gives its ``hidden_states[1:]``. Forwards are
 batched by length up to ``batch_samples`` (one utterance at a time for group-norm front ends,
 whose norm spans the padded time axis), under bf16 autocast on a GPU.
 """
@@ -116,6 +116,7 @@ class ModelSource:
             self.arch = self.model.config.model_type
         else:
             from pretrain.model.checkpoint import load_model, resolve_model_file
+            from pretrain.model.encoder import batch_invariant
 
             file = resolve_model_file(path)
             self.kind = "pretrain"
@@ -126,19 +127,19 @@ class ModelSource:
             self.model = load_model(file, map_location=device).eval()
             cfg = self.model.cfg
             self.num_layers = cfg.encoder_layers
-            self.one_by_one = cfg.frontend == "conv" and cfg.extractor_mode == "group_norm"
+            self.one_by_one = not batch_invariant(cfg)
             self.arch = cfg.arch
 
     @staticmethod
     def _load_hf(path: Path):
         try:
-            from transformers import AutoConfig, HubertModel, WavLMModel
+            from transformers import AutoConfig, Data2VecAudioModel, HubertModel, WavLMModel
         except ImportError as e:
             raise PretrainError(f"probing a transformers model needs transformers: {e}") from None
         model_type = AutoConfig.from_pretrained(path).model_type
-        classes = {"hubert": HubertModel, "wavlm": WavLMModel}
+        classes = {"hubert": HubertModel, "wavlm": WavLMModel, "data2vec-audio": Data2VecAudioModel}
         if model_type not in classes:
-            raise PretrainError(f"{path}: model_type '{model_type}' is not hubert or wavlm")
+            raise PretrainError(f"{path}: model_type '{model_type}' is not hubert, wavlm or data2vec-audio")
         return classes[model_type].from_pretrained(path).eval()
 
     def untrained(self, seed: int) -> "ModelSource":

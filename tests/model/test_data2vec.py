@@ -130,3 +130,37 @@ def test_train_configs_refuse_what_data2vec_cannot_do():
         with pytest.raises(ConfigError, match=field):
             load_config(TrainConfig, [], [*base, *extra])
 
+
+
+def test_the_positional_stack_by_hand_and_why_it_goes_one_utterance_at_a_time():
+    """data2vec's positional embedding (conv_pos_depth) written out, and its known trait: the
+    padding's values after the first convolution reach an utterance's last frames in a batch,
+    so feature dumping and the probes take such models one utterance per forward."""
+    from pretrain.model.encoder import batch_invariant
+
+    cfg, model = tiny("model.extractor_mode=layer_norm", "model.conv_pos=5", "model.conv_pos_depth=3")
+    model.eval()
+    stack = model.backbone.encoder.pos_conv_embed
+    x = torch.randn(1, 30, cfg.encoder_embed_dim)
+    h = x.transpose(1, 2)
+    for layer in stack.layers:
+        y = F.conv1d(h, layer.conv.weight, layer.conv.bias, padding=2, groups=cfg.conv_pos_groups)
+        h = F.gelu(F.layer_norm(y.transpose(1, 2), (cfg.encoder_embed_dim,)).transpose(1, 2))
+    assert torch.allclose(stack(x), h.transpose(1, 2), atol=1e-6)
+
+    # Frames 20+ of the second utterance are padding (zeroed, as the encoder does): the stack
+    # leaks them into the last frames before it (receptive field 3 x 2 frames each side).
+    padded = x.repeat(2, 1, 1)
+    padded[1, 20:] = 0.0
+    with torch.no_grad():
+        batched, alone = stack(padded)[1, :20], stack(padded[1:, :20])[0]
+    assert torch.allclose(batched[:14], alone[:14], atol=1e-6)
+    assert (batched[14:] - alone[14:]).abs().max() > 1e-2
+    # ... and attention spreads it over the whole utterance.
+    wave = torch.randn(2, 16000) * 0.1
+    with torch.no_grad():
+        together, _ = model.backbone.hidden_states(wave, torch.tensor([16000, 12000]), layer=1)
+        single, _ = model.backbone.hidden_states(wave[1:, :12000], torch.tensor([12000]), layer=1)
+    assert (together[1, : single.shape[1]] - single[0]).abs().max() > 1e-4
+    assert not batch_invariant(cfg)
+    assert batch_invariant(model_config("tiny", "model.extractor_mode=layer_norm"))
