@@ -12,9 +12,12 @@ batches, measured by the probes (ABX, phone, speaker, PNMI) on held-out speech.
    iterate used, on the same held-out shards.
 
 Every figure is the best single layer's, as the probe recorded it. Compute is counted as
-optimizer updates at the same batch (``data.max_tokens``) and as the summed step time the
-trainer logged (``step_time_s``: forward, backward, update; data2vec's includes its teacher's
-forward); HuBERT's offline label stages (features, k-means, labels) are listed beside it.
+optimizer updates at the same batch (``data.max_tokens``), and in seconds: updates times each
+objective's median seconds per update, measured back to back in this invocation by 60-update
+runs of both arms' configs (``step_time_s``: forward, backward, update; data2vec's includes its
+teacher's forward and EMA update), so that both are timed on the same quiet machine; the
+trainers' own logged step times are kept in the JSON as ``logged_step_seconds``. HuBERT's
+offline label stages (features, k-means, labels; ``labels (s)``) come from iterate's records.
 A rerun with the same ``--out`` continues what is there (every step is restartable). The last
 line is JSON; ``--table`` writes the Markdown table the README shows.
 
@@ -66,6 +69,21 @@ def step_seconds(train_dir: Path, upto: int) -> float:
     return total
 
 
+def step_cost(out: Path, name: str, train_argv: list[str], nproc: int, log: Path, steps: int = 60) -> float:
+    """Median seconds per update of a short run of the arm's training config (the same model,
+    batch and processes), measured in this invocation so that both arms are timed alike."""
+    import shutil
+
+    run_dir = out / "step_cost" / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run([str(BIN / "launch"), "local", "--nproc", str(nproc), "pretrain", "train", *train_argv,
+         f"run_dir={run_dir}", f"optim.max_steps={steps}", "optim.warmup_steps=10", "log.every=5",
+         f"checkpoint.every={steps}"], log)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    times = [r["step_time_s"] for r in rows if "step_time_s" in r and r["step"] > steps // 3]
+    return float(sorted(times)[len(times) // 2])
+
+
 def probe_args(iterate_stage: Path) -> list[str]:
     """The ``pretrain probe`` settings of an iterate probe stage, less what is per checkpoint."""
     argv = json.loads(iterate_stage.read_text())["argv"]
@@ -92,11 +110,12 @@ def rows_of(probe: dict, name: str) -> dict:
 
 
 def table(record: dict) -> str:
-    lines = ["| model | updates | step time (s) | " + " | ".join(HEADERS[m] for m in METRICS) + " |",
-             "|---" * (3 + len(METRICS)) + "|"]
+    lines = ["| model | updates | training (s) | labels (s) | " + " | ".join(HEADERS[m] for m in METRICS) + " |",
+             "|---" * (4 + len(METRICS)) + "|"]
     for row in record["rows"]:
         cells = [row["model"], str(row.get("updates", "–")),
-                 f"{row['step_seconds']:.0f}" if row.get("step_seconds") is not None else "–"]
+                 f"{row['train_seconds']:.0f}" if row.get("train_seconds") is not None else "–",
+                 f"{row['label_seconds']:.0f}" if row.get("label_seconds") is not None else "–"]
         for m in METRICS:
             v = row.get(m)
             cells.append("–" if v is None else (f"{v:.3f}" if m == "pnmi" else f"{v:.1f}")
@@ -133,6 +152,14 @@ def main(argv: list[str] | None = None) -> int:
             [str(BIN / "launch"), "local", "--nproc", str(args.nproc), "pretrain", "train",
              "--config", str(ROOT / "configs/small_cpu.yaml"), "--config", str(ROOT / args.data2vec_config),
              f"run_dir={train}", f"data.shards={hubert / 'shards'}", f"optim.max_steps={total}"], log)
+    # Per-update cost of each objective, timed back to back here (the arms' own runs may have
+    # shared the machine with other work): HuBERT on iteration 1's labels, data2vec as trained.
+    it1_train = json.loads((hubert / "stages" / "it1.train.json").read_text())["argv"]
+    hubert_argv = [a for a in it1_train[2:] if not a.startswith(("run_dir=", "optim.max_steps="))]
+    data2vec_argv = ["--config", str(ROOT / "configs/small_cpu.yaml"), "--config", str(ROOT / args.data2vec_config),
+                     f"data.shards={hubert / 'shards'}"]
+    cost = {"hubert": step_cost(out, "hubert", hubert_argv, args.nproc, log),
+            "data2vec": step_cost(out, "data2vec", data2vec_argv, args.nproc, log)}
     common = probe_args(hubert / "stages" / "it1.probe.json")
     probes = {}
     for step in (it1_steps, total):
@@ -146,24 +173,28 @@ def main(argv: list[str] | None = None) -> int:
     it2 = json.loads((hubert / "it2" / "probe" / "probe.json").read_text())
     stage = {p.stem: json.loads(p.read_text()).get("seconds") for p in (hubert / "stages").glob("*.json")}
     labels_s = {i: sum(stage.get(f"it{i}.{s}") or 0 for s in ("features", "kmeans", "labels")) for i in (1, 2)}
-    hubert_it1_s = step_seconds(hubert / "it1" / "train", it1_steps)
     rows = [
         {"model": "MFCC (39-dim)", **rows_of(it1, "mfcc")},
         {"model": "log-mel (80-dim)", **rows_of(it1, "logmel")},
         {"model": "untrained model", **rows_of(it1, "untrained")},
-        {"model": "HuBERT iteration 1", "objective": "hubert", "updates": it1_steps, "step_seconds": hubert_it1_s,
-         "label_seconds": labels_s[1], **rows_of(it1, "model")},
+        {"model": "HuBERT iteration 1", "objective": "hubert", "updates": it1_steps,
+         "train_seconds": it1_steps * cost["hubert"], "label_seconds": labels_s[1],
+         "logged_step_seconds": step_seconds(hubert / "it1" / "train", it1_steps), **rows_of(it1, "model")},
         {"model": f"data2vec, {it1_steps} updates", "objective": "data2vec", "updates": it1_steps,
-         "step_seconds": step_seconds(train, it1_steps), **rows_of(probes[it1_steps], "model")},
+         "train_seconds": it1_steps * cost["data2vec"], "logged_step_seconds": step_seconds(train, it1_steps),
+         **rows_of(probes[it1_steps], "model")},
         {"model": "HuBERT iteration 2", "objective": "hubert", "updates": total,
-         "step_seconds": hubert_it1_s + step_seconds(hubert / "it2" / "train", it2_steps),
-         "label_seconds": labels_s[1] + labels_s[2], **rows_of(it2, "model")},
+         "train_seconds": total * cost["hubert"], "label_seconds": labels_s[1] + labels_s[2],
+         "logged_step_seconds": step_seconds(hubert / "it1" / "train", it1_steps)
+         + step_seconds(hubert / "it2" / "train", it2_steps), **rows_of(it2, "model")},
         {"model": f"data2vec, {total} updates", "objective": "data2vec", "updates": total,
-         "step_seconds": step_seconds(train, total), **rows_of(probes[total], "model")},
+         "train_seconds": total * cost["data2vec"], "logged_step_seconds": step_seconds(train, total),
+         **rows_of(probes[total], "model")},
     ]
     metrics = [json.loads(line) for line in (train / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in metrics if "target_var" in r][-1]
-    record = {"rows": rows, "seconds": seconds, "hubert_stage_seconds": stage,
+    record = {"rows": rows, "seconds_per_update": cost, "cost_ratio_data2vec_vs_hubert": cost["data2vec"] / cost["hubert"],
+              "seconds": seconds, "hubert_stage_seconds": stage,
               "data2vec_final": {k: last[k] for k in ("step", "loss", "target_var", "pred_var", "ema_decay")},
               "eval_shards": str(hubert / "eval" / "shards"), "nproc": args.nproc}
     text = table(record)

@@ -351,3 +351,31 @@ def test_a_data2vec_run_is_refused_naming_the_iteration(tmp_path):
                                             r"iterations\.1\.k=100"):
         plan(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_objective_comparison_configs_compare_like_with_like(tmp_path):
+    """configs/compare/: HuBERT iteration 1 alone is the two-iteration run's first iteration,
+    the two-iteration run is the demo, and data2vec trains the same model, data and optimizer
+    for HuBERT's updates in all (benchmarks/objective_compare.py relies on each)."""
+    import dataclasses
+
+    from pretrain.config import load_config
+    from pretrain.config.iterate import IterateConfig
+    from pretrain.config.train import TrainConfig
+
+    def load(name: str) -> IterateConfig:
+        return load_config(IterateConfig, [REPO / name], [f"run_dir={tmp_path / 'run'}", "reference_curves=null"])
+
+    it1, it2, demo = load("configs/compare/hubert_it1.yaml"), load("configs/compare/hubert_it2.yaml"), \
+        load("configs/demo.yaml")
+    assert it1.iterations == it2.iterations[:1] and len(it2.iterations) == 2
+    assert dataclasses.replace(it1, iterations=it2.iterations) == it2 == demo
+    small = load_config(TrainConfig, [REPO / "configs/small_cpu.yaml"],
+                        [*it2.train_overrides, "run_dir=x", "data.shards=x", "data.labels=[km]"])
+    d2v = load_config(TrainConfig, [REPO / "configs/small_cpu.yaml", REPO / "configs/compare/data2vec.yaml"],
+                      ["run_dir=x", "data.shards=x"])
+    assert d2v.model.objective == "data2vec" and d2v.data.labels == []
+    assert d2v.optim.max_steps == sum(it.max_steps for it in it2.iterations)
+    assert d2v.optim.warmup_steps == small.optim.warmup_steps and d2v.optim.lr == small.optim.lr
+    assert dataclasses.replace(d2v.model, objective="hubert", data2vec=small.model.data2vec) == small.model
+    assert dataclasses.replace(d2v.data, labels=small.data.labels) == small.data
