@@ -13,13 +13,14 @@ batches, measured by the probes (ABX, phone, speaker, PNMI) on held-out speech.
 
 Every figure is the best single layer's, as the probe recorded it. Compute is counted as
 optimizer updates at the same batch (``data.max_tokens``), and in seconds: updates times each
-objective's median seconds per update, measured back to back in this invocation by 60-update
-runs of both arms' configs (``step_time_s``: forward, backward, update; data2vec's includes its
+objective's median seconds per update, measured in this invocation by 40-update runs of both
+arms' configs, interleaved three times (``step_time_s``: forward, backward, update; data2vec's includes its
 teacher's forward and EMA update), so that both are timed on the same quiet machine; the
 trainers' own logged step times are kept in the JSON as ``logged_step_seconds``. HuBERT's
 offline label stages (features, k-means, labels; ``labels (s)``) come from iterate's records.
 A rerun with the same ``--out`` continues what is there (every step is restartable). The last
-line is JSON; ``--table`` writes the Markdown table the README shows.
+line is JSON; ``objective_compare.md`` and ``.png`` in ``--out`` hold the table and a chart
+(``--table`` writes the table elsewhere too).
 
     python benchmarks/objective_compare.py --out /tmp/objcmp        # about 35 min on 2 cores
 """
@@ -37,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pretrain.report import best_of  # noqa: E402
-from pretrain.utils import atomic_write_json, atomic_write_text  # noqa: E402
+from pretrain.utils import atomic_savefig, atomic_write_json, atomic_write_text  # noqa: E402
 
 BIN = Path(sys.executable).parent
 METRICS = ("phone_acc", "per", "abx_within", "abx_across", "speaker_acc", "pnmi")
@@ -69,19 +70,24 @@ def step_seconds(train_dir: Path, upto: int) -> float:
     return total
 
 
-def step_cost(out: Path, name: str, train_argv: list[str], nproc: int, log: Path, steps: int = 60) -> float:
-    """Median seconds per update of a short run of the arm's training config (the same model,
-    batch and processes), measured in this invocation so that both arms are timed alike."""
+def step_costs(out: Path, arms: dict[str, list[str]], nproc: int, log: Path, repeats: int = 3,
+               steps: int = 40) -> dict[str, float]:
+    """Median seconds per update of each arm's training config (the same model, batch and
+    processes) in short runs, interleaved ``repeats`` times: this machine's speed drifts by
+    10-30 % over minutes, and interleaving spreads a slow spell over both arms alike."""
     import shutil
 
-    run_dir = out / "step_cost" / name
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run([str(BIN / "launch"), "local", "--nproc", str(nproc), "pretrain", "train", *train_argv,
-         f"run_dir={run_dir}", f"optim.max_steps={steps}", "optim.warmup_steps=10", "log.every=5",
-         f"checkpoint.every={steps}"], log)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    times = [r["step_time_s"] for r in rows if "step_time_s" in r and r["step"] > steps // 3]
-    return float(sorted(times)[len(times) // 2])
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    for attempt in range(repeats):
+        for name, train_argv in arms.items():
+            run_dir = out / "step_cost" / f"{name}_{attempt}"
+            shutil.rmtree(run_dir, ignore_errors=True)
+            run([str(BIN / "launch"), "local", "--nproc", str(nproc), "pretrain", "train", *train_argv,
+                 f"run_dir={run_dir}", f"optim.max_steps={steps}", "optim.warmup_steps=10", "log.every=5",
+                 f"checkpoint.every={steps}"], log)
+            rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            times[name] += [r["step_time_s"] for r in rows if "step_time_s" in r and r["step"] > 5]
+    return {name: float(sorted(t)[len(t) // 2]) for name, t in times.items()}
 
 
 def probe_args(iterate_stage: Path) -> list[str]:
@@ -118,11 +124,37 @@ def table(record: dict) -> str:
                  f"{row['label_seconds']:.0f}" if row.get("label_seconds") is not None else "–"]
         for m in METRICS:
             v = row.get(m)
-            cells.append("–" if v is None else (f"{v:.3f}" if m == "pnmi" else f"{v:.1f}")
+            cells.append("–" if v is None else (f"{v:.3f}" if m == "pnmi" else f"{v:.2f}" if v < 10 else f"{v:.1f}")
                          + (f" (L{row[m + '_layer']})" if row.get(m + "_layer") not in (None, "0") and v is not None
                             and row.get("updates") else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def plot(record: dict, path: Path) -> None:
+    """One panel per metric: the baselines in grey, HuBERT in blue, data2vec in orange."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = record["rows"]
+    colors = [{"hubert": "tab:blue", "data2vec": "tab:orange"}.get(r.get("objective"), "0.6") for r in rows]
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 4.2), sharey=True)
+    for ax, metric in zip(axes, METRICS):
+        values = [r.get(metric) or 0.0 for r in rows]
+        ax.barh(range(len(rows)), values, color=colors)
+        ax.set_title(HEADERS[metric], fontsize=9)
+        lo = min(values)
+        ax.set_xlim(lo * 0.9 if metric == "pnmi" else 0, max(values) * 1.05)
+        for y, v in enumerate(values):
+            ax.text(v, y, f" {v:.3f}" if metric == "pnmi" else f" {v:.1f}", va="center", fontsize=7)
+    axes[0].set_yticks(range(len(rows)), [r["model"] for r in rows], fontsize=8)
+    axes[0].invert_yaxis()
+    fig.suptitle("Held-out probes, best layer: data2vec vs HuBERT at equal updates (benchmarks/objective_compare.py)",
+                 fontsize=10)
+    fig.tight_layout()
+    atomic_savefig(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,8 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     hubert_argv = [a for a in it1_train[2:] if not a.startswith(("run_dir=", "optim.max_steps="))]
     data2vec_argv = ["--config", str(ROOT / "configs/small_cpu.yaml"), "--config", str(ROOT / args.data2vec_config),
                      f"data.shards={hubert / 'shards'}"]
-    cost = {"hubert": step_cost(out, "hubert", hubert_argv, args.nproc, log),
-            "data2vec": step_cost(out, "data2vec", data2vec_argv, args.nproc, log)}
+    cost = step_costs(out, {"hubert": hubert_argv, "data2vec": data2vec_argv}, args.nproc, log)
     common = probe_args(hubert / "stages" / "it1.probe.json")
     probes = {}
     for step in (it1_steps, total):
@@ -200,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(record)
     atomic_write_json(out / "objective_compare.json", record)
     atomic_write_text(out / "objective_compare.md", text)
+    plot(record, out / "objective_compare.png")
     if args.table:
         atomic_write_text(Path(args.table), text)
     print(text)
