@@ -270,10 +270,13 @@ def test_checkpoints_are_probed_in_the_background_and_logged_at_their_step(small
 
 
 def test_data2vec_trains_and_resumes_bitwise_with_its_teacher(small_shards, tmp_path):
-    """data2vec (model.objective) through the same trainer: 2 ranks, no labels, an EMA teacher
-    that a restart restores (a teacher rebuilt from the student would change every later loss)."""
+    """data2vec (model.objective) through the same trainer: 2 ranks under ZeRO 2, no labels, an
+    EMA teacher that a restart restores (a teacher rebuilt from the student would change every
+    later loss)."""
+    # ZeRO 2: the optimizer state and gradients are partitioned; the teacher, outside
+    # DeepSpeed, reads the student's full parameters on every rank.
     d2v = ("data.labels=[]", "model.data2vec.top_k_layers=2", "optim.max_steps=6", "checkpoint.every=3",
-           "model.data2vec.ema_anneal_steps=4")
+           "model.data2vec.ema_anneal_steps=4", "deepspeed.zero_stage=2")
     configs = ("configs/model/data2vec.yaml",)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     launch(straight, small_shards, *d2v, configs=configs)
