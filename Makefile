@@ -3,9 +3,11 @@
 # afterwards.
 VENV ?= .venv
 DEMO_DIR ?= runs/demo
-PYTEST_ARGS ?=
+# CI's suite: everything but the `long` end-to-end scenarios (about 10 minutes more on 2 cores),
+# which `make test-all` adds.
+PYTEST_ARGS ?= -m "not long"
 
-.PHONY: setup demo test
+.PHONY: setup demo test test-all
 
 setup:
 	bash scripts/setup.sh
@@ -15,3 +17,6 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+test-all: setup
+	$(VENV)/bin/python -m pytest

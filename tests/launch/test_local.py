@@ -44,6 +44,7 @@ def wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.long
 def test_two_nodes_survive_a_killed_node_resume_bitwise_then_continue_on_one_node(uninterrupted, small_shards,
                                                                           tmp_path):
     run, log = tmp_path / "two_nodes", tmp_path / "nodes.log"

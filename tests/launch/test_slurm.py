@@ -120,6 +120,7 @@ TRAIN = ["--config", str(REPO / "configs/model/tiny.yaml"), "--config", str(REPO
 
 @pytest.mark.slurm
 @pytest.mark.slow
+@pytest.mark.long
 def test_preempted_training_checkpoints_requeues_and_resumes_exactly(slurm_env, small_shards, uninterrupted,
                                                                     tmp_path):
     straight, preempted, capped = uninterrupted, tmp_path / "preempted", tmp_path / "capped"
