@@ -285,11 +285,14 @@ def test_data2vec_trains_and_resumes_bitwise_with_its_teacher(small_shards, tmp_
     configs = ("configs/model/data2vec.yaml",)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     launch(straight, small_shards, *d2v, configs=configs)
-    launch(resumed, small_shards, *d2v, configs=configs, fault={"exit_after_save": 3})
-    assert max(losses(resumed)) == 3
+    # A new process from the saved step 3 (a copy: one launch fewer than a crash and a restart,
+    # which the HuBERT tests exercise; the teacher's restore is the same either way).
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints/step_3", resumed / "checkpoints/step_3")
     proc = launch(resumed, small_shards, *d2v, configs=configs)
     assert "resumed from step 3" in proc.stderr
-    assert losses(resumed) == losses(straight) and sorted(losses(straight)) == list(range(1, 7))
+    assert sorted(losses(straight)) == list(range(1, 7))
+    assert losses(resumed) == {step: loss for step, loss in losses(straight).items() if step > 3}
     records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in records if "loss" in r]
     # The spread of targets and predictions is logged (the collapse guard reads it), and the
