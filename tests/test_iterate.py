@@ -247,6 +247,7 @@ def _finish_everything(cfg) -> list:
     return stages
 
 
+@pytest.mark.long
 def test_a_moved_run_resumes_and_a_copy_is_a_run_of_its_own(tmp_path, caplog):
     """Relative paths in fingerprints and records: a copied run directory is complete and
     deletes nothing of the original; a moved one resumes with nothing to do; a run made with

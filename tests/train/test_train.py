@@ -152,7 +152,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(uninterrupte
     assert resumed == pytest.approx(straight, rel=1e-5)
 
 
-@pytest.mark.parametrize("zero_stage", [0, 3])
+@pytest.mark.parametrize("zero_stage", [0, pytest.param(3, marks=pytest.mark.long)])
 def test_non_finite_loss_or_gradient_changes_no_parameter(small_shards, tmp_path, zero_stage):
     # ZeRO 0 in fp32 runs torch's AdamW, where the gradient check is ours; ZeRO 3 is DeepSpeed's
     # own partitioned optimizer (and its parameters must be gathered to write model.pt).
@@ -205,6 +205,7 @@ def test_gradients_do_not_depend_on_how_the_batch_is_split(tmp_path):
     assert max(g.abs().max().item() for g in grads[1].values()) > 1e-3  # not trivially zero
 
 
+@pytest.mark.long
 def test_wavlm_with_utterance_and_noise_mixing_trains_and_exports(small_shards, noise_shards, tmp_path):
     import numpy as np
     import torch
