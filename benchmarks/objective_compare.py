@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from iteration_gain import run  # noqa: E402  (same folder: run a command, log it, time it)
 from pretrain.report import best_of  # noqa: E402
 from pretrain.utils import atomic_savefig, atomic_write_json, atomic_write_text  # noqa: E402
 
@@ -44,18 +43,6 @@ BIN = Path(sys.executable).parent
 METRICS = ("phone_acc", "per", "abx_within", "abx_across", "speaker_acc", "pnmi")
 HEADERS = {"phone_acc": "phone acc (%) ↑", "per": "PER (%) ↓", "abx_within": "ABX within (%) ↓",
            "abx_across": "ABX across (%) ↓", "speaker_acc": "speaker acc (%) ↑", "pnmi": "PNMI ↑"}
-
-
-def run(cmd: list[str], log: Path) -> float:
-    """Run ``cmd`` from the repository root, its output appended to ``log``; seconds taken."""
-    start = time.perf_counter()
-    with open(log, "a") as f:
-        f.write(f"\n$ {' '.join(cmd)}\n")
-        f.flush()
-        rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
-    if rc:
-        sys.exit(f"failed (exit {rc}): {' '.join(cmd)}; see {log}")
-    return time.perf_counter() - start
 
 
 def step_seconds(train_dir: Path, upto: int) -> float:
@@ -203,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     it1 = json.loads((hubert / "it1" / "probe" / "probe.json").read_text())
     it2 = json.loads((hubert / "it2" / "probe" / "probe.json").read_text())
     stage = {p.stem: json.loads(p.read_text()).get("seconds") for p in (hubert / "stages").glob("*.json")}
+    it1_logged = step_seconds(hubert / "it1" / "train", it1_steps)
     labels_s = {i: sum(stage.get(f"it{i}.{s}") or 0 for s in ("features", "kmeans", "labels")) for i in (1, 2)}
     rows = [
         {"model": "MFCC (39-dim)", **rows_of(it1, "mfcc")},
@@ -210,14 +198,14 @@ def main(argv: list[str] | None = None) -> int:
         {"model": "untrained model", **rows_of(it1, "untrained")},
         {"model": "HuBERT iteration 1", "objective": "hubert", "updates": it1_steps,
          "train_seconds": it1_steps * cost["hubert"], "label_seconds": labels_s[1],
-         "logged_step_seconds": step_seconds(hubert / "it1" / "train", it1_steps), **rows_of(it1, "model")},
+         "logged_step_seconds": it1_logged, **rows_of(it1, "model")},
         {"model": f"data2vec, {it1_steps} updates", "objective": "data2vec", "updates": it1_steps,
          "train_seconds": it1_steps * cost["data2vec"], "logged_step_seconds": step_seconds(train, it1_steps),
          **rows_of(probes[it1_steps], "model")},
         {"model": "HuBERT iteration 2", "objective": "hubert", "updates": total,
          "train_seconds": total * cost["hubert"], "label_seconds": labels_s[1] + labels_s[2],
-         "logged_step_seconds": step_seconds(hubert / "it1" / "train", it1_steps)
-         + step_seconds(hubert / "it2" / "train", it2_steps), **rows_of(it2, "model")},
+         "logged_step_seconds": it1_logged + step_seconds(hubert / "it2" / "train", it2_steps),
+         **rows_of(it2, "model")},
         {"model": f"data2vec, {total} updates", "objective": "data2vec", "updates": total,
          "train_seconds": total * cost["data2vec"], "logged_step_seconds": step_seconds(train, total),
          **rows_of(probes[total], "model")},
