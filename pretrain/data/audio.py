@@ -8,6 +8,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from pretrain.data import flac
 from pretrain.frames import SAMPLE_RATE
 
 # Below this peak the audio is digital silence once quantized to 16 bits.
@@ -55,25 +56,84 @@ def encode(audio: np.ndarray, fmt: str) -> bytes:
 
 def decode(data: bytes) -> np.ndarray:
     """float32 mono samples of FLAC/WAV bytes as stored in the shards."""
-    return decode_int16(data).astype(np.float32) / 32768.0
+    n = num_samples(data)
+    if n is None and data[:4] == b"fLaC":
+        # libsndfile cannot size such a stream either; the shards' encoder always writes it.
+        raise ValueError("FLAC stream without a sample count in its STREAMINFO")
+    if n is None:
+        return decode_soundfile(data)
+    out = np.empty(n, dtype=np.float32)
+    decode_into(data, 0, out)
+    return out
 
 
-def decode_int16(data: bytes, start: int = 0, frames: int = -1) -> np.ndarray:
-    """int16 mono samples ``[start, start + frames)`` of FLAC/WAV bytes as stored in the shards.
-
-    The cheapest decode: a crop is decoded alone (FLAC seeks), and the pipeline converts whole
-    padded batches to float at once.
-    """
-    audio, sr = sf.read(io.BytesIO(data), dtype="int16", start=start, frames=frames)
-    if sr != SAMPLE_RATE or audio.ndim != 1:
-        raise ValueError(f"expected 16 kHz mono, got {sr} Hz with shape {audio.shape}")
-    return audio
+def num_samples(data: bytes) -> int | None:
+    """The sample count a FLAC or 16-bit WAV header gives, or None where it gives none."""
+    if data[:4] == b"fLaC":
+        return flac.num_samples(data)
+    wav = _pcm16_wav(data)
+    return None if wav is None else wav[1]
 
 
 def decode_into(data: bytes, start: int, out: np.ndarray) -> None:
     """Decode samples ``[start, start + len(out))`` of FLAC/WAV bytes straight into the row
     ``out`` of the padded batch (no intermediate array, no copy): int16, or float32 scaled by
-    1/32768 as libsndfile does for 16-bit audio."""
+    1/32768 as libsndfile does for 16-bit audio.
+
+    16 kHz mono 16-bit WAV is read by numpy from its header (no decoder), FLAC by libFLAC
+    itself (``pretrain.data.flac``); anything else, or FLAC without libFLAC, by soundfile. All
+    three give the same samples (tested).
+    """
+    if data[:4] == b"fLaC" and flac.available():
+        flac.decode_into(data, start, out)
+        return
+    wav = _pcm16_wav(data)
+    if wav is None:
+        _decode_into_soundfile(data, start, out)
+        return
+    offset, total = wav
+    if start + len(out) > total:
+        raise ValueError(f"decoded {max(0, total - start)} samples from {start}, expected {len(out)}")
+    pcm = np.frombuffer(data, dtype="<i2", count=len(out), offset=offset + 2 * start)
+    if out.dtype == np.int16:
+        out[:] = pcm
+    else:
+        np.multiply(pcm, np.float32(1.0 / 32768.0), out=out)
+
+
+def _pcm16_wav(data: bytes) -> tuple[int, int] | None:
+    """(byte offset, sample count) of the samples of a 16 kHz mono 16-bit PCM WAV; None for
+    any other bytes, which soundfile then decodes (or rejects with its own message)."""
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    pos, fmt_ok = 12, False
+    while pos + 8 <= len(data):
+        chunk, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
+        body = pos + 8
+        if chunk == b"fmt ":
+            tag, channels, rate = (int.from_bytes(data[body:body + 2], "little"),
+                                   int.from_bytes(data[body + 2:body + 4], "little"),
+                                   int.from_bytes(data[body + 4:body + 8], "little"))
+            bits = int.from_bytes(data[body + 14:body + 16], "little")
+            if tag == 0xFFFE and size >= 26:  # WAVE_FORMAT_EXTENSIBLE: the subformat's tag
+                tag = int.from_bytes(data[body + 24:body + 26], "little")
+            fmt_ok = tag == 1 and channels == 1 and rate == SAMPLE_RATE and bits == 16
+        elif chunk == b"data":
+            # A data chunk cut short (a damaged shard) holds what is there, as libsndfile reads it.
+            return (body, min(size, len(data) - body) // 2) if fmt_ok else None
+        pos = body + size + (size & 1)  # chunks are padded to an even length
+    return None
+
+
+def decode_soundfile(data: bytes) -> np.ndarray:
+    """``decode`` through soundfile alone: the reference the faster paths are tested against."""
+    audio, sr = sf.read(io.BytesIO(data), dtype="float32")
+    if sr != SAMPLE_RATE or audio.ndim != 1:
+        raise ValueError(f"expected 16 kHz mono, got {sr} Hz with shape {audio.shape}")
+    return audio
+
+
+def _decode_into_soundfile(data: bytes, start: int, out: np.ndarray) -> None:
     with sf.SoundFile(io.BytesIO(data)) as f:
         if f.samplerate != SAMPLE_RATE or f.channels != 1:
             raise ValueError(f"expected 16 kHz mono, got {f.samplerate} Hz with {f.channels} channels")
