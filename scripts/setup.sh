@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-time (and idempotent) set-up of a fresh Debian machine for pretrain:
 #   - SLURM (slurmctld, slurmd, client, munge) for the local test cluster (slurm/local-cluster.sh),
-#   - the Debian packages of the TTS engines behind the synthetic corpus,
+#   - the Debian packages of the TTS engines behind the synthetic corpus, and libsndfile1,
+#     which brings libFLAC (the data pipeline decodes FLAC with it directly),
 #   - a virtual environment in .venv with a CPU torch installed *before* everything else,
 #     so that deepspeed's resolution never pulls a CUDA torch plus its nvidia wheels,
 #   - the package itself, editable, with the cpu (faiss-cpu) and dev extras; set

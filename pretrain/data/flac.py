@@ -2,7 +2,7 @@
 
 soundfile reads FLAC through libsndfile, which wraps libFLAC in its own per-sample copy and
 conversion and, for bytes in memory, calls back into Python for every read and seek. Decoding
-the same files in memory, libFLAC alone is about 1.7x faster on this project's shards
+the same files, libFLAC alone is about 1.6x faster on this project's shards
 (``benchmarks/data_pipeline.py`` prints both). Here libFLAC's stream decoder reads the
 compressed bytes where they lie and writes each decoded frame straight into the batch row,
 through callbacks compiled with numba (``flac_callbacks``): an utterance, or a crop of it
@@ -72,6 +72,14 @@ def version() -> str | None:
     """libFLAC's version string, or None without libFLAC."""
     lib = _library()
     return None if lib is None else ctypes.c_char_p.in_dll(lib, "FLAC__VERSION_STRING").value.decode()
+
+
+def describe() -> str:
+    """Which decoder FLAC goes to here, for the training log."""
+    lib = _library()
+    if lib is None:
+        return "soundfile (no libFLAC shared library found; install libFLAC for about 1.6x faster FLAC)"
+    return f"libFLAC {version()} ({lib._name})"
 
 
 @functools.cache

@@ -26,6 +26,7 @@ import torch
 
 from pretrain.config import write_run_record
 from pretrain.config.train import TrainConfig
+from pretrain.data import flac
 from pretrain.data.pipeline import ShardLoader
 from pretrain.distributed import read_env, requeue_slurm_job, slurm_job_id, slurm_restart_count
 from pretrain.distributed import engine as dist_engine
@@ -154,6 +155,8 @@ def _train(cfg: TrainConfig, argv: list[str] | None, fault: dict, dist, run_dir:
     dist_engine.barrier()
 
     loader = ShardLoader(cfg.data, rank=dist.rank, world_size=dist.world_size)
+    if dist.is_main:
+        log.info("FLAC decoding: %s", flac.describe())
     specs = [LabelSpec(ls.name, ls.num_classes, ls.label_rate) for ls in loader.label_sets]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.deepspeed.precision]
 

@@ -107,3 +107,4 @@ def test_each_thread_decodes_with_its_own_decoder(speech):
 
 def test_version_names_the_library():
     assert flac.version().startswith("1.")
+    assert flac.describe().startswith(f"libFLAC {flac.version()} (libFLAC")
