@@ -31,7 +31,7 @@ import numpy as np
 import soundfile as sf
 
 from pretrain.config.data import MixingConfig
-from pretrain.data.audio import EXTENSIONS, decode_into
+from pretrain.data.audio import EXTENSIONS, decode_into, num_samples
 from pretrain.data.shards import read_manifest
 from pretrain.utils import PretrainError
 
@@ -100,8 +100,10 @@ class NoiseBank:
 def _decode_segment(data: bytes, length: int, rng: np.random.Generator, tile: bool) -> np.ndarray:
     """float32 ``length`` samples at a random offset of the clip (tiled if ``tile`` and the clip
     is shorter; else the whole clip when it is shorter)."""
-    with sf.SoundFile(io.BytesIO(data)) as f:
-        total = f.frames
+    total = num_samples(data)  # from the header, without opening the clip in soundfile
+    if total is None:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            total = f.frames
     if total >= length:
         start = int(rng.integers(0, total - length + 1))
         out = np.empty(length, dtype=np.float32)
@@ -174,7 +176,7 @@ class Mixer:
             ratio = float(rng.uniform(low, high))
             try:
                 segment = _decode_segment(data, seg_len, rng, tile=use_noise)
-            except Exception as e:  # noqa: BLE001 - soundfile raises several types
+            except Exception as e:  # noqa: BLE001 - the decoders raise several types
                 raise PretrainError(f"mixing {item.shard}:{item.key} with {source}: the "
                                     f"{'noise clip' if use_noise else 'partner'} does not decode ({e})") from e
             seg_len = len(segment)

@@ -326,7 +326,8 @@ class SlotStream:
             lengths = [min(lengths)] * len(items)
         crops = [self._crop(item, length) for item, length in zip(items, lengths)]
         # Lengths are known from the metadata, so each utterance decodes straight into its row,
-        # in float32 (libsndfile's 1/32768 scale, in its decoding loop: no pass over the batch).
+        # in float32 (libsndfile's 1/32768 scale, applied as each sample is written: no pass
+        # over the batch).
         # Only the padding is zeroed: a zero-filled batch would be written twice.
         audio = torch.empty((len(items), max(length for _, length in crops)), dtype=torch.float32)
         pcm = audio.numpy()
