@@ -64,8 +64,8 @@ def _library() -> ctypes.CDLL | None:
 
 
 def available() -> bool:
-    """Whether a libFLAC shared library was found (then FLAC decodes here, not in soundfile)."""
-    return _library() is not None
+    """Whether FLAC decodes here (libFLAC found, numba importable), not in soundfile."""
+    return _library() is not None and _callbacks() is not None
 
 
 def version() -> str | None:
@@ -79,13 +79,17 @@ def describe() -> str:
     lib = _library()
     if lib is None:
         return "soundfile (no libFLAC shared library found; install libFLAC for about 1.6x faster FLAC)"
+    if _callbacks() is None:
+        return "soundfile (numba is not importable, and libFLAC's callbacks are compiled with it)"
     return f"libFLAC {version()} ({lib._name})"
 
 
 @functools.cache
-def _callbacks() -> tuple:
-    from pretrain.data import flac_callbacks as cb
-
+def _callbacks() -> tuple | None:
+    try:
+        from pretrain.data import flac_callbacks as cb
+    except ImportError:  # a bare image without numba (a dependency, but not always installed)
+        return None
     return cb, tuple(ctypes.c_void_p(f.address) for f in (cb.read, cb.seek, cb.tell, cb.length, cb.eof, cb.write))
 
 

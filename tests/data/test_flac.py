@@ -108,3 +108,9 @@ def test_each_thread_decodes_with_its_own_decoder(speech):
 def test_version_names_the_library():
     assert flac.version().startswith("1.")
     assert flac.describe().startswith(f"libFLAC {flac.version()} (libFLAC")
+
+
+def test_without_numba_flac_goes_to_soundfile(monkeypatch):
+    monkeypatch.setattr(flac, "_callbacks", lambda: None)
+    assert not flac.available()
+    assert flac.describe().startswith("soundfile (numba is not importable")
