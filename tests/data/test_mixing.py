@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from pretrain.data.mixing import NOISE, SPEECH
 from pretrain.utils import PretrainError
 
 from tests.data.resume_child import signature
-from tests.data.test_pipeline import data_cfg, make_loader, run_child
+from tests.data.test_pipeline import data_cfg, interrupted, make_loader, run_children
 
 pytestmark = pytest.mark.slow
 
@@ -94,12 +93,9 @@ def test_a_resumed_run_mixes_identically(small_shards, noise_shards, tmp_path, w
     full = make_loader(cfg)
     epoch0, epoch1 = [signature(b) for b in full], [signature(b) for b in full]
     n = len(epoch0)
-    for k in (1, n // 2):
-        loader = make_loader(cfg)
-        batches = iter(loader)
-        taken = [signature(next(batches)) for _ in range(k)]
-        state = json.loads(json.dumps(loader.state_dict()))
-        assert taken + run_child(cfg, state, tmp_path, count=2) == epoch0 + epoch1
+    runs = [interrupted(cfg, k) for k in (1, n // 2)]
+    for (taken, _), rest in zip(runs, run_children(cfg, [(state, 2) for _, state in runs], tmp_path)):
+        assert taken + rest == epoch0 + epoch1
     # and mixing really changed the audio (the signatures include it)
     clean = make_loader(data_cfg(small_shards, f"num_workers={workers}", "labels=[phones50]"))
     assert [signature(b) for b in clean] != epoch0

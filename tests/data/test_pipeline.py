@@ -81,14 +81,24 @@ def test_two_fresh_loaders_agree_and_epochs_differ(small_shards):
     assert epoch_signatures(make_loader(data_cfg(small_shards, "num_workers=2", "seed=9"))) != first_a
 
 
-def run_child(overrides: list[str], state: dict, tmp_path: Path, count: int, rank=0, world=1) -> list:
-    state_path = tmp_path / "state.json"
-    state_path.write_text(json.dumps(state))
-    proc = subprocess.run([sys.executable, str(CHILD), json.dumps(overrides), str(state_path), str(rank),
-                           str(world), str(count)], capture_output=True, text=True, timeout=300,
+def run_children(overrides: list[str], jobs: list[tuple[dict, int]], tmp_path: Path, rank=0, world=1) -> list:
+    """What follows each ``(state, count)`` of ``jobs``, each resumed by a new loader in one
+    fresh process (see resume_child.py)."""
+    states_path = tmp_path / "states.json"
+    states_path.write_text(json.dumps(jobs))
+    proc = subprocess.run([sys.executable, str(CHILD), json.dumps(overrides), str(states_path), str(rank),
+                           str(world)], capture_output=True, text=True, timeout=300,
                           cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.splitlines()[-1])
+
+
+def interrupted(cfg: list[str], k: int) -> tuple[list, dict]:
+    """The first ``k`` batches of a new loader, and its state then, as a checkpoint stores it."""
+    loader = make_loader(cfg)
+    batches = iter(loader)
+    taken = [signature(next(batches)) for _ in range(k)]
+    return taken, json.loads(json.dumps(loader.state_dict()))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -99,12 +109,10 @@ def test_resume_in_a_new_process_continues_exactly(small_shards, tmp_path, worke
     epoch0, epoch1 = epoch_signatures(full), epoch_signatures(full)
     n = len(epoch0)
     assert n >= 8
-    for k in sorted({0, 1, n // 2, n - 1}):
-        loader = make_loader(cfg)
-        batches = iter(loader)
-        taken = [signature(next(batches)) for _ in range(k)]  # k batches consumed, then killed
-        state = json.loads(json.dumps(loader.state_dict()))  # as a checkpoint stores it
-        rest = run_child(cfg, state, tmp_path, count=2)  # rest of epoch 0, then epoch 1
+    points = sorted({0, 1, n // 2, n - 1})
+    runs = [interrupted(cfg, k) for k in points]  # k batches consumed, then killed
+    rests = run_children(cfg, [(state, 2) for _, state in runs], tmp_path)  # rest of epoch 0, then epoch 1
+    for k, (taken, _), rest in zip(points, runs, rests):
         assert taken + rest == epoch0 + epoch1, f"interrupted after {k} of {n} batches"
 
 
@@ -119,11 +127,9 @@ def test_infinite_mode_resumes_across_epoch_boundaries(small_shards, tmp_path, w
     if workers == 0:  # one stream: its first 40 utterances are exactly epoch 0
         first_epoch = [k for sig in reference for k, _, _ in sig][:40]
         assert sorted(first_epoch) == sorted(manifest_keys(small_shards))
-    for k in (13, 27):
-        loader = make_loader(cfg)
-        batches = iter(loader)
-        taken = [signature(next(batches)) for _ in range(k)]
-        rest = run_child(cfg, json.loads(json.dumps(loader.state_dict())), tmp_path, count=45 - k)
+    runs = [interrupted(cfg, k) for k in (13, 27)]
+    rests = run_children(cfg, [(state, 45 - len(taken)) for taken, state in runs], tmp_path)
+    for (taken, _), rest in zip(runs, rests):
         assert taken + rest == reference
 
 

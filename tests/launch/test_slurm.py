@@ -250,6 +250,7 @@ def test_a_chain_runs_in_order_and_a_failed_stage_cancels_the_next(slurm_env, sm
 
 @pytest.mark.slurm
 @pytest.mark.slow
+@pytest.mark.long
 def test_training_under_slurm_submits_a_probe_job_per_checkpoint(slurm_env, small_shards, tmp_path):
     """probe.every under SLURM: the training job submits `pretrain probe` as a job of its own per
     probed checkpoint, with the profile it was launched with."""
