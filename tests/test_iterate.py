@@ -40,6 +40,7 @@ def iterate(run: Path, corpus: Path, eval_shards: Path, *overrides: str,
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
 
 
+@pytest.mark.long
 def test_two_iterations_rerun_interruption_and_invalidation(tiny_corpus, small_shards, tmp_path, caplog):
     import transformers
 
