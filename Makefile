@@ -3,8 +3,8 @@
 # afterwards.
 VENV ?= .venv
 DEMO_DIR ?= runs/demo
-# CI's suite: everything but the `long` end-to-end scenarios (about 10 minutes more on 2 cores),
-# which `make test-all` adds.
+# CI's suite: everything but the `long` end-to-end scenarios (README, "Tests"), which
+# `make test-all` adds.
 PYTEST_ARGS ?= -m "not long"
 
 .PHONY: setup demo test test-all

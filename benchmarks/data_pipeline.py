@@ -196,7 +196,7 @@ def main() -> None:
     wav_mixing_cost = medians["pipeline_wav"] / medians["pipeline_wav_mixing"]
     flac_own = medians["pipeline_flac"] / medians["raw_decode_flac_ours"]
     wav_own = medians["pipeline_wav"] / medians["raw_decode_wav_ours"]
-    decoder = f"libFLAC {flac.version()}" if flac.available() else "soundfile (no libFLAC found)"
+    decoder = flac.describe()
     print(f"  the pipeline's own decoders on whole files (FLAC: {decoder}; WAV: numpy): "
           f"FLAC {medians['raw_decode_flac_ours']:7.0f}x (pipeline {flac_own:.2f})   "
           f"WAV {medians['raw_decode_wav_ours']:7.0f}x (pipeline {wav_own:.2f})")

@@ -17,12 +17,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import logging
 import threading
 
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 # Sonames tried before asking ldconfig: libFLAC 1.5, 1.4, 1.3.
 _SONAMES = ("libFLAC.so.14", "libFLAC.so.12", "libFLAC.so.8", "libFLAC.dylib")
