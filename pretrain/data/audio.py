@@ -75,22 +75,22 @@ def num_samples(data: bytes) -> int | None:
     return None if wav is None else wav[1]
 
 
-def decode_into(data: bytes, start: int, out: np.ndarray) -> None:
+def decode_into(data: bytes, start: int, out: np.ndarray) -> int:
     """Decode samples ``[start, start + len(out))`` of FLAC/WAV bytes straight into the row
     ``out`` of the padded batch (no intermediate array, no copy): int16, or float32 scaled by
     1/32768 as libsndfile does for 16-bit audio.
 
     16 kHz mono 16-bit WAV is read by numpy from its header (no decoder), FLAC by libFLAC
     itself (``pretrain.data.flac``); anything else, or FLAC without libFLAC, by soundfile. All
-    three give the same samples (tested).
+    three give the same samples (tested). Returns how often decoding had to start over from
+    the stream's first frame (``flac.decode_into``; 0 for the other paths), for the metrics.
     """
     if data[:4] == b"fLaC" and flac.available():
-        flac.decode_into(data, start, out)
-        return
+        return flac.decode_into(data, start, out)
     wav = _pcm16_wav(data)
     if wav is None:
         _decode_into_soundfile(data, start, out)
-        return
+        return 0
     offset, total = wav
     if start + len(out) > total:
         raise ValueError(f"decoded {max(0, total - start)} samples from {start}, expected {len(out)}")
@@ -99,6 +99,7 @@ def decode_into(data: bytes, start: int, out: np.ndarray) -> None:
         out[:] = pcm
     else:
         np.multiply(pcm, np.float32(1.0 / 32768.0), out=out)
+    return 0
 
 
 def _pcm16_wav(data: bytes) -> tuple[int, int] | None:

@@ -27,8 +27,6 @@ _SONAMES = ("libFLAC.so.14", "libFLAC.so.12", "libFLAC.so.8", "libFLAC.dylib")
 # FLAC/stream_decoder.h enums, for messages.
 _ERRORS = ("lost sync", "bad frame header", "frame CRC mismatch", "unparseable stream", "bad metadata",
            "out of bounds", "missed frame sync")
-_STATES = ("search for metadata", "read metadata", "search for frame sync", "read frame", "end of stream",
-           "Ogg error", "seek error", "aborted", "memory allocation error", "uninitialized", "end of link")
 
 
 @functools.cache
@@ -50,13 +48,9 @@ def _library() -> ctypes.CDLL | None:
     lib.FLAC__stream_decoder_delete.argtypes = [p]
     lib.FLAC__stream_decoder_init_stream.argtypes = [p] * 10
     lib.FLAC__stream_decoder_init_stream.restype = ctypes.c_int
-    for name in ("process_until_end_of_stream", "finish"):
+    for name in ("process_until_end_of_metadata", "process_until_end_of_stream", "flush", "finish"):
         getattr(lib, f"FLAC__stream_decoder_{name}").argtypes = [p]
         getattr(lib, f"FLAC__stream_decoder_{name}").restype = ctypes.c_int
-    lib.FLAC__stream_decoder_seek_absolute.argtypes = [p, ctypes.c_uint64]
-    lib.FLAC__stream_decoder_seek_absolute.restype = ctypes.c_int
-    lib.FLAC__stream_decoder_get_state.argtypes = [p]
-    lib.FLAC__stream_decoder_get_state.restype = ctypes.c_int
     return lib
 
 
@@ -109,9 +103,14 @@ class _Decoder:
 _local = threading.local()
 
 
-def decode_into(data: bytes, start: int, out: np.ndarray) -> None:
+def decode_into(data: bytes, start: int, out: np.ndarray) -> int:
     """Decode samples ``[start, start + len(out))`` of 16 kHz mono 16-bit FLAC ``data`` into
     ``out`` (1-D, contiguous, float32 scaled by 1/32768 as libsndfile does, or int16).
+
+    A crop starts at the frame that holds ``start``, found by ``flac_callbacks.frame_offset``
+    (libFLAC's own seek is not used: see the module docstring). Where that frame cannot be
+    found, or decoding from it fails, the stream is decoded from its first frame instead.
+    Returns how many such restarts it took (0 or 1), for the data metrics.
 
     Raises ValueError naming what went wrong (libFLAC's error, a format other than 16 kHz mono
     16-bit, or fewer samples than asked for).
@@ -119,13 +118,50 @@ def decode_into(data: bytes, start: int, out: np.ndarray) -> None:
     if out.ndim != 1 or not out.flags.c_contiguous or out.dtype not in (np.float32, np.int16):
         raise TypeError(f"out must be a contiguous 1-D float32 or int16 array, got {out.dtype} {out.shape}")
     if len(out) == 0:
-        return
+        return 0
+    first, blocksize, min_frame, total = _layout(data)
+    if total is not None and start + len(out) > total:
+        raise ValueError(f"samples {start}..{start + len(out)} asked for, but the stream holds {total}")
+    cb, _ = _callbacks()
+    compressed = np.frombuffer(data, dtype=np.uint8)  # a view: its address is the bytes' own
+    frame = start // blocksize if blocksize else 0
+    offset = cb.frame_offset(compressed, first, frame, min_frame) if frame else first
+    if offset >= 0:
+        try:
+            _decode(compressed, offset, start - frame * blocksize, start, out)
+            return 0
+        except ValueError:
+            if offset == first:
+                raise
+    # The frame was not found (a variable-blocksize stream), or it did not decode from there.
+    _decode(compressed, first, start, start, out)
+    return 1
+
+
+def _layout(data: bytes) -> tuple[int, int, int, int | None]:
+    """(byte offset of the first frame, the fixed block size or 0 for a variable one, the
+    smallest frame's size in bytes or 0, the sample count or None) from the metadata blocks."""
+    num_samples(data)  # checks the STREAMINFO is there
+    min_block, max_block = int.from_bytes(data[8:10], "big"), int.from_bytes(data[10:12], "big")
+    pos = 4
+    while True:
+        if pos + 4 > len(data):
+            raise ValueError("FLAC metadata runs past the end of the stream")
+        last, size = data[pos] & 0x80, int.from_bytes(data[pos + 1:pos + 4], "big")
+        pos += 4 + size
+        if last:
+            break
+    return (pos, min_block if min_block == max_block else 0, int.from_bytes(data[12:15], "big"),
+            num_samples(data))
+
+
+def _decode(compressed: np.ndarray, offset: int, skip: int, start: int, out: np.ndarray) -> None:
+    """Decode from the frame at byte ``offset``, dropping its first ``skip`` samples, into ``out``."""
     cb, pointers = _callbacks()
     decoder = getattr(_local, "decoder", None)
     if decoder is None:
         decoder = _local.decoder = _Decoder()
     lib, handle, s = decoder.lib, decoder.handle, decoder.state
-    compressed = np.frombuffer(data, dtype=np.uint8)  # a view: its address is the bytes' own
     s[:] = 0
     s[cb.IN_ADDR], s[cb.IN_LEN] = compressed.ctypes.data, len(compressed)
     s[cb.OUT_ADDR], s[cb.OUT_LEN] = out.ctypes.data, len(out)
@@ -133,11 +169,12 @@ def decode_into(data: bytes, start: int, out: np.ndarray) -> None:
     status = lib.FLAC__stream_decoder_init_stream(handle, *pointers, None, cb.error.address, s.ctypes.data)
     if status != 0:
         raise ValueError(f"libFLAC could not start decoding (init status {status})")
-    state = None
     try:
-        if start and not lib.FLAC__stream_decoder_seek_absolute(handle, start):
-            state = lib.FLAC__stream_decoder_get_state(handle)
-        if s[cb.OUT_POS] < len(out) and s[cb.ERROR] == 0 and state is None:
+        if lib.FLAC__stream_decoder_process_until_end_of_metadata(handle) and s[cb.ERROR] == 0:
+            # Move the input to the frame and drop what libFLAC had read ahead: it then syncs
+            # on that frame, exactly as after a seek of its own.
+            s[cb.IN_POS], s[cb.SKIP] = offset, skip
+            lib.FLAC__stream_decoder_flush(handle)
             lib.FLAC__stream_decoder_process_until_end_of_stream(handle)
     finally:
         lib.FLAC__stream_decoder_finish(handle)
@@ -149,10 +186,6 @@ def decode_into(data: bytes, start: int, out: np.ndarray) -> None:
         code = int(s[cb.ERROR]) - 1
         raise ValueError(f"libFLAC: {_ERRORS[code] if code < len(_ERRORS) else f'error {code}'} "
                          f"after {got} of {len(out)} samples from sample {start}")
-    # A seek that fills the whole row from the target frame reports the abort as a failure.
-    if state is not None and got < len(out):
-        name = _STATES[state] if 0 <= state < len(_STATES) else str(state)
-        raise ValueError(f"libFLAC could not seek to sample {start} ({name})")
     if got != len(out):
         raise ValueError(f"decoded {got} samples from {start}, expected {len(out)}")
 

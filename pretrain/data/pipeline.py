@@ -331,11 +331,11 @@ class SlotStream:
         # Only the padding is zeroed: a zero-filled batch would be written twice.
         audio = torch.empty((len(items), max(length for _, length in crops)), dtype=torch.float32)
         pcm = audio.numpy()
-        good = []
+        good, restarts = [], 0
         for i, (item, (offset, length)) in enumerate(zip(items, crops)):
             pcm[i, length:] = 0.0
             try:
-                decode_into(item.audio, offset, pcm[i, :length])
+                restarts += decode_into(item.audio, offset, pcm[i, :length])
             except Exception as e:  # noqa: BLE001
                 self._skip_or_raise(f"shard {item.shard}, key '{item.key}': audio does not decode ({e})",
                                     counts, "decode_errors")
@@ -357,6 +357,9 @@ class SlotStream:
             "keys": [item.key for item in items],
             "audio": audio,
             "mixing": mixing,  # per row: 0 clean, 1 speech mixed in, 2 noise mixed in
+            # FLAC crops that were decoded from the stream's start, their frame not found
+            # (pretrain.data.flac): logged, as a rising count would mean slower data workers.
+            "decode_restarts": restarts,
             "padding_mask": torch.arange(pcm.shape[1])[None, :] >= lengths[:, None],
             "lengths": lengths,
             "offsets": torch.tensor([offset for offset, _ in crops], dtype=torch.long),

@@ -463,6 +463,7 @@ def _local_sums(outs, micro, specs, global_masked, world) -> dict[str, float]:
             # WavLM mixing, per row: 1 speech, 2 noise mixed in (the data workers decide)
             "mixed_speech": sum(int((b["mixing"] == 1).sum()) for b in micro),
             "mixed_noise": sum(int((b["mixing"] == 2).sum()) for b in micro),
+            "decode_restarts": sum(b["decode_restarts"] for b in micro),
             "steps": 1.0 / world}
     for spec in specs:
         for kind in ("masked", "unmasked"):
@@ -483,6 +484,7 @@ def _metrics(totals, specs, lr, engine, elapsed, data_wait, world) -> dict:
         "data_wait_s": data_wait / steps,
         "mixed_speech_frac": totals["mixed_speech"] / max(totals["utterances"], 1),
         "mixed_noise_frac": totals["mixed_noise"] / max(totals["utterances"], 1),
+        "decode_restarts": totals["decode_restarts"],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         # DeepSpeed's own count of optimizer steps: equal to `step` when every step reaches
         # its accumulation boundary (skipped non-finite steps count too).
