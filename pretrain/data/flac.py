@@ -5,8 +5,18 @@ conversion and, for bytes in memory, calls back into Python for every read and s
 the same files, libFLAC alone is about 1.6x faster on this project's shards
 (``benchmarks/data_pipeline.py`` prints both). Here libFLAC's stream decoder reads the
 compressed bytes where they lie and writes each decoded frame straight into the batch row,
-through callbacks compiled with numba (``flac_callbacks``): an utterance, or a crop of it
-(libFLAC seeks to its first sample), decodes in a handful of calls and no Python runs per frame.
+through callbacks compiled with numba (``flac_callbacks``): an utterance, or a crop of it,
+decodes in a handful of calls and no Python runs per frame.
+
+Crops do not use libFLAC's seek. Without a seek table it bisects the stream by byte position,
+syncs on the first thing that looks like a frame header, and libFLAC 1.4.2 (Debian 12's) fails
+the whole seek when that is compressed audio that happens to carry a sync code and a valid
+CRC-8: in the demo's shards a variable-blocksize "header" inside a fixed-blocksize stream, so
+that 2 of 31,061 crops of valid files were refused. Here the crop's frame is found by walking the
+frame headers from the first (``flac_callbacks.frame_offset``: sync code of the stream's own
+blocking, CRC-8, and the frame number expected next), the input is moved there and libFLAC
+decodes on, the first samples of that frame dropped in the write callback. A frame that still
+does not decode from there (never seen) is decoded from the stream's start, and counted.
 
 The samples equal soundfile's exactly (tested). Where no libFLAC shared library is installed,
 ``available()`` is false and ``pretrain.data.audio`` decodes FLAC with soundfile instead.
