@@ -81,7 +81,17 @@ def main(argv: list[str] | None = None) -> int:
         # know it; 127.0.0.1 would make each node its own master.
         parser.error("with --nnodes > 1 give --master-addr (node 0's address) and --master-port, "
                      "the same on every node")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
+    # One check of the whole config before any worker starts: an error is then one line, not
+    # the same error from every rank followed by torchrun's report.
+    from pretrain.config import ConfigError
+    from pretrain.stages import resolve
+
+    try:
+        resolve(command[1:])
+    except ConfigError as e:
+        print(f"{e.prog}: config error: {e}", file=sys.stderr)
+        return 2
+    torchrun = [sys.executable, "-m", "launch.elastic", "--nproc_per_node", str(args.nproc),
                 "--nnodes", str(args.nnodes), "--node_rank", str(args.node_rank),
                 "--master_addr", args.master_addr or "127.0.0.1", "--master_port", str(args.port or free_port()),
                 "-m", "pretrain.cli", *command[1:]]

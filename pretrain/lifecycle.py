@@ -21,6 +21,14 @@ writing checkpoints. ``launch local`` puts its pid in ``PRETRAIN_LAUNCHER_PID``;
 the kernel for SIGKILL when its parent dies (``prctl(PR_SET_PDEATHSIG)``), then checks that
 the parent is still that launcher (it may have died before the request).
 
+Failing fast. A training process that meets any error ends at once (``fail_fast``): the error,
+with the rank, is the last thing it prints; its data workers and background probes are killed
+(a data worker ignores SIGTERM, and at a normal exit Python would wait for it forever); the run
+lock goes with the process. The launcher (torchrun, ``srun --kill-on-bad-exit``) then stops the
+other ranks, which would otherwise wait in a collective. ``StallWatchdog`` does the same for a
+process whose training steps stop completing without an error: it writes every thread's
+Python stack to the run directory first.
+
 The run lock. ``RunLock`` is an exclusive ``flock`` on ``<dir>/.lock`` whose content names the
 holder (host, pid, SLURM job, command, start time). A second training or ``iterate`` in the same
 directory is refused with the holder's name. The kernel drops the lock when its holder dies, so
@@ -31,14 +39,19 @@ holder. (On NFS, flock is forwarded to the server as a POSIX lock by Linux clien
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import json
 import logging
+import multiprocessing
 import os
 import signal
 import socket
 import sys
+import threading
 import time
+import traceback
 from pathlib import Path
+from typing import Callable, NoReturn
 
 from pretrain.utils import PretrainError
 
@@ -123,6 +136,133 @@ def install_early(argv: list[str]) -> None:
     # Training, directly or as an iterate stage run in this process (a SLURM job).
     if words[:1] == ["train"] or (words[:1] == ["iterate"] and only.endswith(".train")):
         Stop.install()
+
+
+# --------------------------------------------------------------------------- failing fast
+
+_on_abort: list[Callable[[], None]] = []
+
+
+def on_abort(callback: Callable[[], None]) -> Callable[[], None]:
+    """Run ``callback`` (stop a child process of ours) if this process fails fast; returns a
+    function that forgets it again."""
+    _on_abort.append(callback)
+    return lambda: _on_abort.remove(callback) if callback in _on_abort else None
+
+
+def _message(error: BaseException | str) -> str:
+    if isinstance(error, str):
+        return error
+    text = str(error)
+    if "\nOriginal Traceback" in text:
+        # Re-raised by the DataLoader from a data worker: the worker's own last line.
+        last = text.strip().splitlines()[-1]
+        return f"{type(error).__name__}: {last.split(': ', 1)[1] if ': ' in last else last}"
+    return f"{type(error).__name__}: {text}"
+
+
+def peer_lost(error: BaseException | str) -> bool:
+    """Whether ``error`` is a collective failing because another rank is gone (gloo, NCCL or
+    torch.distributed's own errors): the consequence of a failure elsewhere, not its cause."""
+    if isinstance(error, str):
+        return False
+    name = type(error).__name__
+    text = str(error)
+    return name.startswith("Dist") or "gloo/transport" in text or "NCCL" in text or "ProcessGroup" in text
+
+
+def fail_fast(prog: str, rank: int, error: BaseException | str, code: int = 1) -> NoReturn:
+    """End this process now, with exit status ``code``, after ``error``.
+
+    The error is printed last, naming the rank: one line for an error the user can fix
+    (``PretrainError``), for a peer that is gone, and for a data worker's error; the traceback
+    before it for anything else. Under torchrun it is also written to the worker's error file,
+    from which ``launch local`` repeats the first cause as the job's last line. Children are
+    killed, not asked: a DataLoader worker ignores SIGTERM (SLURM signals every process of a
+    task), and what Python does at a normal exit (join every child) would then never end.
+    """
+    message, lost = _message(error), peer_lost(error)
+    if lost:
+        message = f"lost contact with another rank, which probably failed first ({message})"
+    elif isinstance(error, BaseException) and not isinstance(error, (PretrainError, FileExistsError,
+                                                                     FileNotFoundError)):
+        traceback.print_exception(error, file=sys.stderr)
+    for callback in list(_on_abort):
+        try:
+            callback()
+        except Exception:  # noqa: BLE001 - nothing may keep this process alive
+            pass
+    for child in multiprocessing.active_children():
+        child.kill()
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        try:
+            # torchrun's error-file format, plus what launch.elastic needs to name the cause.
+            with open(error_file, "w") as f:
+                json.dump({"message": message, "timestamp": int(time.time()),
+                           "pretrain": {"time": time.time(), "peer_lost": lost}}, f)
+        except OSError:
+            pass
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.write(f"{prog}: error on rank {rank}: {message}\n")
+    sys.stderr.flush()
+    os._exit(code)
+
+
+class StallWatchdog:
+    """Ends a process whose training steps stop completing (``train.stall_timeout``).
+
+    ``beat()`` after every step. If none comes within the limit (``startup`` until the first
+    beat: process group, checkpoint loading, compiling and the first batch take longer than a
+    step), the stacks of every Python thread are written to ``run_dir/stacks/rank_R.txt``
+    (faulthandler, which needs no cooperation from the stuck thread) and the process fails
+    fast. Every rank runs one, so a wedged rank and the ranks waiting for it all leave their
+    stacks. A limit of 0 turns it off."""
+
+    def __init__(self, run_dir: Path, rank: int, stall: float, startup: float, prog: str = "pretrain train"):
+        self.path = Path(run_dir) / "stacks" / f"rank_{rank}.txt"
+        self.rank, self.stall, self.startup, self.prog = rank, stall, startup, prog
+        self._last = time.monotonic()
+        self._stepped = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "StallWatchdog":
+        if self.stall > 0 or self.startup > 0:
+            self._thread = threading.Thread(target=self._watch, name="stall-watchdog", daemon=True)
+            self._thread.start()
+        return self
+
+    def beat(self) -> None:
+        self._last = time.monotonic()
+        self._stepped = True
+
+    @property
+    def _limit(self) -> float:
+        return self.stall if self._stepped else self.startup
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            waited = time.monotonic() - self._last
+            if self._limit > 0 and waited > self._limit:
+                self._fire(waited)
+            self._stop.wait(min(5.0, max(self._limit - waited, 0.1)) if self._limit > 0 else 5.0)
+
+    def _fire(self, waited: float) -> None:
+        what, field = (("no training step completed", "stall_timeout") if self._stepped else
+                       ("the first training step did not complete", "startup_timeout"))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "w") as f:
+            f.write(f"{what} in {waited:.0f} s (train.{field}={self._limit:g}); the stacks of every thread of "
+                    f"rank {self.rank} (pid {os.getpid()}, host {socket.gethostname()}):\n")
+            f.flush()
+            faulthandler.dump_traceback(f, all_threads=True)
+        fail_fast(self.prog, self.rank, f"{what} in {waited:.0f} s (train.{field}={self._limit:g}); "
+                  f"the Python stacks of every thread are in {self.path}", code=3)
 
 
 # --------------------------------------------------------------------------- the run lock

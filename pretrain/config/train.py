@@ -187,6 +187,21 @@ class TrainConfig:
     max_bad_steps: int = 10
     """Stop after this many consecutive steps with a non-finite loss or gradient norm."""
 
+    stall_timeout: float = 1800.0
+    """Seconds without a completed training step (checkpoint saves and validation included)
+    after which every rank writes its Python stacks to ``run_dir/stacks/`` and the job stops
+    with an error: a wedged rank, file system or data source must not hold a cluster's GPUs
+    forever. 0 turns the watchdog off."""
+
+    startup_timeout: float = 3600.0
+    """The same limit until the first step completes (process group, checkpoint loading,
+    ``model.compile``, the first batches take longer than a step). 0: no limit."""
+
+    collective_timeout: float = 1800.0
+    """Seconds a collective operation (all-reduce, barrier) may wait for the other ranks before
+    it fails, so that a rank that died without its launcher noticing cannot hold the others
+    forever. Ranks wait in one while rank 0 saves a checkpoint: keep it above the save time."""
+
     def validate(self) -> None:
         if self.model.objective == "data2vec":
             if self.data.labels:
@@ -204,6 +219,11 @@ class TrainConfig:
             raise ConfigError("training needs at least one label set", field="data.labels")
         if self.max_bad_steps < 1:
             raise ConfigError(f"must be >= 1, got {self.max_bad_steps}", field="max_bad_steps")
+        for name in ("stall_timeout", "startup_timeout"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"must be >= 0 (0 turns it off), got {getattr(self, name)}", field=name)
+        if self.collective_timeout <= 0:
+            raise ConfigError(f"must be > 0, got {self.collective_timeout}", field="collective_timeout")
         if self.max_requeues < 0:
             raise ConfigError(f"must be >= 0, got {self.max_requeues}", field="max_requeues")
         if self.valid_every < 1 or self.valid_batches < 1:

@@ -22,7 +22,11 @@ from pretrain.config.train import TrainConfig
 from pretrain.distributed import DistEnv, export_env
 
 
-def init_process_group(dist_env: DistEnv) -> None:
+def init_process_group(dist_env: DistEnv, timeout: float = 1800.0) -> None:
+    """Join the job's process group; every collective then fails after ``timeout`` seconds
+    without the other ranks (``train.collective_timeout``)."""
+    import datetime
+
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     export_env(dist_env)
@@ -30,7 +34,8 @@ def init_process_group(dist_env: DistEnv) -> None:
 
     if torch.cuda.is_available():
         torch.cuda.set_device(dist_env.local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                               timeout=datetime.timedelta(seconds=timeout))
 
 
 def deepspeed_config(cfg: TrainConfig, load_universal: bool = False) -> dict:

@@ -17,6 +17,7 @@ import logging
 import os
 import resource
 import signal
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -31,7 +32,7 @@ from pretrain.data.pipeline import ShardLoader
 from pretrain.distributed import read_env, requeue_slurm_job, slurm_job_id, slurm_restart_count
 from pretrain.distributed import engine as dist_engine
 from pretrain.frames import conv_num_frames
-from pretrain.lifecycle import RunLock, Stop
+from pretrain.lifecycle import RunLock, StallWatchdog, Stop
 from pretrain.model.checkpoint import build_model, load_model, load_teacher_state, resolve_model_file, save_model
 from pretrain.model.data2vec import EmaTeacher, ema_decay, spread
 from pretrain.model.hubert import HubertPretrain, LabelSpec
@@ -127,7 +128,9 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, fault: dict | None = 
     rank's loss at that step; ``{"nan_grad_at": step, "rank": r}`` into one gradient;
     ``{"kill_at": step, "rank": r}`` SIGKILLs rank r mid-step; ``{"crash_save": {"step",
     "phase", "rank"}}`` SIGKILLs a rank inside a save (see ``SAVE_PHASES``);
-    ``{"exit_after_save": step}`` ends the process right after saving.
+    ``{"exit_after_save": step}`` ends the process right after saving; ``{"raise_at": step,
+    "rank": r, "where": "forward" | "save" | "probe"}`` raises an error there; ``{"stall_at":
+    step, "rank": r}`` makes rank r hang in that step.
     """
     fault = fault or {}
     # Normally installed before the heavy imports (pretrain.cli); here for other in-process callers.
@@ -149,7 +152,9 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, fault: dict | None = 
 
 def _train(cfg: TrainConfig, argv: list[str] | None, fault: dict, dist, run_dir: Path,
            cleanup: contextlib.ExitStack) -> dict:
-    dist_engine.init_process_group(dist)
+    watchdog = StallWatchdog(run_dir, dist.rank, cfg.stall_timeout, cfg.startup_timeout).start()
+    cleanup.callback(watchdog.stop)
+    dist_engine.init_process_group(dist, cfg.collective_timeout)
     if dist.is_main:
         write_run_record(run_dir, cfg, argv)
     dist_engine.barrier()
@@ -218,16 +223,20 @@ def _train(cfg: TrainConfig, argv: list[str] | None, fault: dict, dist, run_dir:
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
 
+        here = dist.rank == fault.get("rank", dist.rank)
+        if fault.get("stall_at") == step + 1 and here:
+            log.warning("test fault: this rank hangs in step %d", step + 1)
+            threading.Event().wait()
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(ga)]
         data_wait += time.perf_counter() - t0
         masks = [model.draw_mask(b["lengths"], b["audio"].shape[1], b["labels"],
                                  np.random.default_rng([cfg.seed, step, dist.rank, i]))
                  for i, b in enumerate(micro)]
-        here = dist.rank == fault.get("rank", dist.rank)
         nan_here = fault.get("nan_at") == step and fault.get("nan_rank") == dist.rank
+        raise_here = fault.get("where") if fault.get("raise_at") == step + 1 and here else None
         step_fault = {"kill": fault.get("kill_at") == step and here,
-                      "nan_grad": fault.get("nan_grad_at") == step and here}
+                      "nan_grad": fault.get("nan_grad_at") == step and here, "raise": raise_here == "forward"}
         outs, skipped, global_masked = forward_backward(engine, micro, masks, dist.world_size, dtype,
                                                         nan_here, step_fault, teacher=teacher)
         if skipped:
@@ -237,6 +246,7 @@ def _train(cfg: TrainConfig, argv: list[str] | None, fault: dict, dist, run_dir:
                 group["lr"] = 0.0
         applied = dist_engine.optimizer_step(engine)
         step += 1
+        watchdog.beat()
         if teacher is not None:
             # Every step, applied or skipped (a skipped one left the student as it was): the
             # decay schedule follows the step count, so a resumed run continues it exactly.
@@ -294,12 +304,16 @@ def _train(cfg: TrainConfig, argv: list[str] | None, fault: dict, dist, run_dir:
         usr1, term = (v > 0 for v in dist_engine.all_reduce_sum([float(Stop.usr1), float(Stop.term)]))
         preempted = usr1 or term
         if step % cfg.checkpoint.every == 0 or step == cfg.optim.max_steps or preempted:
+            if raise_here == "save":
+                raise RuntimeError(f"test fault: an error while saving step {step}")
             rank_state = {"step": step, "data": loader.state_dict(), "rng": rng_state()}
             weights = dist_engine.full_state_dict(engine)  # every rank: a collective under ZeRO 3
             checkpoints.save(engine, step, rank_state, config_hash(cfg),
                              model_file=lambda path: save_model(
                                  path, model, weights, teacher=None if teacher is None else teacher.state_dict()),
                              meta=_shape_record(cfg, specs))
+            if raise_here == "probe":
+                raise PretrainError(f"test fault: the probe of step {step} could not start")
             if dist.is_main and probes.due(step):
                 probes.start(step, run_dir / "checkpoints" / f"step_{step}")
             if fault.get("exit_after_save") == step:
@@ -308,6 +322,7 @@ def _train(cfg: TrainConfig, argv: list[str] | None, fault: dict, dist, run_dir:
         if preempted and step < cfg.optim.max_steps:
             logger.close()
             return {**last, "preempted_at": step, "exit_code": handle_preemption(step, cfg, dist, term=term)}
+    watchdog.stop()  # the probes' bounded wait below is not a step
     if dist.is_main:
         probes.finish(logger)
     logger.close()
@@ -393,6 +408,8 @@ def forward_backward(engine, micro: list[dict], masks: list[torch.Tensor], world
         if fault.get("kill"):
             log.warning("test fault: killing this rank mid-step")
             os.kill(os.getpid(), signal.SIGKILL)
+        if fault.get("raise"):
+            raise RuntimeError("test fault: an error in the forward pass")
         loss = out["loss_sum"] * float("nan") if inject_nan else out["loss_sum"]
         # All ranks learn whether any rank's loss is non-finite before anyone's backward.
         if dist_engine.all_reduce_sum([float(not torch.isfinite(loss).item())])[0] > 0:

@@ -17,12 +17,14 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from pretrain.config.train import TrainConfig
+from pretrain.lifecycle import on_abort
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,17 @@ class ProbeScheduler:
         self.enabled = enabled and cfg.probe.every > 0
         self.slurm = slurm_job is not None
         self.running: dict[int, subprocess.Popen] = {}
+        # A trainer that fails takes its local probes with it (nothing of a failed job runs on).
+        on_abort(self.kill)
+
+    def kill(self) -> None:
+        """Stop the local probes still running, with everything they started."""
+        for proc in self.running.values():
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     def due(self, step: int) -> bool:
         return self.enabled and (step % self.every_steps == 0 or step == self.max_steps)
