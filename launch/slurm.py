@@ -148,6 +148,12 @@ def _prepare_iterate(cfg, profile: SlurmProfile, job_dir: str | None, tasks: int
 
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         RunLock(cfg.run_dir, "launch slurm iterate").acquire()  # held until this command exits
+        # What `pretrain status` reads, from the chain's first minute (a local iterate writes the
+        # same at its start).
+        from pretrain.config import write_run_record
+
+        write_run_record(cfg.run_dir, cfg, ["launch", "slurm", *argv])
+        (Path(cfg.run_dir) / it.STAGES_DIR).mkdir(exist_ok=True)
     it.invalidate_changed(cfg, stages, delete=not dry_run)
     states = it.status(cfg, stages)
     jobs = []

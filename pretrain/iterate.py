@@ -613,8 +613,11 @@ def run_stage(cfg: IterateConfig, stage: PlannedStage, in_process: bool = False)
     if in_process:
         from pretrain.stages import execute
 
+        # Built from the environment before it is replaced: the job's rank, array task, PATH and
+        # the profile's exports must all reach the stage (clearing first lost every one).
+        env = _stage_env(stage, child=False)
         os.environ.clear()
-        os.environ.update(_stage_env(stage, child=False))
+        os.environ.update(env)
         code = execute([*stage.argv, "--no-progress"])  # training exits inside (engine.shutdown)
     else:
         if stage.train:
@@ -656,6 +659,14 @@ def iterate(cfg: IterateConfig, argv: list[str] | None = None) -> int:
             log.info("stage %s: done already, nothing to do", only)
             return 0
         run_stage(cfg, stage, in_process=True)
+        from pretrain.distributed import read_env
+
+        # Under SLURM each stage is a job: the one that completes the chain writes the report
+        # (training stages exit inside, so the chain never ends with one: probes follow it).
+        if read_env().rank == 0 and all(state == "done" for state in status(cfg, stages).values()):
+            from pretrain.report import write_report
+
+            log.info("every stage is done; report: %s", write_report(cfg, stages))
         return 0
     from pretrain.lifecycle import RunLock
 

@@ -7,7 +7,8 @@ recent step time); the newest checkpoint; label quality per iteration. For a ``t
 directory: the training part alone. ``--json`` prints the same as one JSON object.
 
 Stage states: ``done`` (finished, and its config unchanged), ``running`` (an attempt is open
-and the run's lock is held, or its SLURM job is pending or running), ``failed`` (an attempt
+and the run's lock is held, or its SLURM job is pending or running), ``stalled`` (a running
+training whose last logged step is older than several logging intervals), ``failed`` (an attempt
 is open, but nothing holds the run or runs its job), ``stale`` (its config changed since it ran:
 the next ``iterate`` redoes it and what follows), ``pending`` (never started).
 """
@@ -73,10 +74,13 @@ def training(train_dir: Path) -> dict | None:
     if not train_dir.is_dir():
         return None
     out: dict = {"dir": str(train_dir)}
+    log_every = 1
     try:
         from omegaconf import OmegaConf
 
-        out["max_steps"] = int(OmegaConf.load(train_dir / "config.yaml").optim.max_steps)
+        saved = OmegaConf.load(train_dir / "config.yaml")
+        out["max_steps"] = int(saved.optim.max_steps)
+        log_every = int(OmegaConf.select(saved, "log.every", default=1))
     except Exception:  # a run that never started has no config; the status still shows the rest
         out["max_steps"] = None
     rows = [r for r in read_jsonl(metrics_path) if "loss" in r] if metrics_path.is_file() else []
@@ -97,7 +101,21 @@ def training(train_dir: Path) -> dict | None:
     out["running"] = holder is not None
     if holder:
         out["holder"] = holder
+    if rows and holder is not None and last.get("step_time_s"):
+        # A line is logged every log.every steps; no line for several of those intervals (a
+        # checkpoint save fits in one) while the run still holds its directory means it is stuck.
+        interval = log_every * last["step_time_s"]
+        age = time.time() - metrics_path.stat().st_mtime
+        if age > max(STALLED_INTERVALS * interval, STALLED_MIN_SECONDS):
+            out["stalled_s"] = age
     return out
+
+
+STALLED_INTERVALS = 5
+"""A running training run is shown ``stalled`` when its last metrics line is older than this
+many logging intervals (``log.every`` x the step time) ..."""
+STALLED_MIN_SECONDS = 300
+"""... and than this (a checkpoint save or a probe start may hold a step that long)."""
 
 
 def iterate_status(run: Path) -> dict:
@@ -131,14 +149,19 @@ def iterate_status(run: Path) -> dict:
             active = holder is not None or (bool(slurm_state) and slurm_state[0] in _ACTIVE_SLURM)
             row["state"] = "running" if active else "failed"
         rows.append(row)
+    trainings = {}
     iterations = []
     for i in range(1, len(cfg.iterations) + 1):
         entry = {"iteration": i, "train": training(run / f"it{i}" / "train")}
+        trainings[f"it{i}.train"] = entry["train"]
         for name in ("quality", "heldout", "mfcc_heldout"):
             path = run / f"it{i}" / name / "quality.json"
             if path.is_file():
                 entry[f"pnmi_{name}"] = json.loads(path.read_text())["pnmi"]
         iterations.append(entry)
+    for row in rows:
+        if row["state"] == "running" and (trainings.get(row["name"]) or {}).get("stalled_s"):
+            row["state"] = "stalled"
     return {"run_dir": str(run), "kind": "iterate", "running": holder is not None, "holder": holder,
             "stages": rows, "iterations": iterations}
 
@@ -168,7 +191,9 @@ def _train_line(t: dict | None) -> str:
         parts.append(f"masked acc {t['acc_masked']:.3f}")
     if t.get("audio_s_per_s") is not None:
         parts.append(f"{t['audio_s_per_s']:.0f} audio-s/s")
-    if t.get("eta_s") is not None and t["step"] < (t["max_steps"] or 0):
+    if t.get("stalled_s") is not None:
+        parts.append(f"STALLED: no step logged for {_duration(t['stalled_s'])}")
+    elif t.get("eta_s") is not None and t["step"] < (t["max_steps"] or 0):
         parts.append(f"ETA {_duration(t['eta_s'])}" + ("" if t.get("running") else " (when resumed)"))
     parts.append(f"checkpoint {t.get('checkpoint') or '-'}")
     if t.get("quarantined"):
@@ -179,7 +204,7 @@ def _train_line(t: dict | None) -> str:
 def format_status(s: dict) -> str:
     if s["kind"] == "train":
         t = s["train"]
-        state = "running" if t and t.get("running") else "not running"
+        state = ("stalled" if t.get("stalled_s") else "running") if t and t.get("running") else "not running"
         return f"{s['run_dir']} (train, {state}): {_train_line(t)}\n"
     from pretrain.lifecycle import RunLock
 

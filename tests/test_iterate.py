@@ -181,6 +181,21 @@ def test_an_fbank_run_with_export_is_refused_before_anything_runs(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_an_evaluation_corpus_too_small_for_the_probe_split_is_refused_at_once(tmp_path):
+    from pretrain.config import ConfigError, load_config
+    from pretrain.config.iterate import IterateConfig
+
+    overrides = [f"run_dir={tmp_path / 'run'}"]
+    with pytest.raises(ConfigError, match=r"eval.synth_hours.*0.02 h gives about 0.9 utterances per voice \(11 "
+                                          r"voices.*needs 3 per voice: set at least 0.06"):
+        load_config(IterateConfig, [REPO / "configs/demo.yaml"], [*overrides, "eval.synth_hours=0.02"])
+    # The demo's own, and an eval set of fewer voices, pass.
+    load_config(IterateConfig, [REPO / "configs/demo.yaml"], overrides)
+    load_config(IterateConfig, [REPO / "configs/demo.yaml"],
+                [*overrides, "eval.synth_hours=0.02", "eval.synth_voices=[flite-slt,flite-awb]"])
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_protocol_corpus_axes_reach_both_corpora_and_old_runs_keep_their_fingerprints(tmp_path):
     """Voices, sentence length and speaking rate of the synthesized corpora; the held-out one has
     every voice unless told otherwise; a rate left at 1.0 fingerprints as runs made before

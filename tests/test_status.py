@@ -4,6 +4,8 @@ tests/test_iterate.py)."""
 from __future__ import annotations
 
 import json
+import os
+import time
 
 from pretrain.stages import execute
 
@@ -26,3 +28,30 @@ def test_status_of_a_training_run_as_table_and_json(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "(train, not running): step 6/20, loss 4.400, masked acc 0.060, 90 audio-s/s, ETA 0m21s" in table
     assert execute(["status", str(tmp_path / "nothing")]) == 1
+
+
+def test_a_running_training_without_new_steps_is_stalled(tmp_path, capsys):
+    from pretrain.lifecycle import RunLock
+
+    run = tmp_path / "train"
+    run.mkdir()
+    (run / "config.yaml").write_text("optim:\n  max_steps: 20\nlog:\n  every: 2\n")
+    metrics = run / "metrics.jsonl"
+    metrics.write_text(json.dumps({"step": 6, "loss": 4.0, "step_time_s": 1.5}) + "\n")
+    lock = RunLock(run, "pretrain train").acquire()
+    try:
+        assert execute(["status", str(run)]) == 0
+        assert "(train, running): step 6/20, loss 4.000, ETA 0m21s" in capsys.readouterr().out
+        # 10 minutes without a line, where one comes every 3 s: stalled, and no ETA.
+        old = time.time() - 600
+        os.utime(metrics, (old, old))
+        assert execute(["status", str(run), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["train"]["stalled_s"] >= 600
+        assert execute(["status", str(run)]) == 0
+        out = capsys.readouterr().out
+        assert "(train, stalled): step 6/20, loss 4.000, STALLED: no step logged for 10m" in out and "ETA" not in out
+    finally:
+        lock.release()
+    # Not held: a run that stopped is not stalled, whatever the age of its last line.
+    assert execute(["status", str(run)]) == 0
+    assert "(train, not running)" in capsys.readouterr().out

@@ -213,3 +213,23 @@ class IterateConfig:
         if self.eval.synth_hours is not None and self.corpus.synth_hours is None:
             raise ConfigError("eval.synth_hours needs a synthesized training corpus (corpus.synth_hours) to "
                               "take the voices and seed from; give eval.shards instead", field="eval.synth_hours")
+        if self.eval.synth_hours is not None and self.eval.probes:
+            self._check_eval_size()
+
+    def _check_eval_size(self) -> None:
+        """Refuse, before anything runs, an evaluation corpus too small for the probes' split:
+        within each voice probe-train, probe-dev and probe-test each get an utterance only from
+        3 utterances on (``pretrain.probe.data.split_counts``), so with about 2 per voice or
+        fewer probe-dev is empty, which the probes would find only after training."""
+        from pretrain.config.corpus import ALL_VOICES
+
+        voices = len(self.eval.synth_voices or ALL_VOICES)
+        # Measured: the demo's 1-hour corpus (max_clauses 3) holds 516 utterances, 7.0 s each on
+        # average; a clause is about half of that.
+        seconds = 3.5 * (1 + self.corpus.synth_max_clauses) / 2 * self.corpus.synth_stretch
+        per_voice = self.eval.synth_hours * 3600 / seconds / voices
+        if per_voice < 2:
+            need = 3 * seconds * voices / 3600
+            raise ConfigError(f"{self.eval.synth_hours} h gives about {per_voice:.1f} utterances per voice ({voices} "
+                              f"voices, about {seconds:.1f} s each), and the probes' train/dev/test split needs 3 per "
+                              f"voice: set at least {need:.2f}", field="eval.synth_hours")
