@@ -315,3 +315,68 @@ def test_dry_run_quotes_paths_parses_times_and_hides_credentials(tmp_path):
     assert proc.returncode == 1 and "contains '%': SLURM expands '%' in log paths" in proc.stderr
     proc = dry("--set", "time=90", f"run_dir={tmp_path}")
     assert proc.returncode == 2 and "field 'time': '90' is a bare number, which SLURM reads as minutes" in proc.stderr
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.long
+def test_launch_slurm_iterate_runs_the_whole_chain_through_a_preemption(slurm_env, tiny_corpus, small_shards,
+                                                                       tmp_path, monkeypatch):
+    """Two iterations as a chain of SLURM jobs (array stages on 2 tasks, training on 2 ranks),
+    iteration 2's training preempted with USR1: every job ends COMPLETED, the report is
+    written, and `pretrain status` reads the run from its submission on."""
+    from pretrain.status import format_status, run_status
+    from tests.test_iterate import OVERRIDES
+
+    run = tmp_path / "run"
+    overrides = [o for o in OVERRIDES(run, tiny_corpus, small_shards) if not o.startswith("iterations.1.max_steps")]
+    proc = launch(slurm_env, "iterate", "--config", str(REPO / "configs/demo.yaml"), *overrides,
+                  "iterations.1.max_steps=16")
+    jobs = {line.split("\t")[1].removeprefix("iterate "): line.split("\t")[0]
+            for line in proc.stdout.splitlines() if "\t" in line}
+    assert list(jobs)[-1] == "export" and "it2.train" in jobs and len(jobs) >= 15
+    # Readable from the first minute: every stage, with its SLURM job.
+    monkeypatch.setenv("SLURM_CONF", slurm_env["SLURM_CONF"])
+    first = run_status(run)
+    assert [row["name"] for row in first["stages"]] == list(jobs)
+    assert all(row["slurm_job"] == jobs[row["name"]] for row in first["stages"])
+    assert {row["slurm_state"] for row in first["stages"]} <= {"PENDING", "RUNNING", "CONFIGURING"}
+    assert "PENDING" in format_status(first)
+
+    # Every job's states (an array job's: its tasks') at the last look SLURM still showed it
+    # (it forgets finished jobs after MinJobAge).
+    last: dict[str, set[str]] = {}
+    restarts: dict[str, str] = {}
+
+    def poll() -> None:
+        out = subprocess.run(["scontrol", "show", "job", "-o"], capture_output=True, text=True, env=slurm_env).stdout
+        now: dict[str, set[str]] = {}
+        for line in out.splitlines():
+            info = dict(re.findall(r"(\w+)=(\S*)", line))
+            job = info.get("ArrayJobId") or info.get("JobId")
+            now.setdefault(job, set()).add(info.get("JobState"))
+            restarts[job] = info.get("Restarts")
+        last.update(now)
+
+    end = time.monotonic() + 600
+    while not ((run / "it2/train/metrics.jsonl").exists() and len(losses(run / "it2/train")) >= 3):
+        assert time.monotonic() < end, "it2.train did not reach step 3:\n" + logs(run / "slurm")[-3000:]
+        poll()
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", jobs["it2.train"]], check=True, env=slurm_env)
+    terminal = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "DEADLINE"}
+    end = time.monotonic() + 900
+    while not all(last.get(job) and last[job] <= terminal for job in jobs.values()):
+        assert time.monotonic() < end, f"jobs not finished: {last}"
+        poll()
+        time.sleep(1)
+    final = {name: last[job] for name, job in jobs.items()}
+    assert final == {name: {"COMPLETED"} for name in jobs}, (final, logs(run / "slurm")[-5000:])
+    assert restarts[jobs["it2.train"]] == "1"
+    log = logs(run / "slurm")
+    step = int(re.search(r"preempted at step (\d+): checkpoint saved; requeueing", log).group(1))
+    assert 3 <= step < 16 and f"resumed from step {step}:" in log
+    assert sorted(losses(run / "it2/train")) == list(range(1, 17))
+    assert "it2" in (run / "report.md").read_text()
+    status = run_status(run)
+    assert all(row["state"] == "done" for row in status["stages"]), format_status(status)
