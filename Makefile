@@ -3,11 +3,11 @@
 # afterwards.
 VENV ?= .venv
 DEMO_DIR ?= runs/demo
-# CI's suite: everything but the `long` end-to-end scenarios (README, "Tests"), which
-# `make test-all` adds.
-PYTEST_ARGS ?= -m "not long"
+# The whole suite, the long end-to-end scenarios included, is what CI runs (.ci/run);
+# `make test-quick` leaves the `long` ones out while working on the code.
+PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-all
+.PHONY: setup demo test test-all test-quick
 
 setup:
 	bash scripts/setup.sh
@@ -18,5 +18,7 @@ demo: setup
 test: setup
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-test-all: setup
-	$(VENV)/bin/python -m pytest
+test-all: test
+
+test-quick: setup
+	$(VENV)/bin/python -m pytest -m "not long" $(PYTEST_ARGS)
