@@ -600,9 +600,9 @@ def _stage_env(stage: PlannedStage, child: bool = True) -> dict:
     return env
 
 
-def run_stage(cfg: IterateConfig, stage: PlannedStage, in_process: bool = False) -> None:
+def run_stage(cfg: IterateConfig, stage: PlannedStage, in_process: bool = False, progress: bool = True) -> None:
     """Run one stage: locally as a subprocess, or (``in_process``, a SLURM job or array task)
-    in this process."""
+    in this process; ``progress=False`` (``iterate --no-progress``) reaches the stage too."""
     run = Path(cfg.run_dir)
     from pretrain.distributed import read_env
 
@@ -620,11 +620,12 @@ def run_stage(cfg: IterateConfig, stage: PlannedStage, in_process: bool = False)
         os.environ.update(env)
         code = execute([*stage.argv, "--no-progress"])  # training exits inside (engine.shutdown)
     else:
+        quiet = [] if progress else ["--no-progress"]
         if stage.train:
             cmd = [str(Path(sys.executable).parent / "launch"), "local", "--nproc", str(cfg.nproc), "pretrain",
-                   *stage.argv]
+                   *stage.argv, *quiet]
         else:
-            cmd = [sys.executable, "-m", "pretrain.cli", *stage.argv]
+            cmd = [sys.executable, "-m", "pretrain.cli", *stage.argv, *quiet]
         log.info("stage %s: %s", stage.name, " ".join(cmd))
         code = subprocess.run(cmd, env=_stage_env(stage)).returncode
     if code != 0:
@@ -640,10 +641,10 @@ def run_stage(cfg: IterateConfig, stage: PlannedStage, in_process: bool = False)
 
 def command(cfg: IterateConfig, argv: list[str], progress: bool) -> int:
     """``pretrain iterate`` (registered in ``pretrain.stages``)."""
-    return iterate(cfg, argv)
+    return iterate(cfg, argv, progress)
 
 
-def iterate(cfg: IterateConfig, argv: list[str] | None = None) -> int:
+def iterate(cfg: IterateConfig, argv: list[str] | None = None, progress: bool = True) -> int:
     from pretrain.config import write_run_record
 
     only = cfg.only
@@ -681,7 +682,7 @@ def iterate(cfg: IterateConfig, argv: list[str] | None = None) -> int:
             log.info("stage %s: done, skipped", stage.name)
             continue
         log.info("stage %s: running", stage.name)
-        run_stage(cfg, stage)
+        run_stage(cfg, stage, progress=progress)
         ran.append(stage.name)
     from pretrain.report import write_report
 

@@ -658,6 +658,9 @@ def execute(argv: Sequence[str]) -> int:
         return 2
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # FAISS's loader logs each build it tries at INFO ("ModuleNotFoundError ... swigfaiss_avx512"
+    # on a machine without that build): noise that reads like a failure.
+    logging.getLogger("faiss.loader").setLevel(logging.DEBUG if args.log_level == "DEBUG" else logging.WARNING)
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0

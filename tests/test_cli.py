@@ -92,3 +92,15 @@ def test_the_layering_has_no_back_arrows():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_faiss_loader_messages_stay_off_the_console(tmp_path, capsys):
+    import logging
+
+    from pretrain.stages import execute
+
+    execute(["status", str(tmp_path / "nothing")])
+    assert logging.getLogger("faiss.loader").getEffectiveLevel() == logging.WARNING
+    import faiss  # noqa: F401 - its loader's INFO lines would be printed here
+
+    assert "swigfaiss" not in capsys.readouterr().err

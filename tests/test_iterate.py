@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from pretrain.utils import PretrainError
+
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 REPO = Path(__file__).resolve().parents[1]
 
@@ -179,6 +181,25 @@ def test_an_fbank_run_with_export_is_refused_before_anything_runs(tmp_path):
     assert [s.name for s in plan(load_config(IterateConfig, [REPO / "configs/demo.yaml"],
                                              [*overrides, "export=false"]))][-1] == "it2.probe"
     assert not (tmp_path / "run").exists()
+
+
+def test_no_progress_reaches_every_stage_iterate_runs(tmp_path, monkeypatch):
+    import subprocess as sp
+
+    from pretrain import iterate as it
+    from pretrain.config import load_config
+    from pretrain.config.iterate import IterateConfig
+
+    cfg = load_config(IterateConfig, [REPO / "configs/demo.yaml"], [f"run_dir={tmp_path / 'run'}"])
+    stages = {s.name: s for s in it.plan(cfg)}
+    commands = []
+    monkeypatch.setattr(sp, "run", lambda cmd, **kw: commands.append(cmd) or sp.CompletedProcess(cmd, 1))
+    for name in ("it1.features", "it1.train", "it1.probe"):
+        for progress in (False, True):
+            with pytest.raises(PretrainError, match=f"stage {name} failed"):
+                it.run_stage(cfg, stages[name], progress=progress)
+    assert [c[-1] == "--no-progress" for c in commands] == [True, False] * 3
+    assert commands[2][1:3] == ["local", "--nproc"]  # training, through launch local
 
 
 def test_an_evaluation_corpus_too_small_for_the_probe_split_is_refused_at_once(tmp_path):

@@ -113,3 +113,15 @@ def test_several_nodes_need_an_address_and_a_port():
     out = subprocess.run([sys.executable, "-m", "launch.cli", "local", "--help"], capture_output=True, text=True,
                          cwd=REPO, timeout=60).stdout
     assert "--nnodes" in out and "--master-addr" in out and "--master-port" in out
+
+
+def test_a_config_error_is_one_line_before_any_worker_starts(tmp_path):
+    # The tiny config warms up for 5 steps: 4 steps in all is refused, once, with status 2.
+    proc = subprocess.run([str(LAUNCH), "local", "--nproc", "2", "pretrain", "train",
+                           "--config", str(REPO / "configs/model/tiny.yaml"),
+                           "--config", str(REPO / "configs/train/tiny_cpu.yaml"), "--run-dir", str(tmp_path / "run"),
+                           "data.shards=/nowhere", "optim.max_steps=4"], capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("pretrain train: config error:") and "warmup_steps" in lines[0]
+    assert "ChildFailedError" not in proc.stderr and not (tmp_path / "run").exists()
