@@ -428,9 +428,10 @@ def _fingerprint(stages: list[PlannedStage], run: Path) -> None:
             if isinstance(section, dict) and section.get(leaf, default) == default:
                 section.pop(leaf, None)
         if stage.train:
-            # Logging and the probes of saved checkpoints do not change the trained model.
-            stage.config.pop("log", None)
-            stage.config.pop("probe", None)
+            # Logging, the probes of saved checkpoints and the limits that stop a stuck job do
+            # not change the trained model.
+            for key in ("log", "probe", "stall_timeout", "startup_timeout", "collective_timeout"):
+                stage.config.pop(key, None)
         if stage.argv[:2] in (["kmeans", "assign"], ["kmeans", "quality"]):
             # Where the features' model lives now: its sha256 is checked against the k-means'.
             stage.config.pop("checkpoint", None)

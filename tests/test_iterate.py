@@ -202,6 +202,26 @@ def test_no_progress_reaches_every_stage_iterate_runs(tmp_path, monkeypatch):
     assert commands[2][1:3] == ["local", "--nproc"]  # training, through launch local
 
 
+def test_the_stuck_job_limits_do_not_change_a_training_stage_fingerprint(tmp_path):
+    """Runs made before the limits existed, or with other limits, are not redone (and their
+    outputs not deleted) for them."""
+    from pretrain import iterate as it
+    from pretrain.config import load_config
+    from pretrain.config.iterate import IterateConfig
+
+    def fingerprints(*overrides: str) -> dict[str, str]:
+        cfg = load_config(IterateConfig, [REPO / "configs/demo.yaml"], [f"run_dir={tmp_path / 'run'}", *overrides])
+        stages = it.plan(cfg, create_identity=False)
+        it.invalidate_changed(cfg, stages, delete=False)
+        return {s.name: s.fingerprint for s in stages}
+
+    plain = fingerprints()
+    limits = fingerprints("train_overrides=[optim.warmup_steps=50,checkpoint.every=250,log.every=25,"
+                          "stall_timeout=60,startup_timeout=0,collective_timeout=99]")
+    assert plain == limits
+    assert fingerprints("train_overrides=[optim.warmup_steps=51]")["it1.train"] != plain["it1.train"]
+
+
 def test_an_evaluation_corpus_too_small_for_the_probe_split_is_refused_at_once(tmp_path):
     from pretrain.config import ConfigError, load_config
     from pretrain.config.iterate import IterateConfig
