@@ -181,6 +181,14 @@ def check_job_dir(folder: Path) -> None:
                             "(or --job-dir) without them")
 
 
+HOLD_USR1 = ["env", "--block-signal=USR1"]
+"""Prefix of a training task's command: SIGUSR1 held back (blocked, so that it waits, pending,
+across exec) until the trainer has its handler and lets it through (``pretrain.lifecycle``).
+SLURM signals every process of the step, and a Python still starting up (0.1-0.2 s) died of it:
+a preemption right after a requeued job restarted ended it FAILED. GNU env (coreutils 8.31 and
+later) because a shell cannot block a signal, only ignore it, and an ignored one is lost."""
+
+
 def _render(kind: str, name: str, command_argv: list[str], config_yaml: str, folder: Path, tag: str,
             profile: SlurmProfile, tasks: int | None, command: list[str], launch_argv: Sequence[str],
             config_path: Path | None = None) -> Job:
@@ -188,7 +196,7 @@ def _render(kind: str, name: str, command_argv: list[str], config_yaml: str, fol
     jobs of an iterate chain share one)."""
     check_job_dir(folder)
     python = profile.python or sys.executable
-    words = [python, "-m", "pretrain.cli", *command_argv, "--no-progress"]
+    words = [*(HOLD_USR1 if kind == "train" else []), python, "-m", "pretrain.cli", *command_argv, "--no-progress"]
     setup = "\n".join(profile.setup)
     extra = {}
     if kind == "train":

@@ -136,6 +136,9 @@ def install_early(argv: list[str]) -> None:
     # Training, directly or as an iterate stage run in this process (a SLURM job).
     if words[:1] == ["train"] or (words[:1] == ["iterate"] and only.endswith(".train")):
         Stop.install()
+        # A SLURM training task starts with SIGUSR1 blocked (launch.slurm.HOLD_USR1): one that
+        # came during start-up is pending and reaches the handler now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
 
 
 # --------------------------------------------------------------------------- failing fast

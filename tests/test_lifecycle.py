@@ -154,3 +154,26 @@ def test_usr1_right_after_start_and_sigterm_mid_training_both_checkpoint(small_s
     assert "SIGTERM: checkpointing at the next step boundary" in err
     saved = int((run / "checkpoints/latest").read_text().strip().removeprefix("step_"))
     assert saved >= 2 and f"stopped by SIGTERM at step {saved}: checkpoint saved" in err
+
+
+def test_a_preemption_signal_during_start_up_waits_for_the_trainer():
+    """SLURM signals every process of a step: a USR1 while Python starts (before any handler)
+    used to kill the task. A SLURM training task starts with USR1 blocked (launch.slurm's
+    HOLD_USR1), and the trainer takes it once its handler is in place."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from launch.slurm import HOLD_USR1
+
+    for prefix, survives in ((HOLD_USR1, True), ([], False)):
+        proc = subprocess.Popen([*prefix, sys.executable, "-m", "pretrain.cli", "train", "--help"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.005)  # Python's own start-up takes longer than this
+        proc.send_signal(signal.SIGUSR1)
+        err = proc.communicate(timeout=60)[1]
+        if survives:
+            assert proc.returncode == 0 and "preemption signal (SIGUSR1)" in err, err
+        else:
+            assert proc.returncode == -signal.SIGUSR1

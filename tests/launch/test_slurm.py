@@ -92,7 +92,8 @@ def test_dry_run_renders_a_multi_node_gpu_job(tmp_path):
                  "#SBATCH --qos=normal", "#SBATCH --constraint=a100|h100", "#SBATCH --mem=400G",
                  "#SBATCH --exclusive", "#SBATCH --time=48:00:00", "module load cuda/12.4"]:
         assert line in script.splitlines(), line
-    assert re.search(r"^srun --kill-on-bad-exit=1 /shared/envs/pretrain/bin/python -m pretrain.cli train "
+    assert re.search(r"^srun --kill-on-bad-exit=1 env --block-signal=USR1 /shared/envs/pretrain/bin/python -m "
+                     r"pretrain.cli train "
                      r"--config \S+\.config\.yaml", script, re.M)
     # The rendezvous: SLURM's own expansion of the node list, that node's address as SLURM
     # knows it, a port from the job id. (Run for real by the preemption test, on two nodes.)
