@@ -478,7 +478,17 @@ def _record_path(run: Path, name: str) -> Path:
 
 def _read_record(run: Path, name: str) -> dict | None:
     path = _record_path(run, name)
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        # Records are written atomically; a damaged one was cut or edited by something else.
+        raise PretrainError(f"stage record {path} is damaged ({e}); delete it to have stage {name} redone") from None
+    if not isinstance(record, dict) or not isinstance(record.get("attempts"), list):
+        raise PretrainError(f"stage record {path} is not a stage record (no list of attempts); delete it to "
+                            f"have stage {name} redone")
+    return record
 
 
 def _changed_fields(old: dict, new: dict, prefix: str = "") -> list[str]:

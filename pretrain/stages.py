@@ -666,7 +666,8 @@ def execute(argv: Sequence[str]) -> int:
         return 0
     try:
         return stage.run(cfg, ["pretrain", *argv], not args.no_progress)
-    except (PretrainError, FileExistsError, FileNotFoundError) as e:
+    except (PretrainError, ConfigError, FileExistsError, FileNotFoundError) as e:
+        # ConfigError too: a stage may read a saved config (status, iterate's records).
         logging.getLogger("pretrain").debug("stage failed", exc_info=True)
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1

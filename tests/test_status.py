@@ -55,3 +55,28 @@ def test_a_running_training_without_new_steps_is_stalled(tmp_path, capsys):
     # Not held: a run that stopped is not stalled, whatever the age of its last line.
     assert execute(["status", str(run)]) == 0
     assert "(train, not running)" in capsys.readouterr().out
+
+
+def test_a_damaged_stage_record_or_config_is_one_line_naming_the_file(tmp_path, capsys):
+    from pathlib import Path
+
+    from pretrain.config import load_config, write_run_record
+    from pretrain.config.iterate import IterateConfig
+
+    repo = Path(__file__).resolve().parents[1]
+    run = tmp_path / "run"
+    write_run_record(run, load_config(IterateConfig, [repo / "configs/demo.yaml"], [f"run_dir={run}"]))
+    (run / "stages").mkdir()
+    assert execute(["status", str(run)]) == 0
+    capsys.readouterr()
+    for text in ("", '{"attempts": [{"started": '):  # empty, cut short
+        (run / "stages/corpus.json").write_text(text)
+        assert execute(["status", str(run)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"pretrain status: error: stage record {run / 'stages/corpus.json'} is damaged")
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    (run / "stages/corpus.json").unlink()
+    (run / "config.yaml").write_text("iterations: 3\n")
+    assert execute(["status", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pretrain status: error:") and "iterations" in err and "Traceback" not in err
