@@ -71,6 +71,21 @@ def redact(value):
     return value
 
 
+def read_lines(path: str | os.PathLike, what: str = "text file") -> list[str]:
+    """The lines of a UTF-8 text file the user named; a folder, a missing file or other bytes are
+    a ``PretrainError`` naming the path (the CLI's one-line error, not a traceback)."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except IsADirectoryError:
+        raise PretrainError(f"{path}: a folder, where a {what} is expected") from None
+    except FileNotFoundError:
+        raise PretrainError(f"{path}: no such {what}") from None
+    except UnicodeDecodeError as e:
+        raise PretrainError(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                            f"expected a {what}") from None
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a reader sees either the old file or the new one.
 

@@ -29,7 +29,7 @@ import numpy as np
 from pretrain.data.labels import write_label_meta, write_label_shard
 from pretrain.data.shards import read_manifest, shard_index
 from pretrain.frames import num_frames, segment_frame_labels
-from pretrain.utils import PretrainError
+from pretrain.utils import PretrainError, read_lines
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def read_phone_map(path: Path) -> tuple[dict[str, str], list[str]]:
     """``({aligner phone: phone}, inventory)``; silence first."""
     mapping: dict[str, str] = {}
     inventory = [SILENCE]
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_lines(path, "phone map"), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         parts = line.split()
@@ -99,10 +99,15 @@ def segment_labels(segments: list[tuple[str, float, float]], num_samples: int, r
 
 def read_frame_file(path: Path, mapping: dict[str, str]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    where: dict[str, int] = {}
+    for number, line in enumerate(read_lines(path, "frame alignment file"), start=1):
         parts = line.split()
         if not parts:
             continue
+        if parts[0] in where:
+            raise PretrainError(f"{path}:{number}: key '{parts[0]}' again (first on line {where[parts[0]]}); "
+                                "each utterance must be aligned once")
+        where[parts[0]] = number
         unknown = [(i, p) for i, p in enumerate(parts[1:]) if p not in mapping]
         if unknown:
             raise PretrainError(f"{path}:{number}: phone '{unknown[0][1]}' (frame {unknown[0][0]} of '{parts[0]}') is "
@@ -127,6 +132,10 @@ def import_alignments(shards: str | Path, phone_map: str | Path, textgrids: str 
     if missing:
         raise PretrainError(f"{len(missing)} of the {len(index)} utterances of {shards} have no alignment (first: "
                             f"'{missing[0]}', looked for in {textgrids or frames})")
+    unknown = sorted(set(table or ()) - set(index))
+    if unknown:
+        # Most likely alignments of another corpus (or another split): refused like labels import.
+        raise PretrainError(f"{frames}: {len(unknown)} keys are not utterances of {shards} (first: '{unknown[0]}')")
     per_rate: dict[int, dict[str, dict[str, np.ndarray]]] = {50: {}, 100: {}}
     for key, (shard, num_samples, _) in index.items():
         if table is not None:

@@ -5,6 +5,7 @@ the same frame labels; broken alignments are named."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -100,3 +101,27 @@ def test_frame_files_and_broken_alignments(tree, tmp_path):
     with pytest.raises(PretrainError, match=rf"1 of the 40 utterances of .* have no alignment \(first: '{key}'"):
         import_alignments(shards, phone_map, textgrids=grids)
 
+
+
+def test_a_frame_file_with_a_key_twice_or_foreign_keys_or_bad_bytes_is_refused(tree, tmp_path, capsys):
+    shards, _, phone_map = tree
+    ours = by_name(shards, "phones100")
+    lines = [f"{k} {' '.join(aligner(p) if p != 'sil' else 'sp' for p in v)}\n" for k, v in ours.items()]
+    frames = tmp_path / "frames.txt"
+    # The same key twice (the last line used to win, silently).
+    frames.write_text("".join(lines) + lines[3])
+    key = lines[3].split()[0]
+    with pytest.raises(PretrainError, match=rf"frames.txt:{len(lines) + 1}: key '{re.escape(key)}' again \(first on "
+                                            r"line 4\)"):
+        import_alignments(shards, phone_map, frames=frames)
+    # Keys that are no utterance of the shards (used to be ignored without a word).
+    frames.write_text("".join(lines) + "other/corpus_1 sp sp\nother/corpus_2 sp\n")
+    with pytest.raises(PretrainError, match=r"frames.txt: 2 keys are not utterances of .* \(first: 'other/corpus_1'\)"):
+        import_alignments(shards, phone_map, frames=frames)
+    # Not text, and a folder: one line naming the file, through the real command.
+    frames.write_bytes(b"\xff\xfe" + "".join(lines).encode())
+    for path, said in ((frames, "not UTF-8 text"), (tmp_path, "a folder, where a frame alignment file is expected")):
+        assert execute(["labels", "alignments", "--shards", str(shards), "--phone-map", str(phone_map),
+                        "--frames", str(path)]) == 1
+        err = capsys.readouterr().err
+        assert f"{path}: {said}" in err and "Traceback" not in err
