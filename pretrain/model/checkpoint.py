@@ -8,13 +8,16 @@ The trainer writes one into every checkpoint; export and feature dumping read it
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
+import json
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
 from pretrain.config.model import ModelConfig
+from pretrain.data.shards import sha256_file
 from pretrain.model.hubert import HubertPretrain, LabelSpec
 from pretrain.utils import PretrainError, atomic_write_bytes
 
@@ -57,13 +60,33 @@ def save_model(path: str | Path, model: HubertPretrain, state_dict: dict | None 
 
 
 def resolve_model_file(path: str | Path) -> Path:
-    """A model file, or a checkpoint directory holding ``model.pt``."""
+    """A model file, or a checkpoint directory holding ``model.pt``.
+
+    A model file inside a checkpoint folder is checked against the folder's manifest, whichever
+    way it was named (the folder or the file itself): a damaged model must never be probed,
+    clustered or trained from."""
     path = Path(path)
     if path.is_dir():
         path = path / MODEL_FILE
     if not path.is_file():
         raise PretrainError(f"no model file at {path} (expected a {MODEL_FILE} or a folder holding one)")
+    manifest = path.parent / "manifest.json"
+    if manifest.is_file():
+        try:
+            expected = json.loads(manifest.read_text())["files"][path.name]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            raise PretrainError(f"{manifest} is damaged or does not list {path.name}; the checkpoint cannot "
+                                "be trusted") from None
+        stat = path.stat()
+        if _sha256(str(path), stat.st_mtime_ns, stat.st_size) != expected:
+            raise PretrainError(f"{path} does not match the sha256 in {manifest}: the model file is damaged")
     return path
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, mtime_ns: int, size: int) -> str:
+    """A file's sha256, computed once per version of it (several stages resolve one model)."""
+    return sha256_file(Path(path))
 
 
 def load_model(path: str | Path, map_location: str = "cpu") -> HubertPretrain:

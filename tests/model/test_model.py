@@ -221,3 +221,35 @@ def test_bf16_autocast_on_gpu_matches_fp32():
             half, _ = model.backbone.hidden_states(audio, lengths)
     assert torch.isfinite(half).all()
     assert (half.float() - full).abs().mean() < 0.05 * full.abs().mean()
+
+
+def test_a_model_file_in_a_checkpoint_folder_is_checked_against_its_manifest(tmp_path, capsys):
+    """Whichever way the model is named (the folder, or its model.pt), a byte changed since the
+    checkpoint was written is refused before anything reads the weights."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from pretrain.data.shards import sha256_file
+    from pretrain.model.checkpoint import load_model, resolve_model_file
+    from pretrain.stages import execute
+    from pretrain.utils import PretrainError
+
+    step = tmp_path / "checkpoints/step_8"
+    step.mkdir(parents=True)
+    shutil.copyfile(Path(__file__).resolve().parents[1] / "assets/small_cpu_step3000.pt", step / "model.pt")
+    (step / "manifest.json").write_text(json.dumps({"files": {"model.pt": sha256_file(step / "model.pt")}}))
+    assert resolve_model_file(step) == resolve_model_file(step / "model.pt") == step / "model.pt"
+    load_model(step)
+    data = bytearray((step / "model.pt").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (step / "model.pt").write_bytes(bytes(data))
+    for named in (step, step / "model.pt"):
+        with pytest.raises(PretrainError, match=r"model.pt does not match the sha256 in .*manifest.json: the model "
+                                                r"file is damaged"):
+            load_model(named)
+    assert execute(["export", "hf", str(step / "model.pt"), str(tmp_path / "hf")]) == 1
+    assert "the model file is damaged" in capsys.readouterr().err and not (tmp_path / "hf").exists()
+    # A model file outside a checkpoint folder has no manifest to answer to.
+    shutil.copyfile(step / "model.pt", tmp_path / "loose.pt")
+    assert resolve_model_file(tmp_path / "loose.pt") == tmp_path / "loose.pt"
