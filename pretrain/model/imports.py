@@ -119,8 +119,17 @@ def import_hf(folder: str | Path) -> HubertPretrain:
            if kind == "wavlm" else {}))
     import transformers
 
-    hf = getattr(transformers, {"wavlm": "WavLMModel", "hubert": "HubertModel"}.get(kind, "Data2VecAudioModel")
-                 ).from_pretrained(folder)
+    hf, info = getattr(transformers, {"wavlm": "WavLMModel", "hubert": "HubertModel"}.get(kind, "Data2VecAudioModel")
+                       ).from_pretrained(folder, output_loading_info=True)
+    # What the weights file itself holds, as transformers read it: its state afterwards has no
+    # gaps, because from_pretrained fills every missing weight with a fresh random one.
+    for what in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        if info.get(what):
+            names = sorted(str(k) for k in info[what])
+            raise PretrainError(f"{folder}: the weights file has {len(names)} {what.replace('_keys', '')} "
+                                f"parameters for a {type(hf).__name__}: {', '.join(names[:8])}"
+                                f"{' ...' if len(names) > 8 else ''}; refusing to import a model that would be "
+                                "partly random")
     model = _backbone_model(cfg)
     _load_strict(model, hf.state_dict(), str(folder))
     return model

@@ -115,3 +115,21 @@ def test_foreign_and_damaged_sources_are_named(tmp_path):
     torch.save({"cfg": {"model": fields}, "model": state, "hook": print}, tmp_path / "evil.pt")
     with pytest.raises(PretrainError, match=r"names Python objects \(builtins.print\)"):
         import_fairseq(tmp_path / "evil.pt")
+
+
+def test_a_weights_file_missing_a_layer_is_refused_not_filled_at_random(tmp_path, capsys):
+    """transformers fills weights a file lacks with random ones: the import reads what the file
+    itself held and refuses the gap, naming the parameters (it used to write a model whose
+    layer 1 was random)."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = model_config("tiny", "model.extractor_mode=layer_norm", "model.layer_norm_first=true")
+    transformers.HubertModel(hf_config(cfg)).save_pretrained(tmp_path / "hf")
+    weights = tmp_path / "hf/model.safetensors"
+    state = load_file(weights)
+    save_file({k: v for k, v in state.items() if not k.startswith("encoder.layers.1.")}, weights,
+              metadata={"format": "pt"})
+    assert execute(["import", "hf", str(tmp_path / "hf"), str(tmp_path / "m/model.pt")]) == 1
+    err = capsys.readouterr().err
+    assert "the weights file has" in err and "missing parameters for a HubertModel: encoder.layers.1." in err
+    assert "Traceback" not in err and not (tmp_path / "m").exists()
