@@ -324,12 +324,33 @@ def _emit_yaml(schema: type, values: dict, depth: int, lines: list[str]) -> None
             lines.append(f"{pad}{f.name}: {dumped}")
 
 
+def _refuse_foreign_record(run_dir: Path) -> None:
+    """A ``config.yaml`` or ``run.json`` this project did not write is the user's: never
+    replaced (a run directory named by mistake must not cost anyone their files)."""
+    from pretrain.utils import PretrainError
+
+    record = run_dir / "run.json"
+    ours = False
+    if record.is_file():
+        try:
+            saved = json.loads(record.read_text())
+            ours = isinstance(saved, dict) and "pretrain_version" in saved and "schema" in saved
+        except (ValueError, UnicodeDecodeError):
+            ours = False
+    for name in ("config.yaml", "run.json"):
+        if (run_dir / name).exists() and not ours:
+            raise PretrainError(f"{run_dir / name} exists and was not written by pretrain (no run.json of a "
+                                "pretrain run beside it); it would be replaced: move it away or choose another "
+                                "run_dir")
+
+
 def write_run_record(run_dir: str | os.PathLike, cfg: Any, argv: Sequence[str] | None = None) -> None:
     """Write ``config.yaml`` (resolved) and ``run.json`` (version, command line, host) to ``run_dir``.
 
     Together they let anyone re-run exactly this job: ``--config run_dir/config.yaml``.
     """
     run_dir = Path(run_dir)
+    _refuse_foreign_record(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     from pretrain.utils import redact
 

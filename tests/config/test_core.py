@@ -163,3 +163,22 @@ def test_corpus_config_values_are_validated():
     assert e.value.field == "edge_silence"
     cfg = load_config(CorpusSynthConfig, [], base + ["count=3", "voices=[flite-awb,espeak-f2]"])
     assert cfg.voices == ["flite-awb", "espeak-f2"]
+
+
+def test_a_config_or_record_the_project_did_not_write_is_never_replaced(tmp_path):
+    from pretrain.config import write_run_record
+    from pretrain.config.train import TrainConfig
+    from pretrain.utils import PretrainError
+
+    cfg = load_config(TrainConfig, [], [f"run_dir={tmp_path}", "data.shards=x", "data.labels=[km]"])
+    for name, text in (("config.yaml", "my: own\n"), ("run.json", '{"mine": true}')):
+        folder = tmp_path / name.replace(".", "_")
+        folder.mkdir()
+        (folder / name).write_text(text)
+        with pytest.raises(PretrainError, match=rf"{name} exists and was not written by pretrain"):
+            write_run_record(folder, cfg)
+        assert (folder / name).read_text() == text and len(list(folder.iterdir())) == 1
+    # Its own records, and an empty or fresh folder, are written (and rewritten) as before.
+    write_run_record(tmp_path / "fresh", cfg)
+    write_run_record(tmp_path / "fresh", cfg)
+    assert (tmp_path / "fresh/config.yaml").is_file()
