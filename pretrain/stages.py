@@ -441,7 +441,7 @@ def _labels_schema(name: str) -> Callable[[], type]:
 def _labels_import_run(cfg: Any, argv: list[str], progress: bool) -> int:
     from pretrain.data.fairseq import import_fairseq
 
-    meta = import_fairseq(cfg.shards, cfg.tsv, cfg.km, cfg.name, cfg.num_classes, cfg.rate)
+    meta = import_fairseq(cfg.shards, cfg.tsv, cfg.km, cfg.name, cfg.num_classes, cfg.rate, cfg.overwrite)
     total = sum(e["utterances"] for e in meta["shards"].values())
     print(f"label set '{cfg.name}': {total} utterances in {len(meta['shards'])} shards from {cfg.km}, "
           f"k={meta['num_classes']}, {meta['label_rate']} Hz")
@@ -451,7 +451,7 @@ def _labels_import_run(cfg: Any, argv: list[str], progress: bool) -> int:
 def _labels_export_run(cfg: Any, argv: list[str], progress: bool) -> int:
     from pretrain.data.fairseq import export_fairseq
 
-    tsv, km = export_fairseq(cfg.shards, cfg.name, cfg.out, cfg.split or cfg.name)
+    tsv, km = export_fairseq(cfg.shards, cfg.name, cfg.out, cfg.split or cfg.name, cfg.overwrite)
     print(f"wrote {tsv} and {km}")
     return 0
 
@@ -460,7 +460,7 @@ def _labels_alignments_run(cfg: Any, argv: list[str], progress: bool) -> int:
     from pretrain.data.alignments import import_alignments
 
     names = import_alignments(cfg.shards, cfg.phone_map, cfg.textgrids, cfg.frames, cfg.frame_rate, cfg.tier,
-                              cfg.prefix, cfg.tolerance)
+                              cfg.prefix, cfg.tolerance, cfg.overwrite)
     print(f"wrote the label sets {', '.join(names)} into {cfg.shards} from {cfg.textgrids or cfg.frames}")
     return 0
 

@@ -31,6 +31,9 @@ class LabelsImportConfig:
     rate: int = 50
     """Frames per second of the labels: 50 (a model layer, fairseq's iteration 2) or 100 (MFCC)."""
 
+    overwrite: bool = False
+    """Replace a label set of this name that the shards already have (refused otherwise)."""
+
     def validate(self) -> None:
         check_name(self.name, "name")
         if self.rate not in (50, 100):
@@ -52,6 +55,9 @@ class LabelsExportConfig:
 
     split: Optional[str] = None
     """File name stem (fairseq's split name, e.g. ``train``); null: the label set's name."""
+
+    overwrite: bool = False
+    """Replace ``<split>.tsv`` / ``<split>.km`` already in ``out`` (refused otherwise)."""
 
     def validate(self) -> None:
         check_name(self.name, "name")
@@ -89,9 +95,15 @@ class LabelsAlignmentsConfig:
     tolerance: float = 0.05
     """Seconds an alignment's end may differ from its audio's (aligners round to 10 ms frames)."""
 
+    overwrite: bool = False
+    """Replace label sets ``<prefix>50`` / ``<prefix>100`` the shards already have (a synthetic
+    corpus's shards hold its gold ``phones50``/``phones100``; refused otherwise)."""
+
     def validate(self) -> None:
         if (self.textgrids is None) == (self.frames is None):
             raise ConfigError("set exactly one of 'textgrids' and 'frames'", field="textgrids")
         check_name(self.prefix + "50", "prefix")
+        if self.tolerance < 0:
+            raise ConfigError(f"must be >= 0 seconds, got {self.tolerance}", field="tolerance")
         if self.frame_rate < 1:
             raise ConfigError(f"must be >= 1, got {self.frame_rate}", field="frame_rate")

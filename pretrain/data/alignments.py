@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pretrain.data.labels import write_label_meta, write_label_shard
+from pretrain.data.labels import refuse_existing, write_label_meta, write_label_shard
 from pretrain.data.shards import read_manifest, shard_index
 from pretrain.frames import num_frames, segment_frame_labels
 from pretrain.utils import PretrainError, read_lines
@@ -118,11 +118,14 @@ def read_frame_file(path: Path, mapping: dict[str, str]) -> dict[str, list[str]]
 
 def import_alignments(shards: str | Path, phone_map: str | Path, textgrids: str | Path | None = None,
                       frames: str | Path | None = None, frame_rate: int = 100, tier: str = "phones",
-                      prefix: str = "phones", tolerance: float = 0.05) -> list[str]:
-    """Write ``<prefix>50`` and ``<prefix>100`` into ``shards``; returns their names."""
+                      prefix: str = "phones", tolerance: float = 0.05, overwrite: bool = False) -> list[str]:
+    """Write ``<prefix>50`` and ``<prefix>100`` into ``shards``; returns their names. Label
+    sets of those names are replaced only with ``overwrite``."""
     shards, phone_map = Path(shards), Path(phone_map)
     if (textgrids is None) == (frames is None):
         raise PretrainError("give either TextGrids or a frame alignment file")
+    if not overwrite:
+        refuse_existing(shards, [f"{prefix}50", f"{prefix}100"])
     mapping, inventory = read_phone_map(phone_map)
     ids = {p: i for i, p in enumerate(inventory)}
     index = shard_index(shards)

@@ -23,7 +23,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from pretrain.data.labels import LENGTH_TOLERANCE, LabelError, LabelSet, write_label_meta, write_label_shard
+from pretrain.data.labels import (LENGTH_TOLERANCE, LabelError, LabelSet, refuse_existing, write_label_meta,
+                                  write_label_shard)
 from pretrain.data.shards import iter_shard, read_manifest, shard_index
 from pretrain.data.sources import key_from_relpath
 from pretrain.frames import num_frames
@@ -59,10 +60,13 @@ def read_tsv_km(tsv: Path, km: Path) -> list[tuple[str, int, np.ndarray, int]]:
 
 
 def import_fairseq(shards: str | Path, tsv: str | Path, km: str | Path, name: str, num_classes: int | None,
-                   rate: int) -> dict:
+                   rate: int, overwrite: bool = False) -> dict:
     """Write the label set ``name`` into ``shards`` from a ``.tsv`` + ``.km`` pair; returns its
-    meta. Every utterance of the shards must be labelled; extra ``.tsv`` lines are an error."""
+    meta. Every utterance of the shards must be labelled; extra ``.tsv`` lines are an error. An
+    existing set of that name is replaced only with ``overwrite``."""
     shards, tsv, km = Path(shards), Path(tsv), Path(km)
+    if not overwrite:
+        refuse_existing(shards, [name])
     rows = read_tsv_km(tsv, km)
     index = shard_index(shards)
     # A .tsv line names its audio as the corpus did: the shards keep that path per utterance
@@ -123,10 +127,16 @@ def corpus_root(shards: Path) -> str:
     return str(source.resolve())
 
 
-def export_fairseq(shards: str | Path, name: str, out: str | Path, split: str) -> tuple[Path, Path]:
+def export_fairseq(shards: str | Path, name: str, out: str | Path, split: str,
+                   overwrite: bool = False) -> tuple[Path, Path]:
     """Write ``<out>/<split>.tsv`` and ``<out>/<split>.km`` for the label set ``name`` (every
-    utterance, in shard order); returns both paths."""
+    utterance, in shard order); returns both paths. Files already there are replaced only with
+    ``overwrite``."""
     shards, out = Path(shards), Path(out)
+    there = [p for p in (out / f"{split}.tsv", out / f"{split}.km") if p.exists()]
+    if there and not overwrite:
+        raise PretrainError(f"{', '.join(map(str, there))} already exist{'s' if len(there) == 1 else ''}; set "
+                            "overwrite=true to replace, or choose another out or split")
     labels = LabelSet(shards, name)
     tsv_lines, km_lines = [corpus_root(shards)], []
     for entry in read_manifest(shards)["shards"]:

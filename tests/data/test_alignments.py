@@ -90,16 +90,16 @@ def test_frame_files_and_broken_alignments(tree, tmp_path):
     broken.addTier(textgrid.IntervalTier("phones", [(first.start, first.end, "ZZ9"), *entries[1:]], 0, grid.maxTimestamp))
     broken.save(str(path), format="long_textgrid", includeBlankSpaces=True)
     with pytest.raises(PretrainError, match=rf"{path}: phone 'ZZ9' at {first.start:.3f} s is not in the phone map"):
-        import_alignments(shards, phone_map, textgrids=grids)
+        import_alignments(shards, phone_map, textgrids=grids, prefix="broken")
     # A gap (a hand-edited file, another aligner): the file and where.
     gap = textgrid.Textgrid()
     gap.addTier(textgrid.IntervalTier("phones", entries, 0, grid.maxTimestamp))
     gap.save(str(path), format="long_textgrid", includeBlankSpaces=False)
     with pytest.raises(PretrainError, match=rf"{path}: tier 'phones' has a gap from "):
-        import_alignments(shards, phone_map, textgrids=grids)
+        import_alignments(shards, phone_map, textgrids=grids, prefix="broken")
     path.unlink()
     with pytest.raises(PretrainError, match=rf"1 of the 40 utterances of .* have no alignment \(first: '{key}'"):
-        import_alignments(shards, phone_map, textgrids=grids)
+        import_alignments(shards, phone_map, textgrids=grids, prefix="broken")
 
 
 
@@ -113,15 +113,43 @@ def test_a_frame_file_with_a_key_twice_or_foreign_keys_or_bad_bytes_is_refused(t
     key = lines[3].split()[0]
     with pytest.raises(PretrainError, match=rf"frames.txt:{len(lines) + 1}: key '{re.escape(key)}' again \(first on "
                                             r"line 4\)"):
-        import_alignments(shards, phone_map, frames=frames)
+        import_alignments(shards, phone_map, frames=frames, prefix="x")
     # Keys that are no utterance of the shards (used to be ignored without a word).
     frames.write_text("".join(lines) + "other/corpus_1 sp sp\nother/corpus_2 sp\n")
     with pytest.raises(PretrainError, match=r"frames.txt: 2 keys are not utterances of .* \(first: 'other/corpus_1'\)"):
-        import_alignments(shards, phone_map, frames=frames)
+        import_alignments(shards, phone_map, frames=frames, prefix="x")
     # Not text, and a folder: one line naming the file, through the real command.
     frames.write_bytes(b"\xff\xfe" + "".join(lines).encode())
     for path, said in ((frames, "not UTF-8 text"), (tmp_path, "a folder, where a frame alignment file is expected")):
         assert execute(["labels", "alignments", "--shards", str(shards), "--phone-map", str(phone_map),
-                        "--frames", str(path)]) == 1
+                        "--frames", str(path), "prefix=x"]) == 1
         err = capsys.readouterr().err
         assert f"{path}: {said}" in err and "Traceback" not in err
+
+
+def test_label_sets_and_exported_files_are_never_replaced_unasked(tree, tmp_path, capsys):
+    """The synthetic corpus's gold phones50/phones100, another run's label set, a user's
+    train.tsv: each refused naming what exists and the flag, and left as it was."""
+    shards, grids, phone_map = tree
+    gold = (shards / "labels/phones50/meta.json").read_bytes()
+    args = ["labels", "alignments", "--shards", str(shards), "--phone-map", str(phone_map), "--textgrids", str(grids)]
+    assert execute(args) == 1
+    err = capsys.readouterr().err
+    assert "label sets" in err and "phones50, " in err and "set overwrite=true to replace them" in err
+    assert (shards / "labels/phones50/meta.json").read_bytes() == gold
+    assert execute([*args, "overwrite=true"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "fs"
+    out.mkdir()
+    (out / "train.tsv").write_text("mine\n")
+    assert execute(["labels", "export", "--shards", str(shards), "--name", "phones50", "--out", str(out),
+                    "split=train"]) == 1
+    assert "train.tsv already exists; set overwrite=true" in capsys.readouterr().err
+    assert (out / "train.tsv").read_text() == "mine\n" and not (out / "train.km").exists()
+    assert execute(["labels", "export", "--shards", str(shards), "--name", "phones50", "--out", str(out),
+                    "split=train", "overwrite=true"]) == 0
+    capsys.readouterr()
+    # labels import over an existing set (it used to replace phones50 with 100 Hz labels).
+    assert execute(["labels", "import", "--shards", str(shards), "--tsv", str(out / "train.tsv"), "--km",
+                    str(out / "train.km"), "--name", "phones50", "--rate", "100"]) == 1
+    assert "phones50 already exists; set overwrite=true to replace it" in capsys.readouterr().err
