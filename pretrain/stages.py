@@ -512,6 +512,15 @@ def _import_run(cfg: Any, argv: list[str], progress: bool) -> int:
     from pretrain.model.imports import import_fairseq, import_hf
 
     kind = "fairseq" if type(cfg).__name__ == "ImportFairseqConfig" else "hf"
+    out = Path(cfg.out)
+    # Checked before the (slow) import: what is at `out` stays unless the user said otherwise.
+    if out.is_dir():
+        raise PretrainError(f"{out} is a folder; name the model file to write (e.g. {out / 'model.pt'})")
+    if (out.parent / "manifest.json").is_file():
+        raise PretrainError(f"{out.parent} is a checkpoint folder (it has a manifest.json); writing {out.name} there "
+                            "would replace its model and break the manifest: choose another out")
+    if out.exists() and not cfg.overwrite:
+        raise PretrainError(f"{out} already exists; set overwrite=true to replace it")
     model = (import_fairseq if kind == "fairseq" else import_hf)(cfg.source)
     save_model(cfg.out, model)
     c = model.cfg

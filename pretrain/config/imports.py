@@ -15,6 +15,10 @@ class ImportHfConfig:
     out: str = MISSING
     """The model file to write (``.../model.pt``): the backbone, no label sets."""
 
+    overwrite: bool = False
+    """Replace a file already at ``out`` (refused otherwise; never one inside a checkpoint
+    folder, whose manifest it would break)."""
+
 
 @dataclass
 class ImportFairseqConfig:
@@ -23,3 +27,7 @@ class ImportFairseqConfig:
 
     out: str = MISSING
     """The model file to write (``.../model.pt``): the backbone, no label sets."""
+
+    overwrite: bool = False
+    """Replace a file already at ``out`` (refused otherwise; never one inside a checkpoint
+    folder, whose manifest it would break)."""

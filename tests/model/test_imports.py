@@ -133,3 +133,22 @@ def test_a_weights_file_missing_a_layer_is_refused_not_filled_at_random(tmp_path
     err = capsys.readouterr().err
     assert "the weights file has" in err and "missing parameters for a HubertModel: encoder.layers.1." in err
     assert "Traceback" not in err and not (tmp_path / "m").exists()
+
+
+def test_an_import_never_replaces_a_model_unasked(tmp_path, capsys):
+    cfg = model_config("tiny", "model.extractor_mode=layer_norm", "model.layer_norm_first=true")
+    transformers.HubertModel(hf_config(cfg)).save_pretrained(tmp_path / "hf")
+    step = tmp_path / "checkpoints/step_4"
+    step.mkdir(parents=True)
+    (step / "model.pt").write_bytes(b"trained")
+    (step / "manifest.json").write_text("{}")
+    mine = tmp_path / "mine.pt"
+    mine.write_bytes(b"mine")
+    for out, said in ((step / "model.pt", "is a checkpoint folder"), (mine, "already exists; set overwrite=true"),
+                      (tmp_path, "is a folder; name the model file")):
+        assert execute(["import", "hf", str(tmp_path / "hf"), str(out)]) == 1
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err, err
+    assert (step / "model.pt").read_bytes() == b"trained" and mine.read_bytes() == b"mine"
+    assert execute(["import", "hf", str(tmp_path / "hf"), str(mine), "overwrite=true"]) == 0
+    assert mine.read_bytes() != b"mine"
