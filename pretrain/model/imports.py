@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import re
 from pathlib import Path
 
@@ -138,14 +139,26 @@ def import_hf(folder: str | Path) -> HubertPretrain:
 def _fairseq_payload(path: Path) -> dict:
     """The checkpoint's dict, unpickled without running code: tensors and plain types, plus the
     ``argparse.Namespace`` old fairseq versions keep their arguments in."""
-    unsafe = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g != "argparse.Namespace"]
+    if path.stat().st_size == 0:
+        raise PretrainError(f"{path}: an empty file, not a checkpoint")
+    advice = ("loading it would run their code, so it is refused. Re-save it as a plain dict: torch.save({'cfg': "
+              "OmegaConf.to_container(ckpt['cfg']), 'model': ckpt['model']}, path) in a trusted environment")
+    try:
+        unsafe = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g != "argparse.Namespace"]
+    except Exception:  # noqa: BLE001 - not a zip checkpoint: torch's legacy format, or no checkpoint at all,
+        unsafe = []    # which the weights-only unpickler below reads or refuses without running anything
     if unsafe:
-        raise PretrainError(f"{path} names Python objects ({', '.join(unsafe[:6])}); loading it would run their "
-                            "code, so it is refused. Re-save it as a plain dict: torch.save({'cfg': "
-                            "OmegaConf.to_container(ckpt['cfg']), 'model': ckpt['model']}, path) in a trusted "
-                            "environment")
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        raise PretrainError(f"{path} names Python objects ({', '.join(unsafe[:6])}); {advice}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):
+            raise PretrainError(f"{path} names Python objects beyond tensors and plain types; {advice}") from None
+        raise PretrainError(f"{path} is not a torch checkpoint (its bytes do not unpickle as one)") from None
+    except Exception as e:  # noqa: BLE001 - truncated, random or foreign bytes
+        raise PretrainError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def import_fairseq(path: str | Path) -> HubertPretrain:

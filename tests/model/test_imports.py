@@ -152,3 +152,28 @@ def test_an_import_never_replaces_a_model_unasked(tmp_path, capsys):
     assert (step / "model.pt").read_bytes() == b"trained" and mine.read_bytes() == b"mine"
     assert execute(["import", "hf", str(tmp_path / "hf"), str(mine), "overwrite=true"]) == 0
     assert mine.read_bytes() != b"mine"
+
+
+def test_fairseq_sources_that_are_no_checkpoint_are_one_line_and_a_legacy_one_imports(tmp_path, capsys):
+    import pickle
+
+    ours = HubertPretrain(model_config("tiny"), [LabelSpec("km", 100, 50)])
+    fields = {k: getattr(ours.cfg, k) for k in ("encoder_layers", "encoder_embed_dim", "encoder_ffn_embed_dim",
+                                                "encoder_attention_heads", "conv_pos", "conv_pos_groups")}
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(5000))
+    (tmp_path / "bare.pt").write_bytes(pickle.dumps({"cfg": {"model": fields}}))
+    for name, said in (("empty.pt", "an empty file"), ("random.pt", "is not"), ("bare.pt", "is not")):
+        assert execute(["import", "fairseq", str(tmp_path / name), str(tmp_path / f"{name}.out")]) == 1
+        err = capsys.readouterr().err
+        assert f"{tmp_path / name}" in err and said in err and "Traceback" not in err, err
+    # torch's legacy (pre-zip) serialization: weights_only reads it, so it imports.
+    torch.save({"cfg": {"model": fields}, "model": to_fairseq(ours)}, tmp_path / "legacy.pt",
+               _use_new_zipfile_serialization=False)
+    assert execute(["import", "fairseq", str(tmp_path / "legacy.pt"), str(tmp_path / "m.pt")]) == 0
+    assert load_model(tmp_path / "m.pt").cfg.encoder_layers == ours.cfg.encoder_layers
+    # ... and code in one is refused there too, never run.
+    torch.save({"cfg": {"model": fields}, "model": to_fairseq(ours), "hook": print}, tmp_path / "evil.pt",
+               _use_new_zipfile_serialization=False)
+    assert execute(["import", "fairseq", str(tmp_path / "evil.pt"), str(tmp_path / "e.pt")]) == 1
+    assert "names Python objects beyond tensors" in capsys.readouterr().err
