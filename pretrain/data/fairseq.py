@@ -28,7 +28,7 @@ from pretrain.data.labels import (LENGTH_TOLERANCE, LabelError, LabelSet, refuse
 from pretrain.data.shards import iter_shard, read_manifest, shard_index
 from pretrain.data.sources import key_from_relpath
 from pretrain.frames import num_frames
-from pretrain.utils import PretrainError, atomic_write_text
+from pretrain.utils import PretrainError, atomic_write_text, read_lines
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +36,11 @@ log = logging.getLogger(__name__)
 def read_tsv_km(tsv: Path, km: Path) -> list[tuple[str, int, np.ndarray, int]]:
     """``(relpath, num_samples, labels, km line number)`` for every line pair; the errors
     fairseq users meet, named."""
-    tsv_lines = [line for line in tsv.read_text().splitlines()]
+    tsv_lines = read_lines(tsv, "fairseq .tsv file")
     if not tsv_lines:
         raise PretrainError(f"{tsv}: empty (the first line must be the audio root)")
     entries = [(n, line) for n, line in enumerate(tsv_lines[1:], start=2) if line.strip()]
-    km_lines = km.read_text().splitlines()
+    km_lines = read_lines(km, "fairseq .km file")
     while km_lines and not km_lines[-1].strip():
         km_lines.pop()
     if len(km_lines) != len(entries):

@@ -87,11 +87,23 @@ def import_hf(folder: str | Path) -> HubertPretrain:
     path = folder / "config.json"
     if not path.is_file():
         raise PretrainError(f"{folder} has no config.json: not a transformers model folder")
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise PretrainError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise PretrainError(f"{path}: not a transformers config (a JSON object)")
     kind = config.get("model_type")
     if kind not in ("hubert", "wavlm", "data2vec-audio"):
         raise PretrainError(f"{folder} holds a transformers '{kind}' model ({', '.join(config.get('architectures') or [])}); "
                             "pretrain imports HubertModel, WavLMModel and Data2VecAudioModel")
+    needed = ["num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads"]
+    absent = [name for name in needed if not isinstance(config.get(name), int)]
+    if absent:
+        raise PretrainError(f"{path}: no {', '.join(absent)} (the model's shape cannot be known)")
+    if not any((folder / name).is_file() for name in ("model.safetensors", "pytorch_model.bin",
+                                                      "model.safetensors.index.json", "pytorch_model.bin.index.json")):
+        raise PretrainError(f"{folder} has a config.json but no weights file (model.safetensors or pytorch_model.bin)")
     conv = (config.get("conv_dim"), config.get("conv_kernel"), config.get("conv_stride"))
     ours = ([CONV_CHANNELS] * len(CONV_LAYERS), [k for k, _ in CONV_LAYERS], [s for _, s in CONV_LAYERS])
     if tuple(map(list, conv)) != ours:
@@ -120,8 +132,12 @@ def import_hf(folder: str | Path) -> HubertPretrain:
            if kind == "wavlm" else {}))
     import transformers
 
-    hf, info = getattr(transformers, {"wavlm": "WavLMModel", "hubert": "HubertModel"}.get(kind, "Data2VecAudioModel")
-                       ).from_pretrained(folder, output_loading_info=True)
+    try:
+        hf, info = getattr(transformers, {"wavlm": "WavLMModel", "hubert": "HubertModel"}.get(kind, "Data2VecAudioModel")
+                           ).from_pretrained(folder, output_loading_info=True)
+    except Exception as e:  # noqa: BLE001 - a truncated or damaged weights file (safetensors has its own errors)
+        raise PretrainError(f"{folder}: transformers could not read the weights ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
     # What the weights file itself holds, as transformers read it: its state afterwards has no
     # gaps, because from_pretrained fills every missing weight with a fresh random one.
     for what in ("missing_keys", "unexpected_keys", "mismatched_keys"):

@@ -67,3 +67,13 @@ def test_the_mistakes_fairseq_users_make_are_named(shards, tmp_path):
         import_fairseq(shards, alien, km, "x", None, 50)
     with pytest.raises(PretrainError, match="does not fit num_classes=3"):
         import_fairseq(shards, tsv, km, "x", 3, 50)
+
+
+def test_a_tsv_that_is_not_text_or_a_folder_is_one_line(small_shards, tmp_path, capsys):
+    (tmp_path / "bad.tsv").write_bytes(b"/root\n\xff\xfeaudio.flac\t16000\n")
+    (tmp_path / "x.km").write_text("1 2 3\n")
+    for tsv, said in ((tmp_path / "bad.tsv", "not UTF-8 text"), (tmp_path, "a folder, where a fairseq .tsv file")):
+        assert execute(["labels", "import", "--shards", str(small_shards), "--tsv", str(tsv), "--km",
+                        str(tmp_path / "x.km"), "--name", "fresh"]) == 1
+        err = capsys.readouterr().err
+        assert f"{tsv}: {said}" in err and "Traceback" not in err, err

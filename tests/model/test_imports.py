@@ -4,6 +4,8 @@ mismatch named; then usable for features and init_from."""
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,3 +179,31 @@ def test_fairseq_sources_that_are_no_checkpoint_are_one_line_and_a_legacy_one_im
                _use_new_zipfile_serialization=False)
     assert execute(["import", "fairseq", str(tmp_path / "evil.pt"), str(tmp_path / "e.pt")]) == 1
     assert "names Python objects beyond tensors" in capsys.readouterr().err
+
+
+def test_damaged_transformers_folders_are_one_line_naming_the_file(tmp_path, capsys):
+    cfg = model_config("tiny", "model.extractor_mode=layer_norm", "model.layer_norm_first=true")
+    good = tmp_path / "hf"
+    transformers.HubertModel(hf_config(cfg)).save_pretrained(good)
+    config = json.loads((good / "config.json").read_text())
+
+    def variant(name: str, change) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        change(folder)
+        return folder
+
+    cases = [
+        (variant("truncated", lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:5000])),
+         "could not read the weights"),
+        (variant("fields", lambda f: (f / "config.json").write_text(json.dumps(
+            {k: v for k, v in config.items() if k not in ("hidden_size", "num_hidden_layers")}))),
+         "config.json: no num_hidden_layers, hidden_size"),
+        (variant("json", lambda f: (f / "config.json").write_text("{not json")), "config.json: not valid JSON"),
+        (variant("noweights", lambda f: (f / "model.safetensors").unlink()), "has a config.json but no weights file"),
+    ]
+    for folder, said in cases:
+        assert execute(["import", "hf", str(folder), str(tmp_path / f"{folder.name}.pt")]) == 1
+        err = capsys.readouterr().err
+        assert str(folder) in err and said in err and "Traceback" not in err, err
+        assert not (tmp_path / f"{folder.name}.pt").exists()
