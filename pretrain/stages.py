@@ -680,4 +680,11 @@ def execute(argv: Sequence[str]) -> int:
         logging.getLogger("pretrain").debug("stage failed", exc_info=True)
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
+    except Exception as e:  # noqa: BLE001 - anything else is ours to fix: said so, with the traceback
+        import traceback
+
+        traceback.print_exc()
+        print(f"{prog}: internal error (a bug in pretrain {__version__}; please report it with the traceback "
+              f"above): {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
 

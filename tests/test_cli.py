@@ -104,3 +104,17 @@ def test_faiss_loader_messages_stay_off_the_console(tmp_path, capsys):
     import faiss  # noqa: F401 - its loader's INFO lines would be printed here
 
     assert "swigfaiss" not in capsys.readouterr().err
+
+
+def test_an_unexpected_exception_is_called_a_bug_with_its_traceback(monkeypatch, tmp_path, capsys):
+    import pretrain.status as status
+    from pretrain.stages import execute
+
+    def broken(run_dir):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(status, "run_status", broken)
+    assert execute(["status", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "pretrain status: internal error (a bug in pretrain" in err
+    assert err.strip().splitlines()[-1].endswith("KeyError: 'boom'")
