@@ -327,6 +327,7 @@ def plan(cfg: IterateConfig, create_identity: bool = True) -> list[PlannedStage]
         stages.append(PlannedStage("export", ["export", "hf", str(last), str(run / "hf")], [run / "hf"],
                                    run / "hf" / "config.json", [previous_train.name]))
     _fingerprint(stages, run)
+    _check_layers(cfg, {s.name: s for s in stages})
     if cfg.export and previous_train is not None \
             and previous_train.config.get("model", {}).get("frontend", "conv") != "conv":
         # Refused here rather than after hours of training, at the export stage.
@@ -334,6 +335,18 @@ def plan(cfg: IterateConfig, create_identity: bool = True) -> list[PlannedStage]
                             f"'{previous_train.config['model']['frontend']}', which transformers' HubertModel "
                             "cannot take; set export=false (the checkpoints still work with pretrain)")
     return stages
+
+
+def _check_layers(cfg: IterateConfig, stages: dict[str, PlannedStage]) -> None:
+    """Refuse a ``layer`` beyond the previous iteration's model before anything runs (it used
+    to fail at that iteration's features, after the previous one's training)."""
+    for i, it in enumerate(cfg.iterations, start=1):
+        if it.features != "model" or it.layer == "auto":
+            continue
+        depth = stages[f"it{i - 1}.train"].config.get("model", {}).get("encoder_layers")
+        if depth is not None and not 1 <= int(it.layer) <= depth:
+            raise PretrainError(f"iterations.{i - 1}.layer: {it.layer}, but iteration {i - 1}'s model has "
+                                f"{depth} Transformer layers (1..{depth})")
 
 
 def _has_phones50(cfg: IterateConfig, eval_shards: Path) -> bool:

@@ -222,6 +222,21 @@ def test_the_stuck_job_limits_do_not_change_a_training_stage_fingerprint(tmp_pat
     assert fingerprints("train_overrides=[optim.warmup_steps=51]")["it1.train"] != plain["it1.train"]
 
 
+def test_a_layer_beyond_the_previous_model_is_refused_before_anything_runs(tmp_path):
+    from pretrain.config import load_config
+    from pretrain.config.iterate import IterateConfig
+    from pretrain.iterate import plan
+
+    base = [f"run_dir={tmp_path / 'run'}"]
+    with pytest.raises(PretrainError, match=r"iterations.1.layer: 6, but iteration 1's model has 3 Transformer "
+                                            r"layers \(1..3\)"):
+        plan(load_config(IterateConfig, [REPO / "configs/demo.yaml"], [*base, "iterations.1.layer=6"]),
+             create_identity=False)
+    plan(load_config(IterateConfig, [REPO / "configs/demo.yaml"], [*base, "iterations.1.layer=3"]),
+         create_identity=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_evaluation_corpus_too_small_for_the_probe_split_is_refused_at_once(tmp_path):
     from pretrain.config import ConfigError, load_config
     from pretrain.config.iterate import IterateConfig
