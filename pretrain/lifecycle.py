@@ -146,11 +146,9 @@ def install_early(argv: list[str]) -> None:
 _on_abort: list[Callable[[], None]] = []
 
 
-def on_abort(callback: Callable[[], None]) -> Callable[[], None]:
-    """Run ``callback`` (stop a child process of ours) if this process fails fast; returns a
-    function that forgets it again."""
+def on_abort(callback: Callable[[], None]) -> None:
+    """Run ``callback`` (stop a child process of ours) if this process fails fast."""
     _on_abort.append(callback)
-    return lambda: _on_abort.remove(callback) if callback in _on_abort else None
 
 
 def _message(error: BaseException | str) -> str:
