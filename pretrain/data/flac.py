@@ -151,7 +151,7 @@ def decode_into(data: bytes, start: int, out: np.ndarray) -> int:
 def _layout(data: bytes) -> tuple[int, int, int, int | None]:
     """(byte offset of the first frame, the fixed block size or 0 for a variable one, the
     smallest frame's size in bytes or 0, the sample count or None) from the metadata blocks."""
-    num_samples(data)  # checks the STREAMINFO is there
+    total = num_samples(data)  # also checks that the STREAMINFO is there
     min_block, max_block = int.from_bytes(data[8:10], "big"), int.from_bytes(data[10:12], "big")
     pos = 4
     while True:
@@ -161,8 +161,7 @@ def _layout(data: bytes) -> tuple[int, int, int, int | None]:
         pos += 4 + size
         if last:
             break
-    return (pos, min_block if min_block == max_block else 0, int.from_bytes(data[12:15], "big"),
-            num_samples(data))
+    return pos, min_block if min_block == max_block else 0, int.from_bytes(data[12:15], "big"), total
 
 
 def _decode(compressed: np.ndarray, offset: int, skip: int, start: int, out: np.ndarray) -> None:

@@ -75,13 +75,13 @@ def write_label_meta(shard_dir: str | Path, name: str, label_rate: int, num_clas
     })
 
 
-def refuse_existing(shard_dir: str | Path, names: list[str], flag: str = "overwrite=true") -> None:
+def refuse_existing(shard_dir: str | Path, names: list[str]) -> None:
     """Refuse to replace label sets the shards already have (each names what exists and how to
     replace it): a label set is someone's k-means, alignments or gold labels."""
     there = [label_dir(shard_dir, n) for n in names if (label_dir(shard_dir, n) / "meta.json").is_file()]
     if there:
         raise LabelError(f"label set{'s' if len(there) > 1 else ''} {', '.join(str(p) for p in there)} "
-                         f"already exist{'' if len(there) > 1 else 's'}; set {flag} to replace "
+                         f"already exist{'' if len(there) > 1 else 's'}; set overwrite=true to replace "
                          f"{'them' if len(there) > 1 else 'it'}")
 
 
