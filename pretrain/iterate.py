@@ -64,6 +64,7 @@ from typing import Callable
 from omegaconf import OmegaConf
 
 from pretrain.config import quote_override
+from pretrain.config.core import HOW_NOT_WHAT
 from pretrain.config.iterate import IterateConfig
 from pretrain.config.model import Data2VecConfig
 from pretrain.resources import config_path
@@ -426,7 +427,7 @@ def _fingerprint(stages: list[PlannedStage], run: Path) -> None:
         stage.config = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
         # Settings that do not change results are left out: rerunning with more jobs or another
         # log cadence must not redo a finished stage.
-        for key in ("jobs", "device", "batch_samples", "task", "num_tasks", "overwrite", "threads"):
+        for key in HOW_NOT_WHAT:
             stage.config.pop(key, None)
         for key, default in ADDED_FIELDS.items():
             # A field added to a stage's config after runs were made must not invalidate (and

@@ -212,9 +212,9 @@ def _export_hf_schema() -> type:
 def _export_hf_run(cfg: Any, argv: list[str], progress: bool) -> int:
     from pretrain.model.export import export_hf
 
-    out = export_hf(cfg.checkpoint, cfg.out)
-    print(f"wrote a transformers HubertModel to {out}; load it with "
-          f"transformers.HubertModel.from_pretrained('{out}')")
+    wrote = export_hf(cfg.checkpoint, cfg.out, cfg.overwrite)
+    print(f"{'wrote' if wrote else 'already there, nothing written:'} a transformers model in {cfg.out}; load it "
+          f"with transformers.AutoModel.from_pretrained('{cfg.out}')")
     return 0
 
 
@@ -441,9 +441,10 @@ def _labels_schema(name: str) -> Callable[[], type]:
 def _labels_import_run(cfg: Any, argv: list[str], progress: bool) -> int:
     from pretrain.data.fairseq import import_fairseq
 
-    meta = import_fairseq(cfg.shards, cfg.tsv, cfg.km, cfg.name, cfg.num_classes, cfg.rate, cfg.overwrite)
+    meta, wrote = import_fairseq(cfg.shards, cfg.tsv, cfg.km, cfg.name, cfg.num_classes, cfg.rate, cfg.overwrite)
     total = sum(e["utterances"] for e in meta["shards"].values())
-    print(f"label set '{cfg.name}': {total} utterances in {len(meta['shards'])} shards from {cfg.km}, "
+    print(f"label set '{cfg.name}'{'' if wrote else ' (already there with exactly these labels: nothing written)'}: "
+          f"{total} utterances in {len(meta['shards'])} shards from {cfg.km}, "
           f"k={meta['num_classes']}, {meta['label_rate']} Hz")
     return 0
 
@@ -451,17 +452,20 @@ def _labels_import_run(cfg: Any, argv: list[str], progress: bool) -> int:
 def _labels_export_run(cfg: Any, argv: list[str], progress: bool) -> int:
     from pretrain.data.fairseq import export_fairseq
 
-    tsv, km = export_fairseq(cfg.shards, cfg.name, cfg.out, cfg.split or cfg.name, cfg.overwrite)
-    print(f"wrote {tsv} and {km}")
+    tsv, km, wrote = export_fairseq(cfg.shards, cfg.name, cfg.out, cfg.split or cfg.name, cfg.overwrite)
+    print(f"wrote {tsv} and {km}" if wrote else f"{tsv} and {km} already hold exactly these labels: nothing written")
     return 0
 
 
 def _labels_alignments_run(cfg: Any, argv: list[str], progress: bool) -> int:
     from pretrain.data.alignments import import_alignments
 
-    names = import_alignments(cfg.shards, cfg.phone_map, cfg.textgrids, cfg.frames, cfg.frame_rate, cfg.tier,
-                              cfg.prefix, cfg.tolerance, cfg.overwrite)
-    print(f"wrote the label sets {', '.join(names)} into {cfg.shards} from {cfg.textgrids or cfg.frames}")
+    names, wrote = import_alignments(cfg.shards, cfg.phone_map, cfg.textgrids, cfg.frames, cfg.frame_rate,
+                                     cfg.tier, cfg.prefix, cfg.tolerance, cfg.overwrite)
+    if not wrote:
+        print(f"the label sets {', '.join(names)} of {cfg.shards} already hold exactly these labels: nothing written")
+    else:
+        print(f"wrote the label sets {', '.join(names)} into {cfg.shards} from {cfg.textgrids or cfg.frames}")
     return 0
 
 
@@ -508,22 +512,26 @@ def _import_schema(name: str) -> Callable[[], type]:
 
 
 def _import_run(cfg: Any, argv: list[str], progress: bool) -> int:
-    from pretrain.model.checkpoint import save_model
+    from pretrain.model.checkpoint import model_bytes
     from pretrain.model.imports import import_fairseq, import_hf
+    from pretrain.utils import atomic_write_bytes, settle_existing
 
     kind = "fairseq" if type(cfg).__name__ == "ImportFairseqConfig" else "hf"
     out = Path(cfg.out)
-    # Checked before the (slow) import: what is at `out` stays unless the user said otherwise.
+    # Checked before the import: what no import may ever replace.
     if out.is_dir():
         raise PretrainError(f"{out} is a folder; name the model file to write (e.g. {out / 'model.pt'})")
     if (out.parent / "manifest.json").is_file():
         raise PretrainError(f"{out.parent} is a checkpoint folder (it has a manifest.json); writing {out.name} there "
                             "would replace its model and break the manifest: choose another out")
-    if out.exists() and not cfg.overwrite:
-        raise PretrainError(f"{out} already exists; set overwrite=true to replace it")
     model = (import_fairseq if kind == "fairseq" else import_hf)(cfg.source)
-    save_model(cfg.out, model)
+    data = model_bytes(model)
     c = model.cfg
+    # After the import, not before: a rerun whose output is already there is no error.
+    if settle_existing({out: data}, cfg.overwrite):
+        print(f"{cfg.out} already holds this model ({c.arch}, {c.encoder_layers} layers): nothing written")
+        return 0
+    atomic_write_bytes(out, data)
     print(f"wrote {cfg.out}: a {c.arch} backbone, {c.encoder_layers} layers x {c.encoder_embed_dim} dims "
           f"(no label sets: use it for `features model`, `probe` or `train init_from=`)")
     return 0

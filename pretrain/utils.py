@@ -124,3 +124,20 @@ def atomic_savefig(fig, path: str | Path, dpi: int = 100) -> None:
     fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     tmp.replace(path)
+
+
+def settle_existing(files: dict[Path, bytes], overwrite: bool, hint: str = "") -> bool:
+    """Decide what happens to files a command is about to write where the user named: True when
+    every one of them already holds exactly these bytes (a rerun with identical inputs: nothing
+    to write, nothing touched); False when they may be written (none holds other bytes, or
+    ``overwrite``); otherwise ``PretrainError`` naming those that hold something else, so nobody's
+    file is replaced unasked."""
+    there = [p for p in files if p.exists()]
+    differ = [p for p in there if not (p.is_file() and p.read_bytes() == files[p])]
+    if len(there) == len(files) and not differ:
+        return True
+    if differ and not overwrite:
+        raise PretrainError(f"{', '.join(map(str, differ))} already exist{'s' if len(differ) == 1 else ''} with other "
+                            f"content; set overwrite=true to replace {'it' if len(differ) == 1 else 'them'}"
+                            + (f", {hint}" if hint else ""))
+    return False

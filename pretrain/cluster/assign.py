@@ -22,7 +22,7 @@ import numpy as np
 
 from pretrain.cluster.kmeans import assign, load_kmeans
 from pretrain.config.cluster import KmeansAssignConfig
-from pretrain.data.labels import label_dir, write_label_meta, write_label_shard
+from pretrain.data.labels import LabelError, label_dir, write_label_meta, write_label_shard
 from pretrain.data.shards import read_manifest, sha256_file
 from pretrain.features.extract import (Extractor, FeatureSpec, check_features, run_shards,
                                        shard_utterances, task_split)
@@ -116,7 +116,11 @@ def assign_labels(cfg: KmeansAssignConfig, progress: bool = True) -> dict | None
     if meta_path.is_file():
         old = json.loads(meta_path.read_text())
         if old.get("provenance", {}).get("centroids_sha256") != sha:
-            log.warning("label set '%s' was made from other centroids; replacing it", cfg.name)
+            if not cfg.overwrite:
+                maker = old.get("provenance", {}).get("made_by") or "someone else"
+                raise LabelError(f"label set {folder} already exists (made by {maker}, not from the centroids of "
+                                 f"{cfg.kmeans}); set overwrite=true to replace it, or choose another name")
+            log.warning("label set '%s' was made from other centroids; replacing it (overwrite=true)", cfg.name)
             meta_path.unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
 

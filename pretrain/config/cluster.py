@@ -195,6 +195,11 @@ class KmeansAssignConfig(ParallelConfig):
     """Where the model the k-means' features came from is now, if it moved (a moved run
     directory); its sha256 must equal the recorded one. Default: the recorded path."""
 
+    overwrite: bool = False
+    """Replace a label set of this name that was not made from these centroids (someone's
+    alignments, gold labels or another k-means; refused otherwise). One made from these
+    centroids is resumed, never redone."""
+
     def validate(self) -> None:
         super().validate()
         check_name(self.name, "name")

@@ -324,19 +324,21 @@ def _emit_yaml(schema: type, values: dict, depth: int, lines: list[str]) -> None
             lines.append(f"{pad}{f.name}: {dumped}")
 
 
+def _ours(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a ``run.json`` this project wrote."""
+    try:
+        saved = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(saved, dict) and "pretrain_version" in saved and "schema" in saved
+
+
 def _refuse_foreign_record(run_dir: Path) -> None:
     """A ``config.yaml`` or ``run.json`` this project did not write is the user's: never
     replaced (a run directory named by mistake must not cost anyone their files)."""
     from pretrain.utils import PretrainError
 
-    record = run_dir / "run.json"
-    ours = False
-    if record.is_file():
-        try:
-            saved = json.loads(record.read_text())
-            ours = isinstance(saved, dict) and "pretrain_version" in saved and "schema" in saved
-        except (ValueError, UnicodeDecodeError):
-            ours = False
+    ours = _ours(run_dir)
     for name in ("config.yaml", "run.json"):
         if (run_dir / name).exists() and not ours:
             raise PretrainError(f"{run_dir / name} exists and was not written by pretrain (no run.json of a "
@@ -344,10 +346,40 @@ def _refuse_foreign_record(run_dir: Path) -> None:
                                 "run_dir")
 
 
+# Fields that say how a job runs, not what it makes: a rerun that changes only these is the
+# same job (iterate leaves them out of its fingerprints for the same reason).
+HOW_NOT_WHAT = ("jobs", "device", "batch_samples", "task", "num_tasks", "overwrite", "threads")
+
+
+def _recorded_config(run_dir: Path) -> dict | None:
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def same_job(run_dir: str | os.PathLike, cfg: Any) -> bool:
+    """True when ``run_dir`` holds the run record of a job with ``cfg``'s config (fields in
+    ``HOW_NOT_WHAT`` aside): a rerun with identical inputs, which has nothing to do once the
+    first run's outputs are complete."""
+    from pretrain.utils import redact
+
+    run_dir = Path(run_dir)
+    saved = _recorded_config(run_dir)
+    if saved is None or not _ours(run_dir):
+        return False
+    now = yaml.safe_load(redact(to_yaml(cfg)))
+    return ({k: v for k, v in saved.items() if k not in HOW_NOT_WHAT}
+            == {k: v for k, v in now.items() if k not in HOW_NOT_WHAT})
+
+
 def write_run_record(run_dir: str | os.PathLike, cfg: Any, argv: Sequence[str] | None = None) -> None:
     """Write ``config.yaml`` (resolved) and ``run.json`` (version, command line, host) to ``run_dir``.
 
-    Together they let anyone re-run exactly this job: ``--config run_dir/config.yaml``.
+    Together they let anyone re-run exactly this job: ``--config run_dir/config.yaml``. A
+    record of this very config is kept as it is (a rerun or a resume changes nothing: the
+    record still says who started the job, and with what).
     """
     run_dir = Path(run_dir)
     _refuse_foreign_record(run_dir)
@@ -355,7 +387,10 @@ def write_run_record(run_dir: str | os.PathLike, cfg: Any, argv: Sequence[str] |
     from pretrain.utils import redact
 
     # Records are shared (papers, issues, wandb): credentials never enter them (see redact).
-    atomic_write_text(run_dir / "config.yaml", redact(to_yaml(cfg)))
+    text = redact(to_yaml(cfg))
+    if _ours(run_dir) and (run_dir / "config.yaml").is_file() and (run_dir / "config.yaml").read_text() == text:
+        return
+    atomic_write_text(run_dir / "config.yaml", text)
     argv = list(sys.argv if argv is None else argv)
     record = {
         "pretrain_version": __version__,

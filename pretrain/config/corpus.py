@@ -19,7 +19,8 @@ nothing (the engines module checks that the two agree at import)."""
 class CorpusSynthConfig:
     out: str = MISSING
     """Directory the corpus is written to (created). It must be absent or empty unless
-    ``overwrite`` is set."""
+    ``overwrite`` is set, or hold a complete corpus of this very config (a rerun: nothing to
+    do)."""
 
     count: Optional[int] = None
     """Number of utterances to synthesize (indices 0..count-1). Set exactly one of ``count``
@@ -110,7 +111,8 @@ class NoiseSynthConfig:
 
     out: str = MISSING
     """Directory the clips are written to (``<kind>/noise-<i>.flac``); build shards from it
-    with ``pretrain shards build``. Must be absent or empty unless ``overwrite`` is set."""
+    with ``pretrain shards build``. Must be absent or empty unless ``overwrite`` is set, or
+    hold a complete noise corpus of this very config (a rerun: nothing to do)."""
 
     hours: float = 0.05
     """Total duration of the clips; clip i is ``clip_seconds`` long, drawn per clip."""

@@ -14,3 +14,7 @@ class ExportHfConfig:
 
     out: str = MISSING
     """Output folder: config.json, model.safetensors and preprocessor_config.json."""
+
+    overwrite: bool = False
+    """Replace files of ``out`` that hold something else (another export, someone's model;
+    refused otherwise). Files holding exactly this export are left as they are."""

@@ -16,8 +16,9 @@ class ImportHfConfig:
     """The model file to write (``.../model.pt``): the backbone, no label sets."""
 
     overwrite: bool = False
-    """Replace a file already at ``out`` (refused otherwise; never one inside a checkpoint
-    folder, whose manifest it would break)."""
+    """Replace a file already at ``out`` that holds another model (refused otherwise; one
+    holding this very model is left as it is; never one inside a checkpoint folder, whose
+    manifest it would break)."""
 
 
 @dataclass
@@ -29,5 +30,6 @@ class ImportFairseqConfig:
     """The model file to write (``.../model.pt``): the backbone, no label sets."""
 
     overwrite: bool = False
-    """Replace a file already at ``out`` (refused otherwise; never one inside a checkpoint
-    folder, whose manifest it would break)."""
+    """Replace a file already at ``out`` that holds another model (refused otherwise; one
+    holding this very model is left as it is; never one inside a checkpoint folder, whose
+    manifest it would break)."""

@@ -32,7 +32,8 @@ class LabelsImportConfig:
     """Frames per second of the labels: 50 (a model layer, fairseq's iteration 2) or 100 (MFCC)."""
 
     overwrite: bool = False
-    """Replace a label set of this name that the shards already have (refused otherwise)."""
+    """Replace a label set of this name that the shards already have with other labels
+    (refused otherwise; one holding exactly these labels is left as it is)."""
 
     def validate(self) -> None:
         check_name(self.name, "name")
@@ -57,7 +58,8 @@ class LabelsExportConfig:
     """File name stem (fairseq's split name, e.g. ``train``); null: the label set's name."""
 
     overwrite: bool = False
-    """Replace ``<split>.tsv`` / ``<split>.km`` already in ``out`` (refused otherwise)."""
+    """Replace ``<split>.tsv`` / ``<split>.km`` already in ``out`` with other content (refused
+    otherwise; files holding exactly what would be written are left as they are)."""
 
     def validate(self) -> None:
         check_name(self.name, "name")
@@ -97,7 +99,8 @@ class LabelsAlignmentsConfig:
 
     overwrite: bool = False
     """Replace label sets ``<prefix>50`` / ``<prefix>100`` the shards already have (a synthetic
-    corpus's shards hold its gold ``phones50``/``phones100``; refused otherwise)."""
+    corpus's shards hold its gold ``phones50``/``phones100``) when they hold other labels
+    (refused otherwise; sets holding exactly these labels are left as they are)."""
 
     def validate(self) -> None:
         if (self.textgrids is None) == (self.frames is None):

@@ -20,7 +20,7 @@ import soundfile as sf
 from tqdm import tqdm
 
 from pretrain.config.corpus import NoiseSynthConfig
-from pretrain.config.core import write_run_record
+from pretrain.config.core import same_job, write_run_record
 from pretrain.frames import SAMPLE_RATE
 from pretrain.utils import PretrainError, atomic_write_json
 
@@ -128,6 +128,9 @@ def _speech_for_babble(cfg: NoiseSynthConfig, tmp: Path) -> list[np.ndarray]:
 def synthesize_noise(cfg: NoiseSynthConfig, progress: bool = True, argv: list[str] | None = None) -> dict:
     """Write the noise corpus of ``cfg``; returns the summary written to ``noise.json``."""
     out = Path(cfg.out)
+    if (out / SUMMARY).is_file() and same_job(out, cfg):
+        log.info("noise corpus %s: already synthesized with this config; nothing to do", out)
+        return json.loads((out / SUMMARY).read_text())
     if out.exists() and any(out.iterdir()):
         if not cfg.overwrite:
             raise PretrainError(f"noise output {out} is not empty; choose another 'out' or set overwrite=true")

@@ -40,6 +40,7 @@ import soxr
 from tqdm import tqdm
 
 from pretrain.config import write_run_record
+from pretrain.config.core import same_job
 from pretrain.config.corpus import CorpusSynthConfig
 from pretrain.corpus import engines
 from pretrain.corpus.engines import VOICES, RawUtterance, Request, SynthesisError
@@ -215,6 +216,18 @@ def _chunks(cfg: CorpusSynthConfig) -> Iterator[list[int]]:
         start = stop
 
 
+def _finished(cfg: CorpusSynthConfig) -> dict | None:
+    """The summary of a complete corpus of this very config in ``cfg.out`` (a rerun), else None."""
+    out = Path(cfg.out)
+    try:
+        summary = json.loads((out / "corpus.json").read_text())
+    except (OSError, ValueError):
+        return None
+    # The overview is drawn after corpus.json: a corpus without it was interrupted.
+    complete = (out / "overview.png").is_file() or not summary.get("utterances")
+    return summary if complete and same_job(out, cfg) else None
+
+
 def _prepare_out(cfg: CorpusSynthConfig) -> Path:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
@@ -240,6 +253,10 @@ def synthesize_corpus(cfg: CorpusSynthConfig, progress: bool = True,
     """
     voices = [VOICES[name] for name in cfg.voices]
     engines.check_voices(voices)
+    done = _finished(cfg)
+    if done is not None:
+        log.info("corpus %s: already synthesized with this config; nothing to do", cfg.out)
+        return done
     out = _prepare_out(cfg)
     write_run_record(out, cfg, argv)
     jobs = cfg.jobs or os.cpu_count() or 1

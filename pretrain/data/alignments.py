@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pretrain.data.labels import refuse_existing, write_label_meta, write_label_shard
+from pretrain.data.labels import settle_label_sets, write_label_meta, write_label_shard
 from pretrain.data.shards import read_manifest, shard_index
 from pretrain.frames import num_frames, segment_frame_labels
 from pretrain.utils import PretrainError, read_lines
@@ -118,14 +118,14 @@ def read_frame_file(path: Path, mapping: dict[str, str]) -> dict[str, list[str]]
 
 def import_alignments(shards: str | Path, phone_map: str | Path, textgrids: str | Path | None = None,
                       frames: str | Path | None = None, frame_rate: int = 100, tier: str = "phones",
-                      prefix: str = "phones", tolerance: float = 0.05, overwrite: bool = False) -> list[str]:
-    """Write ``<prefix>50`` and ``<prefix>100`` into ``shards``; returns their names. Label
-    sets of those names are replaced only with ``overwrite``."""
+                      prefix: str = "phones", tolerance: float = 0.05, overwrite: bool = False) -> tuple[list[str], bool]:
+    """Write ``<prefix>50`` and ``<prefix>100`` into ``shards``; returns their names and whether
+    anything was written. Label
+    sets of those names are replaced only with ``overwrite``, and left as they are when they
+    already hold exactly these labels."""
     shards, phone_map = Path(shards), Path(phone_map)
     if (textgrids is None) == (frames is None):
         raise PretrainError("give either TextGrids or a frame alignment file")
-    if not overwrite:
-        refuse_existing(shards, [f"{prefix}50", f"{prefix}100"])
     mapping, inventory = read_phone_map(phone_map)
     ids = {p: i for i, p in enumerate(inventory)}
     index = shard_index(shards)
@@ -163,14 +163,15 @@ def import_alignments(shards: str | Path, phone_map: str | Path, textgrids: str 
         for rate in (50, 100):
             per_rate[rate].setdefault(shard, {})[key] = segment_labels(segments, num_samples, rate, ids, where,
                                                                        tolerance)
-    names = []
+    names = [f"{prefix}{rate}" for rate in (50, 100)]
+    if settle_label_sets(shards, {f"{prefix}{rate}": (rate, len(inventory), per_rate[rate]) for rate in (50, 100)},
+                         overwrite):
+        return names, False
     source = {"made_by": "pretrain labels alignments", "phones": inventory, "phone_map": str(phone_map.resolve()),
               "source": str(Path(textgrids or frames).resolve()), "format": "textgrid" if textgrids else "frames"}
-    for rate in (50, 100):
-        name = f"{prefix}{rate}"
+    for rate, name in zip((50, 100), names):
         entries = {e["name"]: write_label_shard(shards, name, e["name"], per_rate[rate][e["name"]])
                    for e in read_manifest(shards)["shards"]}
         write_label_meta(shards, name, rate, len(inventory), entries, source)
-        names.append(name)
-    return names
+    return names, True
 

@@ -23,12 +23,12 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from pretrain.data.labels import (LENGTH_TOLERANCE, LabelError, LabelSet, refuse_existing, write_label_meta,
+from pretrain.data.labels import (LENGTH_TOLERANCE, LabelError, LabelSet, settle_label_sets, write_label_meta,
                                   write_label_shard)
 from pretrain.data.shards import iter_shard, read_manifest, shard_index
 from pretrain.data.sources import key_from_relpath
 from pretrain.frames import num_frames
-from pretrain.utils import PretrainError, atomic_write_text, read_lines
+from pretrain.utils import PretrainError, atomic_write_bytes, read_lines, settle_existing
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +60,12 @@ def read_tsv_km(tsv: Path, km: Path) -> list[tuple[str, int, np.ndarray, int]]:
 
 
 def import_fairseq(shards: str | Path, tsv: str | Path, km: str | Path, name: str, num_classes: int | None,
-                   rate: int, overwrite: bool = False) -> dict:
+                   rate: int, overwrite: bool = False) -> tuple[dict, bool]:
     """Write the label set ``name`` into ``shards`` from a ``.tsv`` + ``.km`` pair; returns its
-    meta. Every utterance of the shards must be labelled; extra ``.tsv`` lines are an error. An
-    existing set of that name is replaced only with ``overwrite``."""
+    meta and whether anything was written. Every utterance of the shards must be labelled; extra ``.tsv`` lines are an error. An
+    existing set of that name is replaced only with ``overwrite``, and left as it is when it
+    already holds exactly these labels."""
     shards, tsv, km = Path(shards), Path(tsv), Path(km)
-    if not overwrite:
-        refuse_existing(shards, [name])
     rows = read_tsv_km(tsv, km)
     index = shard_index(shards)
     # A .tsv line names its audio as the corpus did: the shards keep that path per utterance
@@ -99,6 +98,8 @@ def import_fairseq(shards: str | Path, tsv: str | Path, km: str | Path, name: st
     classes = top + 1 if num_classes is None else num_classes
     if top >= classes:
         raise PretrainError(f"{km}: label {top} does not fit num_classes={classes}")
+    if settle_label_sets(shards, {name: (rate, classes, by_shard)}, overwrite):
+        return LabelSet(shards, name).meta, False
     entries = {}
     for entry in read_manifest(shards)["shards"]:
         labels = by_shard[entry["name"]]
@@ -107,7 +108,7 @@ def import_fairseq(shards: str | Path, tsv: str | Path, km: str | Path, name: st
                   "tsv": str(tsv.resolve()), "tsv_sha256": hashlib.sha256(tsv.read_bytes()).hexdigest(),
                   "km": str(km.resolve()), "km_sha256": hashlib.sha256(km.read_bytes()).hexdigest()}
     write_label_meta(shards, name, rate, classes, entries, provenance)
-    return LabelSet(shards, name).meta
+    return LabelSet(shards, name).meta, True
 
 
 def corpus_root(shards: Path) -> str:
@@ -128,15 +129,12 @@ def corpus_root(shards: Path) -> str:
 
 
 def export_fairseq(shards: str | Path, name: str, out: str | Path, split: str,
-                   overwrite: bool = False) -> tuple[Path, Path]:
+                   overwrite: bool = False) -> tuple[Path, Path, bool]:
     """Write ``<out>/<split>.tsv`` and ``<out>/<split>.km`` for the label set ``name`` (every
-    utterance, in shard order); returns both paths. Files already there are replaced only with
-    ``overwrite``."""
+    utterance, in shard order); returns both paths and whether anything was written. Files already there are replaced only with
+    ``overwrite``, and left as they are when they already hold exactly these bytes."""
     shards, out = Path(shards), Path(out)
-    there = [p for p in (out / f"{split}.tsv", out / f"{split}.km") if p.exists()]
-    if there and not overwrite:
-        raise PretrainError(f"{', '.join(map(str, there))} already exist{'s' if len(there) == 1 else ''}; set "
-                            "overwrite=true to replace, or choose another out or split")
+    tsv, km = out / f"{split}.tsv", out / f"{split}.km"
     labels = LabelSet(shards, name)
     tsv_lines, km_lines = [corpus_root(shards)], []
     for entry in read_manifest(shards)["shards"]:
@@ -149,7 +147,9 @@ def export_fairseq(shards: str | Path, name: str, out: str | Path, split: str,
             source = str(meta.get("source") or PurePosixPath(key).with_suffix(".flac"))
             tsv_lines.append(f"{source}\t{meta['num_samples']}")
             km_lines.append(" ".join(map(str, stored[key].tolist())))
-    tsv, km = out / f"{split}.tsv", out / f"{split}.km"
-    atomic_write_text(tsv, "\n".join(tsv_lines) + "\n")
-    atomic_write_text(km, "\n".join(km_lines) + "\n")
-    return tsv, km
+    texts = {tsv: ("\n".join(tsv_lines) + "\n").encode(), km: ("\n".join(km_lines) + "\n").encode()}
+    if settle_existing(texts, overwrite, "or choose another out or split"):
+        return tsv, km, False
+    for path, data in texts.items():
+        atomic_write_bytes(path, data)
+    return tsv, km, True

@@ -75,14 +75,38 @@ def write_label_meta(shard_dir: str | Path, name: str, label_rate: int, num_clas
     })
 
 
-def refuse_existing(shard_dir: str | Path, names: list[str]) -> None:
-    """Refuse to replace label sets the shards already have (each names what exists and how to
-    replace it): a label set is someone's k-means, alignments or gold labels."""
-    there = [label_dir(shard_dir, n) for n in names if (label_dir(shard_dir, n) / "meta.json").is_file()]
-    if there:
-        raise LabelError(f"label set{'s' if len(there) > 1 else ''} {', '.join(str(p) for p in there)} "
-                         f"already exist{'' if len(there) > 1 else 's'}; set overwrite=true to replace "
+def _holds(shard_dir: str | Path, name: str, label_rate: int, num_classes: int,
+           by_shard: Mapping[str, Mapping[str, np.ndarray]]) -> bool:
+    try:
+        old = LabelSet(shard_dir, name)
+        if (old.label_rate, old.num_classes, set(old.meta["shards"])) != (label_rate, num_classes, set(by_shard)):
+            return False
+        for shard, labels in by_shard.items():
+            stored = old.load_shard(shard)
+            if stored.keys() != labels.keys() or any(not np.array_equal(stored[k], np.asarray(v))
+                                                     for k, v in labels.items()):
+                return False
+    except (LabelError, KeyError, TypeError, ValueError):  # damaged: not these labels
+        return False
+    return True
+
+
+def settle_label_sets(shard_dir: str | Path, sets: Mapping[str, tuple[int, int, Mapping[str, Mapping]]],
+                      overwrite: bool) -> bool:
+    """Before writing the label sets ``{name: (label_rate, num_classes, {shard: {key: labels}})}``:
+    True when each already exists holding exactly these labels (a rerun with identical inputs:
+    nothing to write); False when they may be written; otherwise ``LabelError`` naming those that
+    exist, and how to replace them. A label set is someone's k-means, alignments or gold labels:
+    never replaced unasked."""
+    there = [n for n in sets if (label_dir(shard_dir, n) / "meta.json").is_file()]
+    if there and len(there) == len(sets) and all(_holds(shard_dir, n, *sets[n]) for n in sets):
+        return True
+    if there and not overwrite:
+        paths = [str(label_dir(shard_dir, n)) for n in there]
+        raise LabelError(f"label set{'s' if len(there) > 1 else ''} {', '.join(paths)} already exist"
+                         f"{'' if len(there) > 1 else 's'} with other labels; set overwrite=true to replace "
                          f"{'them' if len(there) > 1 else 'it'}")
+    return False
 
 
 class LabelSet:

@@ -37,9 +37,16 @@ def build_model(cfg: ModelConfig, labels: list[LabelSpec]):
 
 def save_model(path: str | Path, model: HubertPretrain, state_dict: dict | None = None,
                teacher: dict | None = None) -> None:
-    """Write ``model`` as a model file, its weights in float32 whatever precision it trains in;
-    ``state_dict`` replaces the module's own (the gathered weights of a ZeRO 3 run); ``teacher``
-    is a data2vec run's EMA teacher (its state dict), kept beside the model for resuming.
+    """Write ``model`` as a model file (:func:`model_bytes`)."""
+    atomic_write_bytes(path, model_bytes(model, state_dict, teacher))
+
+
+def model_bytes(model: HubertPretrain, state_dict: dict | None = None, teacher: dict | None = None) -> bytes:
+    """``model`` as the bytes of a model file, its weights in float32 whatever precision it
+    trains in; ``state_dict`` replaces the module's own (the gathered weights of a ZeRO 3 run);
+    ``teacher`` is a data2vec run's EMA teacher (its state dict), kept beside the model for
+    resuming. The same weights give the same bytes (what lets a rerun of an import see that
+    its output is already there).
 
     Builds no module (a fresh one would draw its initialization from the global RNG and shift
     the trainer's dropout stream)."""
@@ -56,7 +63,7 @@ def save_model(path: str | Path, model: HubertPretrain, state_dict: dict | None 
         payload["teacher"] = {k: v.detach().cpu() for k, v in teacher.items()}
     buf = io.BytesIO()
     torch.save(payload, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
 
 
 def resolve_model_file(path: str | Path) -> Path:

@@ -14,7 +14,7 @@ from pretrain.config.model import ModelConfig
 from pretrain.frames import CONV_LAYERS
 from pretrain.model.checkpoint import load_model
 from pretrain.model.encoder import CONV_CHANNELS
-from pretrain.utils import PretrainError
+from pretrain.utils import PretrainError, settle_existing
 
 
 def hf_class_name(cfg: ModelConfig) -> str:
@@ -74,8 +74,10 @@ def _common_config(cfg: ModelConfig) -> dict:
     )
 
 
-def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Write a ``transformers`` model directory (:func:`hf_class_name`) for the model in ``checkpoint``."""
+def export_hf(checkpoint: str | Path, out_dir: str | Path, overwrite: bool = False) -> bool:
+    """Write a ``transformers`` model directory (:func:`hf_class_name`) for the model in
+    ``checkpoint``; returns False when ``out_dir`` already held exactly this export (nothing
+    written). Files of ``out_dir`` with other content are replaced only with ``overwrite``."""
     try:
         import transformers
         from transformers import Wav2Vec2FeatureExtractor
@@ -116,12 +118,21 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
         "source": str(checkpoint), "labels": [s.__dict__ for s in model.labels],
         "note": "backbone only: final_proj and label embeddings are pretraining heads"}, indent=2) + "\n")
     (tmp / "README.md").write_text(model_card(checkpoint, model, hf))
+    try:
+        unchanged = settle_existing({out / p.name: p.read_bytes() for p in tmp.iterdir()}, overwrite,
+                                    "or choose another out")
+    except PretrainError:
+        shutil.rmtree(tmp)
+        raise
+    if unchanged:
+        shutil.rmtree(tmp)
+        return False
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").unlink(missing_ok=True)  # an older export here is incomplete until the end
     for path in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
         os.replace(path, out / path.name)
     tmp.rmdir()
-    return out
+    return True
 
 
 def _training_facts(checkpoint: str | Path) -> dict:

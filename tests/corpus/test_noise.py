@@ -57,7 +57,12 @@ def test_corpus_is_reproducible_and_shards_build(small_corpus, tmp_path):
     for rel in files:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
     assert json.loads((tmp_path / "a/noise.json").read_text())["per_kind"] == a["per_kind"]
+    # A rerun of the same config finds its corpus complete and touches nothing; another config is refused.
+    before = {p: p.read_bytes() for p in (tmp_path / "a").rglob("*") if p.is_file()}
+    assert synthesize_noise(load_config(NoiseSynthConfig, [], [f"out={tmp_path / 'a'}", *args]), progress=False) == a
+    assert {p: p.read_bytes() for p in (tmp_path / "a").rglob("*") if p.is_file()} == before
     with pytest.raises(PretrainError, match="not empty"):
-        synthesize_noise(load_config(NoiseSynthConfig, [], [f"out={tmp_path / 'a'}", *args]), progress=False)
+        synthesize_noise(load_config(NoiseSynthConfig, [], [f"out={tmp_path / 'a'}", "hours=0.02",
+                                                            f"speech={small_corpus}", "seed=4"]), progress=False)
     with pytest.raises(ConfigError, match="kinds"):
         load_config(NoiseSynthConfig, [], ["out=x", "kinds=[thunder]"])

@@ -127,29 +127,52 @@ def test_a_frame_file_with_a_key_twice_or_foreign_keys_or_bad_bytes_is_refused(t
         assert f"{path}: {said}" in err and "Traceback" not in err
 
 
+def tree_bytes(folder) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def test_label_sets_and_exported_files_are_never_replaced_unasked(tree, tmp_path, capsys):
     """The synthetic corpus's gold phones50/phones100, another run's label set, a user's
-    train.tsv: each refused naming what exists and the flag, and left as it was."""
+    train.tsv: each refused naming what exists and the flag, and left as it was; a rerun that
+    would write exactly what is there is no error and touches nothing."""
     shards, grids, phone_map = tree
-    gold = (shards / "labels/phones50/meta.json").read_bytes()
+    before = tree_bytes(shards)
     args = ["labels", "alignments", "--shards", str(shards), "--phone-map", str(phone_map), "--textgrids", str(grids)]
-    assert execute(args) == 1
+    # These TextGrids hold the corpus's own alignments: the gold sets already hold exactly these labels.
+    assert execute(args) == 0
+    assert "already hold exactly these labels: nothing written" in capsys.readouterr().out
+    assert tree_bytes(shards) == before
+    # Another phone map (every phone but silence collapsed into one) makes other labels.
+    coarse = tmp_path / "coarse.txt"
+    coarse.write_text("sp sil\nspn sil\n" + "".join(f"{aligner(p)} speech\n" for p in PHONES if p != "sil"))
+    coarse_args = ["labels", "alignments", "--shards", str(shards), "--phone-map", str(coarse), "--textgrids", str(grids)]
+    assert execute(coarse_args) == 1
     err = capsys.readouterr().err
-    assert "label sets" in err and "phones50, " in err and "set overwrite=true to replace them" in err
-    assert (shards / "labels/phones50/meta.json").read_bytes() == gold
-    assert execute([*args, "overwrite=true"]) == 0
+    assert "label sets" in err and "phones50, " in err and "with other labels; set overwrite=true to replace them" in err
+    assert tree_bytes(shards) == before
+    assert execute([*coarse_args, "overwrite=true"]) == 0
+    assert LabelSet(shards, "phones50").num_classes == 2
     capsys.readouterr()
     out = tmp_path / "fs"
     out.mkdir()
     (out / "train.tsv").write_text("mine\n")
-    assert execute(["labels", "export", "--shards", str(shards), "--name", "phones50", "--out", str(out),
-                    "split=train"]) == 1
-    assert "train.tsv already exists; set overwrite=true" in capsys.readouterr().err
+    export = ["labels", "export", "--shards", str(shards), "--name", "phones50", "--out", str(out), "split=train"]
+    assert execute(export) == 1
+    assert "train.tsv already exists with other content; set overwrite=true" in capsys.readouterr().err
     assert (out / "train.tsv").read_text() == "mine\n" and not (out / "train.km").exists()
-    assert execute(["labels", "export", "--shards", str(shards), "--name", "phones50", "--out", str(out),
-                    "split=train", "overwrite=true"]) == 0
+    assert execute([*export, "overwrite=true"]) == 0
+    exported = tree_bytes(out)
     capsys.readouterr()
+    assert execute(export) == 0 and tree_bytes(out) == exported
+    assert "already hold exactly these labels: nothing written" in capsys.readouterr().out
     # labels import over an existing set (it used to replace phones50 with 100 Hz labels).
+    assert execute(["labels", "export", "--shards", str(shards), "--name", "phones100", "--out", str(out)]) == 0
+    before = tree_bytes(shards)
+    assert execute(["labels", "import", "--shards", str(shards), "--tsv", str(out / "phones100.tsv"), "--km",
+                    str(out / "phones100.km"), "--name", "phones50", "--rate", "100"]) == 1
+    assert "phones50 already exists with other labels; set overwrite=true to replace it" in capsys.readouterr().err
+    assert tree_bytes(shards) == before
+    # The same .tsv/.km at the set's own rate: what is there already.
     assert execute(["labels", "import", "--shards", str(shards), "--tsv", str(out / "train.tsv"), "--km",
-                    str(out / "train.km"), "--name", "phones50", "--rate", "100"]) == 1
-    assert "phones50 already exists; set overwrite=true to replace it" in capsys.readouterr().err
+                    str(out / "train.km"), "--name", "phones50", "--rate", "50"]) == 0
+    assert "nothing written" in capsys.readouterr().out and tree_bytes(shards) == before

@@ -47,7 +47,7 @@ def test_export_then_import_in_another_order_gives_the_same_keyed_labels(shards,
 def test_the_mistakes_fairseq_users_make_are_named(shards, tmp_path):
     from pretrain.data.fairseq import export_fairseq, import_fairseq
 
-    tsv, km = export_fairseq(shards, "phones50", tmp_path, "train")
+    tsv, km, _ = export_fairseq(shards, "phones50", tmp_path, "train")
     lines = km.read_text().splitlines()
     short = tmp_path / "short.km"
     short.write_text("\n".join(lines[:-1]) + "\n")

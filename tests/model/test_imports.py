@@ -146,14 +146,20 @@ def test_an_import_never_replaces_a_model_unasked(tmp_path, capsys):
     (step / "manifest.json").write_text("{}")
     mine = tmp_path / "mine.pt"
     mine.write_bytes(b"mine")
-    for out, said in ((step / "model.pt", "is a checkpoint folder"), (mine, "already exists; set overwrite=true"),
+    for out, said in ((step / "model.pt", "is a checkpoint folder"),
+                      (mine, "already exists with other content; set overwrite=true"),
                       (tmp_path, "is a folder; name the model file")):
         assert execute(["import", "hf", str(tmp_path / "hf"), str(out)]) == 1
         err = capsys.readouterr().err
         assert said in err and "Traceback" not in err, err
     assert (step / "model.pt").read_bytes() == b"trained" and mine.read_bytes() == b"mine"
     assert execute(["import", "hf", str(tmp_path / "hf"), str(mine), "overwrite=true"]) == 0
-    assert mine.read_bytes() != b"mine"
+    imported = mine.read_bytes()
+    assert imported != b"mine"
+    capsys.readouterr()
+    # A rerun finds this very model there: no error, nothing written.
+    assert execute(["import", "hf", str(tmp_path / "hf"), str(mine)]) == 0
+    assert "already holds this model" in capsys.readouterr().out and mine.read_bytes() == imported
 
 
 def test_fairseq_sources_that_are_no_checkpoint_are_one_line_and_a_legacy_one_imports(tmp_path, capsys):
