@@ -142,6 +142,10 @@ def _prepare_iterate(cfg, profile: SlurmProfile, job_dir: str | None, tasks: int
     folder = (Path(job_dir) if job_dir else Path(cfg.run_dir) / "slurm").resolve()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     snapshot = folder / f"iterate-{stamp}.config.yaml"
+    if not dry_run:
+        from pretrain.config.core import refuse_foreign_record
+
+        refuse_foreign_record(cfg.run_dir)
     stages = it.plan(cfg, create_identity=not dry_run)
     if not dry_run:  # invalidation deletes: not while a local `pretrain iterate` works in the run
         from pretrain.lifecycle import RunLock

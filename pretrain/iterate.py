@@ -64,7 +64,7 @@ from typing import Callable
 from omegaconf import OmegaConf
 
 from pretrain.config import quote_override
-from pretrain.config.core import HOW_NOT_WHAT
+from pretrain.config.core import HOW_NOT_WHAT, refuse_foreign_record
 from pretrain.config.iterate import IterateConfig
 from pretrain.config.model import Data2VecConfig
 from pretrain.resources import config_path
@@ -674,6 +674,7 @@ def iterate(cfg: IterateConfig, argv: list[str] | None = None, progress: bool = 
 
     only = cfg.only
     run = Path(cfg.run_dir)
+    refuse_foreign_record(run)
     run.mkdir(parents=True, exist_ok=True)
     stages = plan(cfg)
     names = [s.name for s in stages]

@@ -199,9 +199,14 @@ def fail_fast(prog: str, rank: int, error: BaseException | str, code: int = 1) -
     if error_file:
         try:
             # torchrun's error-file format, plus what launch.elastic needs to name the cause.
-            with open(error_file, "w") as f:
+            # Under a temporary name, then renamed: when every rank fails at once, the agent
+            # kills the others as soon as the first exits, and it reads each rank's file; a
+            # half-written one made torchrun itself die on a JSONDecodeError.
+            tmp = f"{error_file}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
                 json.dump({"message": message, "timestamp": int(time.time()),
                            "pretrain": {"time": time.time(), "peer_lost": lost}}, f)
+            os.replace(tmp, error_file)
         except OSError:
             pass
     logging.shutdown()

@@ -333,9 +333,11 @@ def _ours(run_dir: Path) -> bool:
     return isinstance(saved, dict) and "pretrain_version" in saved and "schema" in saved
 
 
-def _refuse_foreign_record(run_dir: Path) -> None:
+def refuse_foreign_record(run_dir: str | os.PathLike) -> None:
     """A ``config.yaml`` or ``run.json`` this project did not write is the user's: never
-    replaced (a run directory named by mistake must not cost anyone their files)."""
+    replaced (a run directory named by mistake must not cost anyone their files). Called before
+    anything is written to a run directory, its lock included."""
+    run_dir = Path(run_dir)
     from pretrain.utils import PretrainError
 
     ours = _ours(run_dir)
@@ -382,7 +384,7 @@ def write_run_record(run_dir: str | os.PathLike, cfg: Any, argv: Sequence[str] |
     record still says who started the job, and with what).
     """
     run_dir = Path(run_dir)
-    _refuse_foreign_record(run_dir)
+    refuse_foreign_record(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     from pretrain.utils import redact
 

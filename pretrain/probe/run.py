@@ -141,8 +141,6 @@ def probe(cfg: ProbeConfig, progress: bool = True, argv: list[str] | None = None
     started = time.perf_counter()
     threads = _threads(cfg.threads)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_run_record(out, cfg, argv)
     probes = parse_list(cfg.probes, PROBES, "probes")
     baselines = parse_list(cfg.baselines, BASELINES, "baselines")
     wanted_layers = parse_layers(cfg.layers)
@@ -159,6 +157,9 @@ def probe(cfg: ProbeConfig, progress: bool = True, argv: list[str] | None = None
     es = load_eval_set(cfg.eval_shards, cfg.reference, cfg.split_seed, cfg.train_fraction, cfg.dev_fraction,
                        cfg.max_utterances)
     load_seconds = time.perf_counter() - t
+    # Written once the model and the evaluation set have loaded: a bad input leaves no trace.
+    out.mkdir(parents=True, exist_ok=True)
+    write_run_record(out, cfg, argv)
     skipped = {p: es.skipped[p] for p in probes if p in es.skipped}
     if "abx" in probes and "abx" not in skipped and len(es.speakers) < 2:
         log.warning("ABX across speakers needs two speakers; %s has one", cfg.eval_shards)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from pretrain.config import write_run_record
+from pretrain.config.core import refuse_foreign_record
 from pretrain.config.train import TrainConfig
 from pretrain.data import flac
 from pretrain.data.pipeline import ShardLoader
@@ -141,6 +142,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, fault: dict | None = 
     if dist.is_main:
         # Before anything is written; the other ranks are stopped by the launcher (torchrun,
         # srun --kill-on-bad-exit) when this one exits with the error.
+        refuse_foreign_record(run_dir)
         lock = RunLock(run_dir, "pretrain train").acquire()
     try:
         with contextlib.ExitStack() as cleanup:

@@ -169,3 +169,22 @@ def test_a_received_manifest_with_a_path_for_a_shard_name_is_refused(fitted, tmp
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(PretrainError, match=r"manifest.json: shard name: '../../outside.tar' is not a valid name"):
         read_manifest(copy)
+
+
+def test_a_label_set_not_made_from_these_centroids_is_never_replaced_unasked(fitted):
+    """The shards' gold phones50 (or another k-means) under the name given: refused, naming the
+    set and its maker, and left byte for byte; overwrite=true replaces it."""
+    shards, km = fitted
+    gold = {p: p.read_bytes() for p in label_dir(shards, "phones50").iterdir() if p.is_file()}
+    with pytest.raises(PretrainError, match=rf"label set {label_dir(shards, 'phones50')} already exists \(made by "
+                                            r".*not from the centroids of .*\); set overwrite=true"):
+        assign_labels(assign_cfg(shards, km, "name=phones50"), progress=False)
+    assert {p: p.read_bytes() for p in label_dir(shards, "phones50").iterdir() if p.is_file()} == gold
+    try:
+        meta = assign_labels(assign_cfg(shards, km, "name=phones50", "overwrite=true"), progress=False)
+        assert meta["num_classes"] == 25 and meta["provenance"]["made_by"] == "pretrain kmeans assign"
+    finally:  # the module's other tests read the gold set
+        shutil.rmtree(label_dir(shards, "phones50"))
+        for path, data in gold.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)

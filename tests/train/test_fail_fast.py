@@ -115,3 +115,12 @@ def test_a_stalled_rank_leaves_its_stacks_and_ends_the_job(small_shards, tmp_pat
     check_failed(run, code, output, seconds, "no training step completed in", "stall_timeout=8", "stacks")
     stacks = (run / "stacks/rank_1.txt").read_text()
     assert "no training step completed" in stacks and "in _train" in stacks and "Thread" in stacks
+
+
+def test_every_rank_failing_at_once_is_one_line_from_the_launcher(small_shards, tmp_path):
+    """Both ranks meet the same bad input in the same instant: the launcher stops the second
+    while it writes its error file, and reads that file; it must still name the cause (a
+    half-written file made torchrun die on a JSONDecodeError instead)."""
+    run = tmp_path / "run"
+    code, output, seconds = failing_job(run, small_shards, "data.labels=[no_such_set]")
+    check_failed(run, code, output, seconds, "label set 'no_such_set' not found")
