@@ -41,7 +41,7 @@ from iteration_gain import (Evaluator, finish_minutes_plot, prepare_data, train,
                             training_arguments, training_summary)
 
 from pretrain.corpus.engines import VOICES  # noqa: E402
-from pretrain.corpus.phones import PHONES, SILENCE  # noqa: E402
+from pretrain.phones import PHONES, SILENCE  # noqa: E402
 from pretrain.data.labels import LabelSet  # noqa: E402
 from pretrain.data.shards import read_manifest  # noqa: E402
 from pretrain.utils import atomic_savefig, atomic_write_json, atomic_write_text  # noqa: E402

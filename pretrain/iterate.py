@@ -197,7 +197,7 @@ def _labels_done(meta: Path, kmeans: Path) -> Callable[[], bool]:
 
 def _kmeans_done(folder: Path) -> Callable[[], bool]:
     def check() -> bool:
-        from pretrain.data.shards import sha256_file
+        from pretrain.utils import sha256_file
 
         try:
             return json.loads((folder / "kmeans.json").read_text())["centroids_sha256"] == \

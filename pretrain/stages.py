@@ -407,7 +407,7 @@ def _iterate_schema() -> type:
 
 def _lazy(module: str, function: str) -> Callable:
     """An adapter imported by name when called: ``pretrain.iterate`` runs stages through this
-    registry, so the registry must not import it."""
+    registry, so the registry must not import it, nor anything that imports it (``status``)."""
     import importlib
 
     return lambda *args: getattr(importlib.import_module(module), function)(*args)
@@ -551,12 +551,7 @@ def _status_schema() -> type:
     return StatusConfig
 
 
-def _status_run(cfg: Any, argv: list[str], progress: bool) -> int:
-    from pretrain.status import format_status, run_status
-
-    status = run_status(cfg.run_dir)
-    print(json.dumps(status, indent=2) if cfg.json else format_status(status), end="\n" if cfg.json else "")
-    return 0
+_status_run = _lazy("pretrain.status", "command")  # status reads iterate's records
 
 
 STAGES += (

@@ -219,3 +219,10 @@ def format_status(s: dict) -> str:
         quality = ", ".join(f"{k.removeprefix('pnmi_')} PNMI {v:.3f}" for k, v in entry.items() if k.startswith("pnmi_"))
         lines.append(f"it{entry['iteration']}: {_train_line(entry['train'])}" + (f"; labels: {quality}" if quality else ""))
     return "\n".join(lines) + "\n"
+
+
+def command(cfg, argv: list[str], progress: bool) -> int:
+    """``pretrain status`` (registered in ``pretrain.stages``)."""
+    status = run_status(cfg.run_dir)
+    print(json.dumps(status, indent=2) if cfg.json else format_status(status), end="\n" if cfg.json else "")
+    return 0

@@ -19,12 +19,12 @@ from typing import Callable
 
 import numpy as np
 import pytest
-import torch
 
 from pretrain.cli import main
-from pretrain.corpus.phones import PHONES
+from pretrain.phones import PHONES
 from pretrain.data.labels import LabelSet
-from pretrain.data.shards import read_manifest, sha256_file
+from pretrain.data.shards import read_manifest
+from pretrain.utils import sha256_file
 
 transformers = pytest.importorskip("transformers")
 

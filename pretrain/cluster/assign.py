@@ -23,10 +23,10 @@ import numpy as np
 from pretrain.cluster.kmeans import assign, load_kmeans
 from pretrain.config.cluster import KmeansAssignConfig
 from pretrain.data.labels import LabelError, label_dir, write_label_meta, write_label_shard
-from pretrain.data.shards import read_manifest, sha256_file
+from pretrain.data.shards import read_manifest
+from pretrain.utils import atomic_write_json, sha256_file
 from pretrain.features.extract import (Extractor, FeatureSpec, check_features, run_shards,
                                        shard_utterances, task_split)
-from pretrain.utils import atomic_write_json
 
 log = logging.getLogger(__name__)
 

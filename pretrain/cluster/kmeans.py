@@ -185,7 +185,7 @@ def load_kmeans(folder: str | Path, checkpoint: str | None = None) -> tuple[np.n
     ``checkpoint``: where the model of a model-feature k-means lives now, when it moved (a run
     directory moved or copied); its sha256 must be the recorded one, and the returned record's
     spec points at it."""
-    from pretrain.data.shards import sha256_file
+    from pretrain.utils import sha256_file
 
     folder = Path(folder)
     path = folder / "kmeans.json"

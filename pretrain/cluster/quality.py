@@ -23,6 +23,7 @@ import numpy as np
 from pretrain.config.cluster import KmeansQualityConfig
 from pretrain.data.labels import LabelError, LabelSet
 from pretrain.data.shards import read_manifest
+from pretrain.phones import PHONES
 from pretrain.utils import PretrainError, atomic_write_json
 
 
@@ -133,11 +134,8 @@ def quality(cfg: KmeansQualityConfig, progress: bool = True) -> dict:
 
 
 def _reference_names(ref: LabelSet) -> list[str]:
-    if ref.name.startswith("phones"):
-        from pretrain.corpus.phones import PHONES
-
-        if len(PHONES) == ref.num_classes:
-            return list(PHONES)
+    if ref.name.startswith("phones") and len(PHONES) == ref.num_classes:
+        return list(PHONES)
     return [str(i) for i in range(ref.num_classes)]
 
 

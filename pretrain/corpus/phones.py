@@ -1,18 +1,11 @@
-"""One phone inventory shared by every voice: the 39 ARPAbet phones of the CMU/TIMIT folding
-plus ``sil``. Label quality (PNMI) is measured against these ids, so the map from each engine's
-own symbols is explicit and an unknown symbol is an error, never a silent guess.
+"""Each TTS engine's own phone symbols mapped onto the shared inventory (``pretrain.phones``).
+Label quality (PNMI) is measured against those ids, so the map is explicit and an unknown
+symbol is an error, never a silent guess.
 """
 
 from __future__ import annotations
 
-SILENCE = "sil"
-PHONES: tuple[str, ...] = (
-    SILENCE,
-    "aa", "ae", "ah", "ao", "aw", "ay", "eh", "er", "ey", "ih", "iy", "ow", "oy", "uh", "uw",
-    "b", "ch", "d", "dh", "f", "g", "hh", "jh", "k", "l", "m", "n", "ng", "p", "r", "s", "sh",
-    "t", "th", "v", "w", "y", "z", "zh",
-)
-PHONE_ID: dict[str, int] = {p: i for i, p in enumerate(PHONES)}
+from pretrain.phones import PHONE_ID, SILENCE
 
 # festival (radio phone set) and flite (cmu lexicon) already speak ARPAbet; only the
 # reduced vowels and the pause symbols need folding.

@@ -44,7 +44,7 @@ from pretrain.config.core import same_job
 from pretrain.config.corpus import CorpusSynthConfig
 from pretrain.corpus import engines
 from pretrain.corpus.engines import VOICES, RawUtterance, Request, SynthesisError
-from pretrain.corpus.phones import PHONE_ID, PHONES, SILENCE
+from pretrain.phones import PHONE_ID, PHONES, SILENCE
 from pretrain.corpus.plot import plot_overview
 from pretrain.corpus.text import sentence
 from pretrain.frames import SAMPLE_RATE, segment_frame_labels

@@ -16,7 +16,6 @@ into ``shard-NNNNNN.tar.tmp`` and rename it, record its statistics in
 from __future__ import annotations
 
 import concurrent.futures as cf
-import hashlib
 import json
 import logging
 import multiprocessing
@@ -32,13 +31,13 @@ from tqdm import tqdm
 from pretrain import __version__
 from pretrain.config import write_run_record
 from pretrain.config.shards import ShardsBuildConfig, parse_size
-from pretrain.corpus.phones import PHONE_ID, PHONES
+from pretrain.phones import PHONE_ID, PHONES
 from pretrain.data.audio import EXTENSIONS, BadAudio, decode, encode, load_mono_16k
 from pretrain.data.labels import alignment_frame_labels, write_label_meta, write_label_shard
 from pretrain.data.layout import annotate, in_subset, split_points
 from pretrain.data.sources import SourceItem, read_sources
 from pretrain.frames import SAMPLE_RATE
-from pretrain.utils import PretrainError, atomic_write_json, atomic_write_text, safe_name
+from pretrain.utils import PretrainError, atomic_write_json, atomic_write_text, safe_name, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +53,6 @@ PHONE_LABEL_RATES = (50, 100)
 
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _pool(jobs: int) -> cf.ProcessPoolExecutor:

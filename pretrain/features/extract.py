@@ -16,11 +16,11 @@ from typing import Iterator
 import numpy as np
 
 from pretrain.data.audio import EXTENSIONS, decode
-from pretrain.data.shards import iter_shard, sha256_file
+from pretrain.data.shards import iter_shard
+from pretrain.utils import PretrainError, sha256_file
 from pretrain.features.mfcc import DIM as MFCC_DIM
 from pretrain.features.mfcc import mfcc_39
 from pretrain.frames import num_frames
-from pretrain.utils import PretrainError
 
 
 @dataclass

@@ -25,36 +25,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from pretrain.frames import MFCC_HOP, MFCC_WINDOW, SAMPLE_RATE, mfcc_num_frames
+from pretrain.frames import MFCC_HOP, MFCC_WINDOW, mfcc_num_frames
+from pretrain.kaldi import EPS, FFT_SIZE, PREEMPHASIS, WINDOW, mel_banks
 
 NUM_CEPS = 13
 NUM_MEL_BINS = 23
-FFT_SIZE = 512
-LOW_FREQ = 20.0
 CEPSTRAL_LIFTER = 22.0
-PREEMPHASIS = 0.97
 DIM = 3 * NUM_CEPS
-
-
-def _mel(f: np.ndarray | float) -> np.ndarray:
-    return 1127.0 * np.log(1.0 + np.asarray(f, dtype=np.float64) / 700.0)
-
-
-def mel_banks(num_bins: int = NUM_MEL_BINS) -> np.ndarray:
-    """(num_bins, FFT_SIZE // 2 + 1) Kaldi triangular filters (Nyquist column zero); the
-    model's Fbank front end uses the same filters with more bins."""
-    num_fft_bins = FFT_SIZE // 2
-    mel_low, mel_high = _mel(LOW_FREQ), _mel(SAMPLE_RATE / 2)
-    delta = (mel_high - mel_low) / (num_bins + 1)
-    mels = _mel(np.arange(num_fft_bins) * SAMPLE_RATE / FFT_SIZE)
-    banks = np.zeros((num_bins, num_fft_bins + 1))
-    for b in range(num_bins):
-        left, center, right = mel_low + b * delta, mel_low + (b + 1) * delta, mel_low + (b + 2) * delta
-        up = (mels - left) / (center - left)
-        down = (right - mels) / (right - center)
-        inside = (mels > left) & (mels < right)
-        banks[b, :num_fft_bins] = np.where(inside, np.where(mels <= center, up, down), 0.0)
-    return banks
 
 
 def _dct() -> np.ndarray:
@@ -66,11 +43,9 @@ def _dct() -> np.ndarray:
     return dct
 
 
-_BANKS = mel_banks()
+_BANKS = mel_banks(NUM_MEL_BINS)
 _DCT = _dct()
 _LIFTER = 1.0 + 0.5 * CEPSTRAL_LIFTER * np.sin(np.pi * np.arange(NUM_CEPS) / CEPSTRAL_LIFTER)
-WINDOW = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(MFCC_WINDOW) / (MFCC_WINDOW - 1))) ** 0.85
-EPS = float(np.finfo(np.float32).eps)
 
 
 def mfcc(waveform: np.ndarray) -> np.ndarray:

@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from pretrain.config.cluster import FeaturesMfccConfig
-from pretrain.data.shards import read_manifest, sha256_file
+from pretrain.data.shards import read_manifest
+from pretrain.utils import PretrainError, atomic_write_bytes, atomic_write_json, sha256_file
 from pretrain.features.extract import (Extractor, FeatureSpec, check_features, run_shards,
                                       shard_utterances, task_split)
-from pretrain.utils import PretrainError, atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 

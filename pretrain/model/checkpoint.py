@@ -17,9 +17,8 @@ import torch
 from omegaconf import OmegaConf
 
 from pretrain.config.model import ModelConfig
-from pretrain.data.shards import sha256_file
+from pretrain.utils import PretrainError, atomic_write_bytes, sha256_file
 from pretrain.model.hubert import HubertPretrain, LabelSpec
-from pretrain.utils import PretrainError, atomic_write_bytes
 
 FORMAT = "pretrain-model"
 VERSION = 1

@@ -8,7 +8,7 @@ Frames are on the conv encoder's 50 Hz grid exactly, so labels, padding masks an
 counts are unchanged (``pretrain.frames``): the model has ``conv_num_frames(n)`` frames, and
 frame ``i`` is centred on sample ``320 i + 200``, like the conv encoder's receptive field
 ``[320 i, 320 i + 400)``. Its vector stacks the Kaldi log-mel spectra (25 ms windows every
-10 ms, the analysis of ``pretrain.features.mfcc`` without the DCT) of the 100 Hz frames
+10 ms, ``pretrain.kaldi``'s analysis, as the MFCC's without the DCT) of the 100 Hz frames
 ``2i - c .. 2i + c`` (``c = fbank_context``); 100 Hz frame ``2i`` has the same centre as 50 Hz
 frame ``i``. Context frames outside an utterance repeat its first or last frame, computed per
 utterance from its own length, so an utterance's features do not depend on the padding of the
@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pretrain.features.mfcc import EPS, FFT_SIZE, PREEMPHASIS, WINDOW, mel_banks
 from pretrain.frames import MFCC_HOP, MFCC_WINDOW, conv_num_frames, mfcc_num_frames
+from pretrain.kaldi import EPS, FFT_SIZE, PREEMPHASIS, WINDOW, mel_banks
 
 
 class FbankFrontEnd(nn.Module):

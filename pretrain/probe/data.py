@@ -29,6 +29,7 @@ from pretrain.data.audio import EXTENSIONS, decode
 from pretrain.data.labels import LabelError, LabelSet, fit_length
 from pretrain.data.shards import iter_shard, read_manifest
 from pretrain.frames import conv_num_frames
+from pretrain.phones import PHONES
 from pretrain.utils import PretrainError
 
 log = logging.getLogger(__name__)
@@ -132,8 +133,6 @@ def _phone_names(ls: LabelSet | None) -> list[str]:
     names = ls.meta.get("provenance", {}).get("phones")
     if isinstance(names, list) and len(names) == ls.num_classes:
         return [str(n) for n in names]
-    from pretrain.corpus.phones import PHONES
-
     return list(PHONES) if len(PHONES) == ls.num_classes else [str(i) for i in range(ls.num_classes)]
 
 

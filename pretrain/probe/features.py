@@ -23,9 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pretrain.data.shards import sha256_file
+from pretrain.utils import PretrainError, sha256_file
 from pretrain.frames import conv_num_frames
-from pretrain.utils import PretrainError
 
 log = logging.getLogger(__name__)
 

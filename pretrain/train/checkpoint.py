@@ -52,10 +52,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pretrain.data.shards import sha256_file
+from pretrain.utils import PretrainError, atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from pretrain.distributed import DistEnv
 from pretrain.distributed.engine import barrier, broadcast_object, to_universal
-from pretrain.utils import PretrainError, atomic_write_bytes, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 

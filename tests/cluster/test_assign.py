@@ -16,11 +16,11 @@ from pretrain.config.cluster import FeaturesMfccConfig, KmeansAssignConfig, Kmea
 from pretrain.config.data import DataConfig
 from pretrain.data.labels import LabelSet, label_dir
 from pretrain.data.pipeline import ShardLoader
-from pretrain.data.shards import read_manifest, sha256_file
+from pretrain.data.shards import read_manifest
+from pretrain.utils import PretrainError, sha256_file
 from pretrain.features.extract import FeatureSpec, shard_utterances
 from pretrain.features.mfcc import mfcc_39
 from pretrain.features.sample import dump_features
-from pretrain.utils import PretrainError
 
 pytestmark = pytest.mark.slow
 

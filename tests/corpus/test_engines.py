@@ -4,7 +4,8 @@ import pytest
 
 from pretrain.corpus import engines
 from pretrain.corpus.engines import VOICES, EngineMissingError, Request
-from pretrain.corpus.phones import PHONE_ID, SILENCE, UnknownPhoneError, map_arpabet, map_espeak
+from pretrain.corpus.phones import UnknownPhoneError, map_arpabet, map_espeak
+from pretrain.phones import PHONE_ID, SILENCE
 from pretrain.corpus.text import vocabulary
 
 ENGINES = sorted({v.engine for v in VOICES.values()})

@@ -13,7 +13,7 @@ from pretrain.config.core import ConfigError
 from pretrain.config.corpus import CorpusSynthConfig
 from pretrain.corpus import synth as synth_mod
 from pretrain.corpus.engines import VOICES, RawUtterance, SynthesisError
-from pretrain.corpus.phones import PHONE_ID, PHONES, SILENCE
+from pretrain.phones import PHONE_ID, PHONES, SILENCE
 from pretrain.corpus.synth import finalize, plan_utterance, synth_chunk, synthesize_corpus
 from pretrain.frames import conv_num_frames, mfcc_num_frames
 from pretrain.utils import PretrainError

@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 
-from pretrain.corpus.phones import PHONES
+from pretrain.phones import PHONES
 from pretrain.data.alignments import import_alignments
 from pretrain.data.labels import LabelSet
 from pretrain.data.shards import iter_shard, read_manifest

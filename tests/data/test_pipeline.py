@@ -11,7 +11,7 @@ import pytest
 
 from pretrain.config import ConfigError, load_config
 from pretrain.config.data import DataConfig
-from pretrain.corpus.phones import PHONE_ID
+from pretrain.phones import PHONE_ID
 from pretrain.data.audio import decode
 from pretrain.data.labels import LabelError, LabelSet, write_label_meta, write_label_shard
 from pretrain.data.pipeline import DataError, ShardLoader, assign_shards

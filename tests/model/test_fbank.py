@@ -12,8 +12,8 @@ import torch
 
 from pretrain.config import ConfigError
 from pretrain.config.model import ModelConfig
-from pretrain.features.mfcc import EPS, FFT_SIZE, PREEMPHASIS, WINDOW, mel_banks
 from pretrain.frames import MFCC_HOP, MFCC_WINDOW, conv_num_frames, frame_centers, mfcc_num_frames
+from pretrain.kaldi import EPS, FFT_SIZE, PREEMPHASIS, WINDOW, mel_banks
 from pretrain.model.checkpoint import load_model, save_model
 from pretrain.model.fbank import FbankFrontEnd
 from pretrain.model.hubert import HubertPretrain, LabelSpec

@@ -230,7 +230,7 @@ def test_a_model_file_in_a_checkpoint_folder_is_checked_against_its_manifest(tmp
     import shutil
     from pathlib import Path
 
-    from pretrain.data.shards import sha256_file
+    from pretrain.utils import sha256_file
     from pretrain.model.checkpoint import load_model, resolve_model_file
     from pretrain.stages import execute
     from pretrain.utils import PretrainError

@@ -7,10 +7,9 @@ import json
 
 import pytest
 
-from pretrain.data.shards import sha256_file
+from pretrain.utils import PretrainError, sha256_file
 from pretrain.distributed import DistEnv
 from pretrain.train.checkpoint import MANIFEST, CheckpointManager
-from pretrain.utils import PretrainError
 
 ONE = DistEnv(0, 1, 0, "127.0.0.1", 29500)
 
