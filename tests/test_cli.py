@@ -35,14 +35,14 @@ def test_stage_help_lists_every_config_field(stage, capsys):
         main([stage.group, *([stage.name] if stage.name else []), "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for path, _, doc in iter_fields(stage.schema()):
+    for path, _, doc in iter_fields(stage.config_class()):
         assert path in out
         assert doc.split()[0] in out
 
 
 @pytest.mark.parametrize("stage", STAGES, ids=lambda s: f"{s.group}-{s.name}")
 def test_every_config_field_has_a_docstring(stage):
-    undocumented = [path for path, _, doc in iter_fields(stage.schema()) if not doc.strip()]
+    undocumented = [path for path, _, doc in iter_fields(stage.config_class()) if not doc.strip()]
     assert undocumented == []
 
 

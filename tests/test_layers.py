@@ -22,7 +22,7 @@ FLOORS: dict[str, int] = {
     "pretrain.cluster": 4,
     "pretrain.probe": 5,
     "pretrain.train": 6,
-    "pretrain.report": 7,
+    "pretrain.report": 7, "pretrain.commands": 7,
     "pretrain.stages": 8,
     "pretrain.iterate": 9,
     "pretrain.status": 10,
