@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pretrain.report import REFERENCE_CURVES, _metrics, best_of  # noqa: E402
+from pretrain.pipeline.report import REFERENCE_CURVES, _metrics, best_of  # noqa: E402
 from pretrain.utils import atomic_write_json  # noqa: E402
 
 BIN = Path(sys.executable).parent

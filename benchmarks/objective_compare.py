@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from iteration_gain import run  # noqa: E402  (same folder: run a command, log it, time it)
-from pretrain.report import best_of  # noqa: E402
+from pretrain.pipeline.report import best_of  # noqa: E402
 from pretrain.utils import atomic_savefig, atomic_write_json, atomic_write_text  # noqa: E402
 
 BIN = Path(sys.executable).parent

@@ -137,7 +137,8 @@ def _prepare_iterate(cfg, profile: SlurmProfile, job_dir: str | None, tasks: int
     """The stages of ``pretrain iterate`` that are not done, as a chain of jobs that each run
     ``pretrain iterate --config SNAPSHOT --only STAGE`` (the same bookkeeping as a local run:
     fingerprints, invalidation, resume)."""
-    from pretrain import iterate as it
+    from pretrain.pipeline import ledger
+    from pretrain.pipeline.plan import plan
 
     folder = (Path(job_dir) if job_dir else Path(cfg.run_dir) / "slurm").resolve()
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -146,7 +147,7 @@ def _prepare_iterate(cfg, profile: SlurmProfile, job_dir: str | None, tasks: int
         from pretrain.config.core import refuse_foreign_record
 
         refuse_foreign_record(cfg.run_dir)
-    stages = it.plan(cfg, create_identity=not dry_run)
+    stages = plan(cfg, create_identity=not dry_run)
     if not dry_run:  # invalidation deletes: not while a local `pretrain iterate` works in the run
         from pretrain.lifecycle import RunLock
 
@@ -157,9 +158,9 @@ def _prepare_iterate(cfg, profile: SlurmProfile, job_dir: str | None, tasks: int
         from pretrain.config import write_run_record
 
         write_run_record(cfg.run_dir, cfg, ["launch", "slurm", *argv])
-        (Path(cfg.run_dir) / it.STAGES_DIR).mkdir(exist_ok=True)
-    it.invalidate_changed(cfg, stages, delete=not dry_run)
-    states = it.status(cfg, stages)
+        (Path(cfg.run_dir) / ledger.STAGES_DIR).mkdir(exist_ok=True)
+    ledger.invalidate_changed(cfg.run_dir, stages, delete=not dry_run)
+    states = ledger.status(cfg.run_dir, stages)
     jobs = []
     for stage in stages:
         if states[stage.name] == "done":

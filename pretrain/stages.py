@@ -9,9 +9,9 @@ overrides, merged as dataclass defaults <- YAML files <- flags <- ``key=value``.
 configuration is validated before any work starts; ``--print-config`` shows the result and
 exits. Stages register here as they land; there are no placeholder commands.
 
-Users of the registry (``pretrain.cli``'s entry point, ``pretrain.iterate``, ``launch slurm``)
+Users of the registry (``pretrain.cli``'s entry point, ``pretrain.pipeline``, ``launch slurm``)
 import this module; it imports no stage module (the runners are in ``pretrain.commands``, the
-pipeline's in ``pretrain.iterate`` and ``pretrain.status``), so no import cycle runs through
+pipeline's in ``pretrain.pipeline.run`` and ``.status``), so no import cycle runs through
 it (``tests/test_layers.py``).
 """
 
@@ -215,7 +215,7 @@ STAGES: tuple[Stage, ...] = (
         help="the whole iterative pipeline: corpus -> shards -> N x (features -> k-means -> labels -> "
              "train) -> export, with a report; rerunning skips finished stages",
         schema="pretrain.config.iterate:IterateConfig",
-        run="pretrain.iterate:command",
+        run="pretrain.pipeline.run:command",
         flags=(Flag("--run-dir", "run_dir", str, "run directory"),
                Flag("--only", "only", str, "run just this stage (SLURM jobs)")),
     ),
@@ -261,7 +261,7 @@ STAGES: tuple[Stage, ...] = (
         help="where a run is: each iterate stage's state, attempts, wall time and SLURM job, training "
              "step, loss, accuracy, speed and ETA, the newest checkpoint, label quality",
         schema="pretrain.config.status:StatusConfig",
-        run="pretrain.status:command",
+        run="pretrain.pipeline.status:command",
         flags=(Flag("--json", "json", bool, "print JSON"),),
         positional=("run_dir",),
     ),

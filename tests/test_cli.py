@@ -88,7 +88,7 @@ def test_the_layering_has_no_back_arrows():
 
     probe = ("import sys, pretrain.config.corpus, pretrain.config.iterate, pretrain.config.train, pretrain.stages, "
              "pretrain.cli; print(sorted(m for m in sys.modules if m.startswith(('pretrain.corpus', "
-             "'pretrain.iterate', 'torch', 'deepspeed'))))")
+             "'pretrain.pipeline', 'pretrain.commands', 'torch', 'deepspeed'))))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
@@ -107,7 +107,7 @@ def test_faiss_loader_messages_stay_off_the_console(tmp_path, capsys):
 
 
 def test_an_unexpected_exception_is_called_a_bug_with_its_traceback(monkeypatch, tmp_path, capsys):
-    import pretrain.status as status
+    import pretrain.pipeline.status as status
     from pretrain.stages import execute
 
     def broken(run_dir):

@@ -37,6 +37,7 @@ states of all old ranks and applies its repartition policy
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -46,15 +47,18 @@ import re
 import shutil
 import signal
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from pretrain.utils import PretrainError, atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
+from pretrain.config.train import TrainConfig
 from pretrain.distributed import DistEnv
 from pretrain.distributed.engine import barrier, broadcast_object, to_universal
+from pretrain.model.hubert import LabelSpec
+from pretrain.utils import PretrainError, atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -316,3 +320,53 @@ class CheckpointManager:
             return own, [own]
         everyone = [rank_state(r) for r in range(saved)]
         return (everyone[self.dist.rank] if self.dist.rank < saved else None), everyone
+
+
+# ---- which checkpoints a config may resume from
+
+RUNTIME_FIELDS = ("checkpoint_activations", "compile")
+"""Model fields that change how a step is computed, not the model: free to differ on resume."""
+
+
+def _comparable(model: dict) -> dict:
+    """The model fields a checkpoint must agree on: no runtime fields, and for HuBERT none of
+    data2vec's (as checkpoints from before data2vec recorded them; they shape no HuBERT)."""
+    fields = {k: v for k, v in model.items() if k not in RUNTIME_FIELDS}
+    if fields.get("objective", "hubert") == "hubert":
+        fields.pop("objective", None)
+        fields.pop("data2vec", None)
+    return fields
+
+
+def _model_fields(cfg: TrainConfig) -> dict:
+    return _comparable(asdict(cfg.model))
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    """Hash of what shapes the model: a checkpoint with another one must not be loaded."""
+    return hashlib.sha256(json.dumps(_model_fields(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def shape_record(cfg: TrainConfig, specs: list[LabelSpec]) -> dict:
+    return {"model": _model_fields(cfg), "labels": [[s.name, s.num_classes, s.rate] for s in specs]}
+
+
+def check_resumable(manifest: dict, cfg: TrainConfig, specs: list[LabelSpec], step: int) -> None:
+    """Refuse a checkpoint whose model fields or label sets differ from this config, naming
+    them. Everything else (logging, LR peak and schedule, total steps, data, checkpoint
+    policy) may change between restarts."""
+    if "model" not in manifest:  # written before the manifest held the fields
+        if manifest["config_hash"] != config_hash(cfg):
+            raise PretrainError(f"checkpoint step_{step} was trained with another model config; "
+                                "start a new run_dir")
+        return
+    saved, mine = _comparable(manifest["model"]), shape_record(cfg, specs)["model"]
+    changes = [f"model.{k}: {saved.get(k)!r} -> {mine.get(k)!r}"
+               for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)]
+    labels = [[s.name, s.num_classes, s.rate] for s in specs]
+    if manifest["labels"] != labels:
+        changes.append(f"data.labels (name, classes, rate): {manifest['labels']} -> {labels}")
+    if changes:
+        raise PretrainError(f"cannot resume from checkpoint step_{step}: these fields shape the model and "
+                            f"differ from the checkpoint: {'; '.join(changes)}. Start a new run_dir to "
+                            "train another model.")

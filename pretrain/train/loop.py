@@ -11,13 +11,11 @@ DeepSpeed divides each backward by ``grad_accum`` and averages gradients over ra
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import resource
 import signal
-import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -34,64 +32,18 @@ from pretrain.distributed import read_env, requeue_slurm_job, slurm_job_id, slur
 from pretrain.distributed import engine as dist_engine
 from pretrain.frames import conv_num_frames
 from pretrain.lifecycle import RunLock, StallWatchdog, Stop
-from pretrain.model.checkpoint import build_model, load_model, load_teacher_state, resolve_model_file, save_model
-from pretrain.model.data2vec import EmaTeacher, ema_decay, spread
+from pretrain.model.checkpoint import build_model, load_model, resolve_model_file, save_model
 from pretrain.model.hubert import HubertPretrain, LabelSpec
 from pretrain.train.probes import ProbeScheduler
-from pretrain.train.checkpoint import CheckpointManager, rng_state, set_rng_state
+from pretrain.train.checkpoint import (CheckpointManager, check_resumable, config_hash, rng_state, set_rng_state,
+                                       shape_record)
+from pretrain.train.faults import Faults
 from pretrain.train.metrics import MetricsLogger
+from pretrain.train.objectives import Objective, objective_for
 from pretrain.train.schedule import learning_rate
 from pretrain.utils import PretrainError
 
 log = logging.getLogger(__name__)
-
-
-RUNTIME_FIELDS = ("checkpoint_activations", "compile")
-"""Model fields that change how a step is computed, not the model: free to differ on resume."""
-
-
-def _comparable(model: dict) -> dict:
-    """The model fields a checkpoint must agree on: no runtime fields, and for HuBERT none of
-    data2vec's (as checkpoints from before data2vec recorded them; they shape no HuBERT)."""
-    fields = {k: v for k, v in model.items() if k not in RUNTIME_FIELDS}
-    if fields.get("objective", "hubert") == "hubert":
-        fields.pop("objective", None)
-        fields.pop("data2vec", None)
-    return fields
-
-
-def _model_fields(cfg: TrainConfig) -> dict:
-    return _comparable(asdict(cfg.model))
-
-
-def config_hash(cfg: TrainConfig) -> str:
-    """Hash of what shapes the model: a checkpoint with another one must not be loaded."""
-    return hashlib.sha256(json.dumps(_model_fields(cfg), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _shape_record(cfg: TrainConfig, specs: list[LabelSpec]) -> dict:
-    return {"model": _model_fields(cfg), "labels": [[s.name, s.num_classes, s.rate] for s in specs]}
-
-
-def check_resumable(manifest: dict, cfg: TrainConfig, specs: list[LabelSpec], step: int) -> None:
-    """Refuse a checkpoint whose model fields or label sets differ from this config, naming
-    them. Everything else (logging, LR peak and schedule, total steps, data, checkpoint
-    policy) may change between restarts."""
-    if "model" not in manifest:  # written before the manifest held the fields
-        if manifest["config_hash"] != config_hash(cfg):
-            raise PretrainError(f"checkpoint step_{step} was trained with another model config; "
-                                "start a new run_dir")
-        return
-    saved, mine = _comparable(manifest["model"]), _shape_record(cfg, specs)["model"]
-    changes = [f"model.{k}: {saved.get(k)!r} -> {mine.get(k)!r}"
-               for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)]
-    labels = [[s.name, s.num_classes, s.rate] for s in specs]
-    if manifest["labels"] != labels:
-        changes.append(f"data.labels (name, classes, rate): {manifest['labels']} -> {labels}")
-    if changes:
-        raise PretrainError(f"cannot resume from checkpoint step_{step}: these fields shape the model and "
-                            f"differ from the checkpoint: {'; '.join(changes)}. Start a new run_dir to "
-                            "train another model.")
 
 
 def init_backbone(model: HubertPretrain, path: str) -> str:
@@ -123,17 +75,8 @@ def _batches(loader: ShardLoader):
 
 
 def train(cfg: TrainConfig, argv: list[str] | None = None, fault: dict | None = None) -> dict:
-    """Train until ``cfg.optim.max_steps``; returns the last logged metrics.
-
-    ``fault`` is for tests only: ``{"nan_at": step, "nan_rank": r}`` puts a NaN into that
-    rank's loss at that step; ``{"nan_grad_at": step, "rank": r}`` into one gradient;
-    ``{"kill_at": step, "rank": r}`` SIGKILLs rank r mid-step; ``{"crash_save": {"step",
-    "phase", "rank"}}`` SIGKILLs a rank inside a save (see ``SAVE_PHASES``);
-    ``{"exit_after_save": step}`` ends the process right after saving; ``{"raise_at": step,
-    "rank": r, "where": "forward" | "save" | "probe"}`` raises an error there; ``{"stall_at":
-    step, "rank": r}`` makes rank r hang in that step.
-    """
-    fault = fault or {}
+    """Train until ``cfg.optim.max_steps``; returns the last logged metrics. ``fault`` is for
+    tests only (``pretrain.train.faults``)."""
     # Normally installed before the heavy imports (pretrain.cli); here for other in-process callers.
     Stop.install()
     dist = read_env()
@@ -146,13 +89,13 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, fault: dict | None = 
         lock = RunLock(run_dir, "pretrain train").acquire()
     try:
         with contextlib.ExitStack() as cleanup:
-            return _train(cfg, argv, fault, dist, run_dir, cleanup)
+            return _train(cfg, argv, Faults(fault, dist.rank), dist, run_dir, cleanup)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(cfg: TrainConfig, argv: list[str] | None, fault: dict, dist, run_dir: Path,
+def _train(cfg: TrainConfig, argv: list[str] | None, faults: Faults, dist, run_dir: Path,
            cleanup: contextlib.ExitStack) -> dict:
     watchdog = StallWatchdog(run_dir, dist.rank, cfg.stall_timeout, cfg.startup_timeout).start()
     cleanup.callback(watchdog.stop)
@@ -166,46 +109,9 @@ def _train(cfg: TrainConfig, argv: list[str] | None, fault: dict, dist, run_dir:
         log.info("FLAC decoding: %s", flac.describe())
     specs = [LabelSpec(ls.name, ls.num_classes, ls.label_rate) for ls in loader.label_sets]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.deepspeed.precision]
-
     checkpoints = CheckpointManager(run_dir / "checkpoints", dist, cfg.checkpoint.keep_last, cfg.checkpoint.pin,
-                                    crash=fault.get("crash_save"), start_over=cfg.checkpoint.start_over)
-    resume = checkpoints.find_resume()
-    universal = False
-    if resume is not None:
-        check_resumable(checkpoints.manifest(resume), cfg, specs, resume)
-        universal = checkpoints.prepare_load(resume, cfg.deepspeed.zero_stage)
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model, specs)
-    if resume is None and cfg.init_from is not None:
-        source = init_backbone(model, cfg.init_from)
-        if dist.is_main:
-            log.info("new run: backbone from %s; label embeddings and final_proj initialized fresh", source)
-    teacher = None
-    if cfg.model.objective == "data2vec":
-        # The student as it starts (its weights are the same on every rank, and so is every
-        # update after), or the teacher saved with the checkpoint.
-        teacher = EmaTeacher(model)
-        if resume is not None:
-            teacher.load_state_dict(load_teacher_state(checkpoints.root / f"step_{resume}"), strict=True)
-    if cfg.model.compile:  # after the teacher's copy, which is never compiled
-        compile_layers(model)
-    engine = dist_engine.build_engine(model, cfg, load_universal=universal)
-    if teacher is not None:
-        teacher.to(engine.device)
-
-    step = 0
-    if resume is not None:
-        own, everyone = checkpoints.load(engine, resume, universal)
-        step = everyone[0]["step"]
-        if checkpoints.manifest(resume)["world_size"] == dist.world_size:
-            loader.load_state_dict(own["data"])
-        else:
-            loader.load_repartitioned([state["data"] for state in everyone])
-        if own is not None:
-            set_rng_state(own["rng"])
-        fingerprint = dist_engine.state_fingerprint(engine)
-        if dist.is_main:
-            log.info("resumed from step %d: %s", step, json.dumps(fingerprint))
+                                    crash=faults.crash_save, start_over=cfg.checkpoint.start_over)
+    model, engine, objective, step = _build(cfg, dist, specs, loader, checkpoints)
 
     logger = MetricsLogger(run_dir, cfg.log, config=asdict(cfg), enabled=dist.is_main)
     probes = ProbeScheduler(cfg, run_dir, enabled=dist.is_main, slurm_job=slurm_job_id())
@@ -213,91 +119,37 @@ def _train(cfg: TrainConfig, argv: list[str] | None, fault: dict, dist, run_dir:
     # Otherwise a failure (a peer node gone, say) leaves them to the traceback's frames, and at
     # exit multiprocessing waits forever for workers that ignore SIGTERM (data.pipeline).
     batches = cleanup.enter_context(contextlib.closing(_batches(loader)))
-    ga = cfg.deepspeed.grad_accum
-    bad_steps = skipped_total = 0
-    sums: dict[str, float] = {}
-    hists: dict[str, np.ndarray] = {}
-    window_start = time.perf_counter()
-    data_wait = 0.0
+    window = _Window(specs, objective, dist.world_size)
+    bad_steps = 0
     last: dict = {}
     while step < cfg.optim.max_steps:
         lr = learning_rate(step, cfg.optim)
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr
-
-        here = dist.rank == fault.get("rank", dist.rank)
-        if fault.get("stall_at") == step + 1 and here:
-            log.warning("test fault: this rank hangs in step %d", step + 1)
-            threading.Event().wait()
+        _set_lr(engine, lr)
+        faults.step_start(step)
         t0 = time.perf_counter()
-        micro = [next(batches) for _ in range(ga)]
-        data_wait += time.perf_counter() - t0
+        micro = [next(batches) for _ in range(cfg.deepspeed.grad_accum)]
+        window.data_wait += time.perf_counter() - t0
         masks = [model.draw_mask(b["lengths"], b["audio"].shape[1], b["labels"],
                                  np.random.default_rng([cfg.seed, step, dist.rank, i]))
                  for i, b in enumerate(micro)]
-        nan_here = fault.get("nan_at") == step and fault.get("nan_rank") == dist.rank
-        raise_here = fault.get("where") if fault.get("raise_at") == step + 1 and here else None
-        step_fault = {"kill": fault.get("kill_at") == step and here,
-                      "nan_grad": fault.get("nan_grad_at") == step and here, "raise": raise_here == "forward"}
-        outs, skipped, global_masked = forward_backward(engine, micro, masks, dist.world_size, dtype,
-                                                        nan_here, step_fault, teacher=teacher)
+        inject_nan, step_fault = faults.in_step(step)
+        outs, skipped, global_masked = forward_backward(engine, micro, masks, dist.world_size, dtype, inject_nan,
+                                                        step_fault, extras=objective.forward_extras())
         if skipped:
             # The update is taken at learning rate 0: AdamW (decoupled decay included) then
             # leaves every parameter exactly as it was, on every rank.
-            for group in engine.optimizer.param_groups:
-                group["lr"] = 0.0
+            _set_lr(engine, 0.0)
         applied = dist_engine.optimizer_step(engine)
         step += 1
         watchdog.beat()
-        if teacher is not None:
-            # Every step, applied or skipped (a skipped one left the student as it was): the
-            # decay schedule follows the step count, so a resumed run continues it exactly.
-            teacher.update(model, ema_decay(cfg.model, step))
-        if skipped or not applied:
-            bad_steps += 1
-            skipped_total += 1
-            what = "loss" if skipped else "gradient"
-            log.warning("step %d: non-finite %s on some rank; no rank changed its parameters "
-                        "(%d such steps in a row)", step, what, bad_steps)
-            # fp16's dynamic loss scaling skips overflowing steps by design while it lowers the
-            # scale; DeepSpeed itself stops when the scale cannot go lower.
-            if bad_steps >= cfg.max_bad_steps and (skipped or cfg.deepspeed.precision != "fp16"):
-                raise PretrainError(f"{bad_steps} consecutive steps with a non-finite {what} "
-                                    "(max_bad_steps); stopping. Lower the learning rate or check the data.")
-        else:
-            bad_steps = 0
-
-        # ---- metrics (global sums over ranks)
-        local = _local_sums(outs, micro, specs, global_masked, dist.world_size)
-        for k, v in local.items():
-            sums[k] = sums.get(k, 0.0) + v
-        for spec in specs:
-            for kind in ("pred", "target"):
-                key = f"{kind}/{spec.name}"
-                counts = sum(o[f"{kind}_hist/{spec.name}"].numpy() for o in outs)
-                hists[key] = hists.get(key, 0) + counts
-        if teacher is not None:
-            for kind in ("target", "pred"):
-                key = f"{MOMENTS}{kind}"
-                hists[key] = hists.get(key, 0) + sum(o[f"{kind}_moments"].numpy().ravel() for o in outs)
+        objective.after_step(model, step)
+        bad_steps = _bad_steps(cfg, step, bad_steps, skipped, applied, window)
+        window.add(outs, micro, global_masked)
         if step % cfg.log.every == 0 or step == cfg.optim.max_steps:
-            keys = sorted(sums)
-            totals = dict(zip(keys, dist_engine.all_reduce_sum([sums[k] for k in keys])))
-            hist_keys = sorted(hists)
-            flat = dist_engine.all_reduce_sum(np.concatenate([hists[k] for k in hist_keys]).tolist())
-            sizes = np.cumsum([0] + [len(hists[k]) for k in hist_keys])
-            global_hists = {k: np.asarray(flat[a:b]) for k, a, b in zip(hist_keys, sizes[:-1], sizes[1:])}
-            elapsed = time.perf_counter() - window_start
-            last = _metrics(totals, specs, lr, engine, elapsed, data_wait, dist.world_size)
-            if teacher is not None:
-                last.update(_data2vec_metrics(cfg, step, global_hists, totals["num_masked"]))
-            last.update(usage_perplexity({k: v for k, v in global_hists.items() if not k.startswith(MOMENTS)}))
-            last["skipped_steps"] = skipped_total
+            last = window.flush(step, lr, engine)
             logger.log(step, last)
             if dist.is_main:
                 probes.collect(logger)
-            sums, hists, data_wait, window_start = {}, {}, 0.0, time.perf_counter()
-
         if cfg.valid_shards and step % cfg.valid_every == 0:
             logger.log(step, _validate(cfg, engine, model, specs, dist, dtype), prefix="valid_")
 
@@ -306,19 +158,16 @@ def _train(cfg: TrainConfig, argv: list[str] | None, fault: dict, dist, run_dir:
         usr1, term = (v > 0 for v in dist_engine.all_reduce_sum([float(Stop.usr1), float(Stop.term)]))
         preempted = usr1 or term
         if step % cfg.checkpoint.every == 0 or step == cfg.optim.max_steps or preempted:
-            if raise_here == "save":
-                raise RuntimeError(f"test fault: an error while saving step {step}")
+            faults.before_save(step)
             rank_state = {"step": step, "data": loader.state_dict(), "rng": rng_state()}
             weights = dist_engine.full_state_dict(engine)  # every rank: a collective under ZeRO 3
             checkpoints.save(engine, step, rank_state, config_hash(cfg),
-                             model_file=lambda path: save_model(
-                                 path, model, weights, teacher=None if teacher is None else teacher.state_dict()),
-                             meta=_shape_record(cfg, specs))
-            if raise_here == "probe":
-                raise PretrainError(f"test fault: the probe of step {step} could not start")
+                             model_file=lambda path: save_model(path, model, weights, **objective.model_file_extras()),
+                             meta=shape_record(cfg, specs))
+            faults.before_probe(step)
             if dist.is_main and probes.due(step):
                 probes.start(step, run_dir / "checkpoints" / f"step_{step}")
-            if fault.get("exit_after_save") == step:
+            if faults.exit_after_save(step):
                 logger.close()
                 dist_engine.shutdown()
         if preempted and step < cfg.optim.max_steps:
@@ -330,6 +179,105 @@ def _train(cfg: TrainConfig, argv: list[str] | None, fault: dict, dist, run_dir:
     logger.close()
     Stop.restore()
     return last
+
+
+def _build(cfg: TrainConfig, dist, specs: list[LabelSpec], loader: ShardLoader,
+           checkpoints: CheckpointManager) -> tuple[HubertPretrain, object, Objective, int]:
+    """The model, its DeepSpeed engine, the objective and the step to start from: a new run
+    (initialized from ``init_from`` when set), or the newest checkpoint resumed exactly."""
+    resume = checkpoints.find_resume()
+    universal = False
+    if resume is not None:
+        check_resumable(checkpoints.manifest(resume), cfg, specs, resume)
+        universal = checkpoints.prepare_load(resume, cfg.deepspeed.zero_stage)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model, specs)
+    if resume is None and cfg.init_from is not None:
+        source = init_backbone(model, cfg.init_from)
+        if dist.is_main:
+            log.info("new run: backbone from %s; label embeddings and final_proj initialized fresh", source)
+    objective = objective_for(cfg)
+    objective.prepare(model, None if resume is None else checkpoints.root / f"step_{resume}")
+    if cfg.model.compile:  # after the objective's copies (a teacher), which are never compiled
+        compile_layers(model)
+    engine = dist_engine.build_engine(model, cfg, load_universal=universal)
+    objective.to(engine.device)
+    if resume is None:
+        return model, engine, objective, 0
+    own, everyone = checkpoints.load(engine, resume, universal)
+    if checkpoints.manifest(resume)["world_size"] == dist.world_size:
+        loader.load_state_dict(own["data"])
+    else:
+        loader.load_repartitioned([state["data"] for state in everyone])
+    if own is not None:
+        set_rng_state(own["rng"])
+    fingerprint = dist_engine.state_fingerprint(engine)  # a collective: every rank
+    if dist.is_main:
+        log.info("resumed from step %d: %s", everyone[0]["step"], json.dumps(fingerprint))
+    return model, engine, objective, everyone[0]["step"]
+
+
+def _set_lr(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _bad_steps(cfg: TrainConfig, step: int, in_a_row: int, skipped: bool, applied: bool, window: "_Window") -> int:
+    """Steps in a row whose loss or gradient was non-finite somewhere, after ``step``; stops
+    training at ``max_bad_steps``."""
+    if not (skipped or not applied):
+        return 0
+    in_a_row += 1
+    window.skipped_total += 1
+    what = "loss" if skipped else "gradient"
+    log.warning("step %d: non-finite %s on some rank; no rank changed its parameters "
+                "(%d such steps in a row)", step, what, in_a_row)
+    # fp16's dynamic loss scaling skips overflowing steps by design while it lowers the
+    # scale; DeepSpeed itself stops when the scale cannot go lower.
+    if in_a_row >= cfg.max_bad_steps and (skipped or cfg.deepspeed.precision != "fp16"):
+        raise PretrainError(f"{in_a_row} consecutive steps with a non-finite {what} "
+                            "(max_bad_steps); stopping. Lower the learning rate or check the data.")
+    return in_a_row
+
+
+class _Window:
+    """The sums of one logging window, turned into metrics over every rank at its end."""
+
+    def __init__(self, specs: list[LabelSpec], objective: Objective, world_size: int):
+        self.specs, self.objective, self.world_size = specs, objective, world_size
+        self.skipped_total = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.arrays: dict[str, np.ndarray] = {}
+        self.data_wait = 0.0
+        self.start = time.perf_counter()
+
+    def add(self, outs: list[dict], micro: list[dict], global_masked: float) -> None:
+        for k, v in _local_sums(outs, micro, self.specs, global_masked, self.world_size).items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        step_arrays = {f"{kind}/{spec.name}": sum(o[f"{kind}_hist/{spec.name}"].numpy() for o in outs)
+                       for spec in self.specs for kind in ("pred", "target")}
+        step_arrays.update(self.objective.sums(outs))
+        for k, v in step_arrays.items():
+            self.arrays[k] = self.arrays.get(k, 0) + v
+
+    def flush(self, step: int, lr: float, engine) -> dict:
+        keys = sorted(self.sums)
+        totals = dict(zip(keys, dist_engine.all_reduce_sum([self.sums[k] for k in keys])))
+        array_keys = sorted(self.arrays)
+        flat = dist_engine.all_reduce_sum(np.concatenate([self.arrays[k] for k in array_keys]).tolist())
+        sizes = np.cumsum([0] + [len(self.arrays[k]) for k in array_keys])
+        arrays = {k: np.asarray(flat[a:b]) for k, a, b in zip(array_keys, sizes[:-1], sizes[1:])}
+        metrics = _metrics(totals, self.specs, lr, engine, time.perf_counter() - self.start, self.data_wait,
+                           self.world_size)
+        metrics.update(self.objective.metrics(step, arrays, totals["num_masked"]))
+        metrics.update(usage_perplexity({k: v for k, v in arrays.items()
+                                         if k.split("/", 1)[0] in ("pred", "target")}))
+        metrics["skipped_steps"] = self.skipped_total
+        self._reset()
+        return metrics
 
 
 def compile_layers(model: HubertPretrain) -> None:
@@ -379,7 +327,7 @@ def handle_preemption(step: int, cfg: TrainConfig, dist, term: bool = False) -> 
 
 def forward_backward(engine, micro: list[dict], masks: list[torch.Tensor], world_size: int,
                      dtype: torch.dtype, inject_nan: bool = False, fault: dict | None = None,
-                     teacher=None) -> tuple[list[dict], bool, float]:
+                     extras: dict | None = None) -> tuple[list[dict], bool, float]:
     """Forward and backward of this rank's micro-batches of one optimizer step.
 
     Returns the model outputs, whether some rank's loss was non-finite (then every rank ran a
@@ -387,7 +335,8 @@ def forward_backward(engine, micro: list[dict], masks: list[torch.Tensor], world
     ends up with is ``sum over ranks and micro-batches of grad(loss_sum) / N``; the feature
     penalty is scaled by the global masked/unpadded frame ratio for the same reason.
     ``fault`` (tests): ``{"kill": True}`` SIGKILLs this process between a forward and its
-    backward; ``{"nan_grad": True}`` makes one parameter's gradient NaN.
+    backward; ``{"nan_grad": True}`` makes one parameter's gradient NaN. ``extras``: the
+    objective's keyword arguments of every forward (data2vec's teacher).
     """
     fault = fault or {}
     ga = len(micro)
@@ -404,9 +353,8 @@ def forward_backward(engine, micro: list[dict], masks: list[torch.Tensor], world
     for batch, mask in zip(micro, masks):
         audio = batch["audio"].to(engine.device, dtype)
         targets = {k: v.to(engine.device) for k, v in batch["labels"].items()}
-        extra = {} if teacher is None else {"teacher": teacher}  # data2vec's targets
         out = engine(audio, batch["lengths"].to(engine.device), targets, mask=mask, feature_pen_scale=pen_scale,
-                     **extra)
+                     **(extras or {}))
         if fault.get("kill"):
             log.warning("test fault: killing this rank mid-step")
             os.kill(os.getpid(), signal.SIGKILL)
@@ -430,29 +378,6 @@ def forward_backward(engine, micro: list[dict], masks: list[torch.Tensor], world
     if hook is not None:
         hook.remove()
     return outs, skipped, global_masked
-
-
-MOMENTS = "moments/"
-"""Prefix of the data2vec per-channel sums among the summed histograms."""
-
-
-def _data2vec_metrics(cfg: TrainConfig, step: int, hists: dict, masked: float) -> dict:
-    """The spread of targets and predictions over the window's masked frames (all ranks), and
-    the collapse guard: stopping with the reason beats training a dead representation."""
-    d = cfg.model.data2vec
-    dim = cfg.model.encoder_embed_dim
-    target = spread(torch.from_numpy(hists[f"{MOMENTS}target"].reshape(2, dim)), masked)
-    pred = spread(torch.from_numpy(hists[f"{MOMENTS}pred"].reshape(2, dim)), masked)
-    if step >= d.collapse_check_after:
-        for name, value, floor in (("target", target, d.min_target_var), ("prediction", pred, d.min_pred_var)):
-            if value < floor:
-                raise PretrainError(
-                    f"step {step}: the data2vec {name} spread fell to {value:.4g}, below "
-                    f"model.data2vec.min_{'target' if name == 'target' else 'pred'}_var={floor}: the "
-                    "representation is collapsing (the loss can keep falling while it does). Resume from an "
-                    "earlier checkpoint with a lower learning rate or a slower teacher (ema_decay), or lower "
-                    "the floor if this spread is expected.")
-    return {"target_var": target, "pred_var": pred, "ema_decay": ema_decay(cfg.model, step)}
 
 
 def usage_perplexity(hists: dict[str, np.ndarray]) -> dict[str, float]:

@@ -326,8 +326,8 @@ def test_launch_slurm_iterate_runs_the_whole_chain_through_a_preemption(slurm_en
     """Two iterations as a chain of SLURM jobs (array stages on 2 tasks, training on 2 ranks),
     iteration 2's training preempted with USR1: every job ends COMPLETED, the report is
     written, and `pretrain status` reads the run from its submission on."""
-    from pretrain.status import format_status, run_status
-    from tests.test_iterate import OVERRIDES
+    from pretrain.pipeline.status import format_status, run_status
+    from tests.pipeline.test_iterate import OVERRIDES
 
     run = tmp_path / "run"
     overrides = [o for o in OVERRIDES(run, tiny_corpus, small_shards) if not o.startswith("iterations.1.max_steps")]

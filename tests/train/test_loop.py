@@ -10,7 +10,8 @@ import pytest
 from pretrain.config import load_config
 from pretrain.config.train import TrainConfig
 from pretrain.model.hubert import LabelSpec
-from pretrain.train.loop import check_resumable, config_hash, usage_perplexity
+from pretrain.train.checkpoint import check_resumable, config_hash
+from pretrain.train.loop import usage_perplexity
 from pretrain.utils import PretrainError
 from tests.model.test_model import REPO
 
@@ -76,10 +77,11 @@ def test_init_from_copies_the_backbone_and_starts_the_label_heads_fresh(tmp_path
 def test_data2vec_collapse_stops_training_with_the_reason():
     import numpy as np
 
-    from pretrain.train.loop import MOMENTS, _data2vec_metrics
+    from pretrain.train.objectives import MOMENTS, objective_for
 
     c = cfg("model.objective=data2vec", "data.labels=[]", "model.data2vec.top_k_layers=2",
             "model.data2vec.collapse_check_after=100")
+    objective = objective_for(c)
     dim, n = c.model.encoder_embed_dim, 1000
     rng = np.random.default_rng(0)
 
@@ -89,9 +91,9 @@ def test_data2vec_collapse_stops_training_with_the_reason():
 
     alive = {f"{MOMENTS}target": moments(1.0), f"{MOMENTS}pred": moments(1.0)}
     dead = {f"{MOMENTS}target": moments(0.01), f"{MOMENTS}pred": moments(1.0)}
-    metrics = _data2vec_metrics(c, 50, dead, n)  # before collapse_check_after: logged, not judged
+    metrics = objective.metrics(50, dead, n)  # before collapse_check_after: logged, not judged
     assert metrics["target_var"] == pytest.approx(0.01, rel=0.1) and metrics["pred_var"] == pytest.approx(1, rel=0.1)
-    _data2vec_metrics(c, 100, alive, n)
+    objective.metrics(100, alive, n)
     with pytest.raises(PretrainError, match=r"step 100: the data2vec target spread fell to 0\.01.*min_target_var=0\.1"
                                             r".*collapsing"):
-        _data2vec_metrics(c, 100, dead, n)
+        objective.metrics(100, dead, n)

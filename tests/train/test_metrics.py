@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from pretrain.config.train import LogConfig
-from pretrain.report import _metrics
+from pretrain.pipeline.report import _metrics
 from pretrain.train.metrics import MetricsLogger, read_jsonl
 
 

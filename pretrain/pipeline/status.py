@@ -20,6 +20,12 @@ import subprocess
 import time
 from pathlib import Path
 
+from pretrain.config import load_config, quote_override
+from pretrain.config.iterate import IterateConfig
+from pretrain.lifecycle import RunLock
+from pretrain.pipeline.ledger import read_record, status, unchanged
+from pretrain.pipeline.plan import plan
+from pretrain.train.metrics import read_jsonl
 from pretrain.utils import PretrainError
 
 _ACTIVE_SLURM = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
@@ -27,8 +33,6 @@ _ACTIVE_SLURM = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", 
 
 
 def _lock_holder(folder: Path) -> dict | None:
-    from pretrain.lifecycle import RunLock
-
     return RunLock(folder, "").held_by()
 
 
@@ -68,8 +72,6 @@ def _slurm_jobs(run: Path) -> dict[str, dict]:
 def training(train_dir: Path) -> dict | None:
     """Progress of the training in ``train_dir``: step, loss, accuracy, speed, ETA, newest
     checkpoint."""
-    from pretrain.train.metrics import read_jsonl
-
     metrics_path = train_dir / "metrics.jsonl"
     if not train_dir.is_dir():
         return None
@@ -119,20 +121,17 @@ STALLED_MIN_SECONDS = 300
 
 
 def iterate_status(run: Path) -> dict:
-    from pretrain import iterate as it
-    from pretrain.config import load_config, quote_override
-    from pretrain.config.iterate import IterateConfig
-
     # The run's own resolved config, at the place the run is now (it may have moved).
     cfg = load_config(IterateConfig, [run / "config.yaml"], [quote_override("run_dir", str(run))])
-    stages = it.plan(cfg, create_identity=False)
-    done = it.status(cfg, stages)
+    stages = plan(cfg, create_identity=False)
+    done = status(run, stages)
+    current = unchanged(run, stages)
     holder = _lock_holder(run)
     jobs = _slurm_jobs(run)
     slurm = slurm_states([j["job_id"] for j in jobs.values()])
     rows = []
     for stage in stages:
-        record = it._read_record(run, stage.name)
+        record = read_record(run, stage.name)
         row = {"name": stage.name, "attempts": len(record["attempts"]) if record else 0,
                "seconds": record.get("seconds") if record else None}
         if stage.name in jobs:
@@ -142,7 +141,7 @@ def iterate_status(run: Path) -> dict:
             row["state"] = "done"
         elif record is None:
             row["state"] = "pending"
-        elif record["fingerprint"] not in (stage.fingerprint, stage.legacy_fingerprint):
+        elif current[stage.name] is None:
             row["state"] = "stale"
         else:
             slurm_state = row.get("slurm_state", "").split()
@@ -206,8 +205,6 @@ def format_status(s: dict) -> str:
         t = s["train"]
         state = ("stalled" if t.get("stalled_s") else "running") if t and t.get("running") else "not running"
         return f"{s['run_dir']} (train, {state}): {_train_line(t)}\n"
-    from pretrain.lifecycle import RunLock
-
     lines = [f"{s['run_dir']} (iterate): " + (f"running, held by {RunLock.describe(s['holder'])}" if s["running"]
                                               else "not running")]
     lines += ["", f"{'stage':<18} {'state':<8} {'attempts':>8} {'wall':>8}  slurm"]

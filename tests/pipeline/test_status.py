@@ -1,5 +1,5 @@
 """`pretrain status` on a training run directory (the iterate view is exercised on a real run in
-tests/test_iterate.py)."""
+tests/pipeline/test_iterate.py)."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def test_a_damaged_stage_record_or_config_is_one_line_naming_the_file(tmp_path, 
     from pretrain.config import load_config, write_run_record
     from pretrain.config.iterate import IterateConfig
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     run = tmp_path / "run"
     write_run_record(run, load_config(IterateConfig, [repo / "configs/demo.yaml"], [f"run_dir={run}"]))
     (run / "stages").mkdir()

@@ -15,7 +15,7 @@ import pytest
 from pretrain.utils import PretrainError
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def OVERRIDES(run: Path, corpus: Path, eval_shards: Path) -> list[str]:
@@ -58,7 +58,7 @@ def test_two_iterations_rerun_interruption_and_invalidation(tiny_corpus, small_s
     assert "stage it2.train failed" in first.stderr, first.stderr[-3000:]
     assert (run / "it2/train/checkpoints/latest").read_text().strip() == "step_2"
     # `pretrain status` tells where it stopped.
-    from pretrain.status import format_status, run_status
+    from pretrain.pipeline.status import format_status, run_status
 
     status = json.loads(json.dumps(run_status(run)))  # what `pretrain status RUN --json` prints
     states = {row["name"]: row["state"] for row in status["stages"]}
@@ -138,19 +138,20 @@ def test_two_iterations_rerun_interruption_and_invalidation(tiny_corpus, small_s
 
     from pretrain.config import load_config
     from pretrain.config.iterate import IterateConfig
-    from pretrain.iterate import invalidate_changed, plan, status
+    from pretrain.pipeline.ledger import invalidate_changed, status
+    from pretrain.pipeline.plan import plan
 
     changed = load_config(IterateConfig, [REPO / "configs/demo.yaml"], [*OVERRIDES(run, tiny_corpus, small_shards),
                                                                            "iterations.1.k=25"])
     stages = plan(changed)
-    with caplog.at_level(logging.WARNING, logger="pretrain.iterate"):
-        stale = invalidate_changed(changed, stages)
+    with caplog.at_level(logging.WARNING, logger="pretrain.pipeline.ledger"):
+        stale = invalidate_changed(changed.run_dir, stages)
     assert stale == ["it2.kmeans", "it2.labels", "it2.quality", "it2.heldout", "it2.mfcc_kmeans", "it2.mfcc_heldout",
                      "it2.train", "it2.probe", "export"]
     assert "stage it2.kmeans: its config changed (k: 30 -> 25)" in caplog.text
     assert not (run / "it2/kmeans").exists() and not (shards / "labels/it2_km30").exists()
     assert not (run / "it2/train").exists() and (run / "it2/features/meta.json").is_file()
-    assert [n for n, s in status(changed, stages).items() if s == "pending"] == stale
+    assert [n for n, s in status(changed.run_dir, stages).items() if s == "pending"] == stale
 
     # Under SLURM the same bookkeeping decides what to submit: a dry run lists only the stages
     # that are not done, each as `pretrain iterate --only STAGE`, and deletes nothing.
@@ -171,7 +172,7 @@ def test_two_iterations_rerun_interruption_and_invalidation(tiny_corpus, small_s
 def test_an_fbank_run_with_export_is_refused_before_anything_runs(tmp_path):
     from pretrain.config import load_config
     from pretrain.config.iterate import IterateConfig
-    from pretrain.iterate import plan
+    from pretrain.pipeline.plan import plan
     from pretrain.utils import PretrainError
 
     overrides = [f"run_dir={tmp_path / 'run'}", f"train_configs=[{REPO / 'configs/small_cpu.yaml'}]"]
@@ -186,18 +187,18 @@ def test_an_fbank_run_with_export_is_refused_before_anything_runs(tmp_path):
 def test_no_progress_reaches_every_stage_iterate_runs(tmp_path, monkeypatch):
     import subprocess as sp
 
-    from pretrain import iterate as it
+    from pretrain.pipeline import plan as planning, run as running
     from pretrain.config import load_config
     from pretrain.config.iterate import IterateConfig
 
     cfg = load_config(IterateConfig, [REPO / "configs/demo.yaml"], [f"run_dir={tmp_path / 'run'}"])
-    stages = {s.name: s for s in it.plan(cfg)}
+    stages = {s.name: s for s in planning.plan(cfg)}
     commands = []
     monkeypatch.setattr(sp, "run", lambda cmd, **kw: commands.append(cmd) or sp.CompletedProcess(cmd, 1))
     for name in ("it1.features", "it1.train", "it1.probe"):
         for progress in (False, True):
             with pytest.raises(PretrainError, match=f"stage {name} failed"):
-                it.run_stage(cfg, stages[name], progress=progress)
+                running.run_stage(cfg, stages[name], progress=progress)
     assert [c[-1] == "--no-progress" for c in commands] == [True, False] * 3
     assert commands[2][1:3] == ["local", "--nproc"]  # training, through launch local
 
@@ -205,14 +206,14 @@ def test_no_progress_reaches_every_stage_iterate_runs(tmp_path, monkeypatch):
 def test_the_stuck_job_limits_do_not_change_a_training_stage_fingerprint(tmp_path):
     """Runs made before the limits existed, or with other limits, are not redone (and their
     outputs not deleted) for them."""
-    from pretrain import iterate as it
+    from pretrain.pipeline import ledger, plan as planning
     from pretrain.config import load_config
     from pretrain.config.iterate import IterateConfig
 
     def fingerprints(*overrides: str) -> dict[str, str]:
         cfg = load_config(IterateConfig, [REPO / "configs/demo.yaml"], [f"run_dir={tmp_path / 'run'}", *overrides])
-        stages = it.plan(cfg, create_identity=False)
-        it.invalidate_changed(cfg, stages, delete=False)
+        stages = planning.plan(cfg, create_identity=False)
+        ledger.invalidate_changed(cfg.run_dir, stages, delete=False)
         return {s.name: s.fingerprint for s in stages}
 
     plain = fingerprints()
@@ -225,7 +226,7 @@ def test_the_stuck_job_limits_do_not_change_a_training_stage_fingerprint(tmp_pat
 def test_a_layer_beyond_the_previous_model_is_refused_before_anything_runs(tmp_path):
     from pretrain.config import load_config
     from pretrain.config.iterate import IterateConfig
-    from pretrain.iterate import plan
+    from pretrain.pipeline.plan import plan
 
     base = [f"run_dir={tmp_path / 'run'}"]
     with pytest.raises(PretrainError, match=r"iterations.1.layer: 6, but iteration 1's model has 3 Transformer "
@@ -258,7 +259,8 @@ def test_the_protocol_corpus_axes_reach_both_corpora_and_old_runs_keep_their_fin
     the field existed did (so upgrading never invalidates, and deletes, a finished corpus)."""
     from pretrain.config import load_config
     from pretrain.config.iterate import IterateConfig
-    from pretrain.iterate import plan
+    from pretrain.pipeline import ledger
+    from pretrain.pipeline.plan import plan
 
     base = [f"run_dir={tmp_path / 'run'}", "export=false"]
 
@@ -266,7 +268,18 @@ def test_the_protocol_corpus_axes_reach_both_corpora_and_old_runs_keep_their_fin
         return {s.name: s for s in plan(load_config(IterateConfig, [REPO / "configs/demo.yaml"], [*base, *overrides]))}
 
     plain = stages()
-    assert "stretch" not in plain["corpus"].config and "stretch" not in " ".join(plain["corpus"].argv)
+    assert "stretch" not in " ".join(plain["corpus"].argv)
+    # A record written before `stretch` existed (no such field, a fingerprint of its own) still
+    # describes the corpus at the default rate; one made at another rate does not.
+    run, corpus = tmp_path / "run", plain["corpus"]
+    ledger.start_record(run, corpus)
+    old = json.loads(ledger.record_path(run, "corpus").read_text())
+    del old["config"]["stretch"]
+    ledger.record_path(run, "corpus").write_text(json.dumps({**old, "fingerprint": "0" * 64}))
+    assert ledger.unchanged(run, [corpus])["corpus"] is not None
+    old["config"]["stretch"] = 1.2
+    ledger.record_path(run, "corpus").write_text(json.dumps({**old, "fingerprint": "0" * 64}))
+    assert ledger.unchanged(run, [corpus])["corpus"] is None
     varied = stages("corpus.synth_voices=[flite-awb,espeak-m3]", "corpus.synth_stretch=1.2",
                     "corpus.synth_max_clauses=1")
     corpus, held = varied["corpus"].config, varied["eval.corpus"].config
@@ -297,12 +310,12 @@ def _finish_everything(cfg) -> list:
 
     import numpy as np
 
-    from pretrain import iterate as it
+    from pretrain.pipeline import ledger, plan as planning
 
-    stages = it.plan(cfg)
+    stages = planning.plan(cfg)
     run = Path(cfg.run_dir)
     for stage in stages:
-        it._start_record(run, stage)
+        ledger.start_record(run, stage)
         mark = stage.done_mark
         mark.parent.mkdir(parents=True, exist_ok=True)
         if stage.argv[:2] == ["kmeans", "fit"]:
@@ -314,8 +327,8 @@ def _finish_everything(cfg) -> list:
             mark.write_text(json.dumps({"provenance": sha}))
         else:
             mark.write_text(stage.done_check if isinstance(stage.done_check, str) else "{}")
-        it._finish_record(run, stage, 1.0)
-    assert set(it.status(cfg, stages).values()) == {"done"}
+        ledger.finish_record(run, stage, 1.0)
+    assert set(ledger.status(cfg.run_dir, stages).values()) == {"done"}
     return stages
 
 
@@ -323,11 +336,11 @@ def _finish_everything(cfg) -> list:
 def test_a_moved_run_resumes_and_a_copy_is_a_run_of_its_own(tmp_path, caplog):
     """Relative paths in fingerprints and records: a copied run directory is complete and
     deletes nothing of the original; a moved one resumes with nothing to do; a run made with
-    absolute-path fingerprints is carried over, not invalidated; runs sharing an outside shard
+    absolute paths in its records is carried over, not invalidated; runs sharing an outside shard
     directory name their label sets apart."""
     import shutil
 
-    from pretrain import iterate as it
+    from pretrain.pipeline import ledger, plan as planning
     from pretrain.config import load_config
     from pretrain.config.iterate import IterateConfig
 
@@ -340,32 +353,35 @@ def test_a_moved_run_resumes_and_a_copy_is_a_run_of_its_own(tmp_path, caplog):
     b = tmp_path / "runs" / "b"
     shutil.copytree(a, b)
     cfg_b = load(b)
-    stages = it.plan(cfg_b)
-    assert it.invalidate_changed(cfg_b, stages) == []
-    assert set(it.status(cfg_b, stages).values()) == {"done"}
+    stages = planning.plan(cfg_b)
+    assert ledger.invalidate_changed(cfg_b.run_dir, stages) == []
+    assert set(ledger.status(cfg_b.run_dir, stages).values()) == {"done"}
     assert sorted(p.relative_to(a) for p in a.rglob("*")) == files
     record = json.loads((b / "stages/it1.kmeans.json").read_text())
     assert record["config"]["out"] == "${run_dir}/it1/kmeans" and record["outputs"] == ["${run_dir}/it1/kmeans"]
 
     # A config change in the copy deletes the copy's outputs only.
     changed = load(b, "iterations.0.k=50")
-    assert "it1.kmeans" in it.invalidate_changed(changed, it.plan(changed))
+    assert "it1.kmeans" in ledger.invalidate_changed(changed.run_dir, planning.plan(changed))
     assert not (b / "it1/kmeans").exists() and (a / "it1/kmeans/kmeans.json").is_file()
     assert sorted(p.relative_to(a) for p in a.rglob("*")) == files
 
     c = tmp_path / "elsewhere" / "c"
     shutil.move(a, c)
     cfg_c = load(c)
-    assert it.invalidate_changed(cfg_c, it.plan(cfg_c)) == []
-    assert set(it.status(cfg_c, it.plan(cfg_c)).values()) == {"done"}
+    assert ledger.invalidate_changed(cfg_c.run_dir, planning.plan(cfg_c)) == []
+    assert set(ledger.status(cfg_c.run_dir, planning.plan(cfg_c)).values()) == {"done"}
 
-    # A record written by the absolute-path bookkeeping is carried over.
-    stages = it.plan(cfg_c)
+    # A record written by the absolute-path bookkeeping (paths of where the run was then, a
+    # fingerprint of that form) is carried over, and rewritten in today's form.
+    stages = planning.plan(cfg_c)
     record = json.loads((c / "stages/it1.train.json").read_text())
     stage = next(s for s in stages if s.name == "it1.train")
-    (c / "stages/it1.train.json").write_text(json.dumps({**record, "fingerprint": stage.legacy_fingerprint}))
-    assert it.invalidate_changed(cfg_c, stages) == []
-    assert json.loads((c / "stages/it1.train.json").read_text())["fingerprint"] == stage.fingerprint
+    old = json.loads(json.dumps(record).replace("${run_dir}", str(a.resolve())))
+    (c / "stages/it1.train.json").write_text(json.dumps({**old, "fingerprint": "0" * 64}))
+    assert ledger.invalidate_changed(cfg_c.run_dir, stages) == []
+    rewritten = json.loads((c / "stages/it1.train.json").read_text())
+    assert rewritten["fingerprint"] == stage.fingerprint and rewritten["outputs"] == ["${run_dir}/it1/train"]
 
     # Outside shards: each run's label sets carry its id, a copy gets its own, and
     # invalidation deletes only what the run owns.
@@ -383,9 +399,9 @@ def test_a_moved_run_resumes_and_a_copy_is_a_run_of_its_own(tmp_path, caplog):
     assert f"it1_km100-{ids[x]}" in names[x] and f"it1_km100-{ids[y]}" in names[y] and ids[x] != ids[y]
     z = tmp_path / "z"
     shutil.copytree(x, z)
-    with caplog.at_level("WARNING", logger="pretrain.iterate"):
+    with caplog.at_level("WARNING", logger="pretrain.pipeline.ledger"):
         cfg_z = load(z, *outside)
-        stale = it.invalidate_changed(cfg_z, it.plan(cfg_z))
+        stale = ledger.invalidate_changed(cfg_z.run_dir, planning.plan(cfg_z))
     assert "is a copy of" in caplog.text and "it1.labels" in stale and "it1.kmeans" not in stale
     assert (shared / f"labels/it1_km100-{ids[x]}/meta.json").is_file()  # x's, untouched
     assert "not deleting" in caplog.text
@@ -394,17 +410,17 @@ def test_a_moved_run_resumes_and_a_copy_is_a_run_of_its_own(tmp_path, caplog):
 def test_an_interrupted_corpus_synthesis_is_redone_when_the_run_is_resumed(tmp_path):
     """`make demo` interrupted during synthesis, then rerun: the corpus folder holds a partial
     synthesis, which the stage (not done) redoes instead of refusing a non-empty folder."""
-    from pretrain import iterate as it
+    from pretrain.pipeline import plan as planning, run as running
     from pretrain.config import load_config
     from pretrain.config.iterate import IterateConfig
 
     cfg = load_config(IterateConfig, [REPO / "configs/demo.yaml"],
                       [f"run_dir={tmp_path / 'run'}", "corpus.synth_hours=0.0004", "corpus.synth_voices=[flite-kal16]"])
-    corpus = next(s for s in it.plan(cfg) if s.name == "corpus")
+    corpus = next(s for s in planning.plan(cfg) if s.name == "corpus")
     (tmp_path / "run/corpus/audio").mkdir(parents=True)
     (tmp_path / "run/corpus/audio/000000.flac").write_bytes(b"half a file")
     (tmp_path / "run/corpus/utterances.jsonl").write_text('{"key": "000000"')
-    it.run_stage(cfg, corpus)
+    running.run_stage(cfg, corpus)
     assert corpus.done()
     lines = (tmp_path / "run/corpus/utterances.jsonl").read_text().splitlines()
     assert lines and all(json.loads(line)["voice"] == "flite-kal16" for line in lines)
@@ -413,7 +429,7 @@ def test_an_interrupted_corpus_synthesis_is_redone_when_the_run_is_resumed(tmp_p
 def test_a_data2vec_run_is_refused_naming_the_iteration(tmp_path):
     from pretrain.config import load_config
     from pretrain.config.iterate import IterateConfig
-    from pretrain.iterate import plan
+    from pretrain.pipeline.plan import plan
     from pretrain.utils import PretrainError
 
     overrides = [f"run_dir={tmp_path / 'run'}", "export=false",

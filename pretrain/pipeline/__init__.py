@@ -1,0 +1,2 @@
+"""The pipeline wing: an ``iterate`` run's stage graph (``plan``), its ledger of stage records
+and fingerprints (``ledger``), running it (``run``), and reading it (``status``, ``report``)."""
