@@ -18,6 +18,7 @@ it (``tests/test_layers.py``).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
 import sys
@@ -281,7 +282,11 @@ GROUP_HELP = {
 # --------------------------------------------------------------------------- parsing
 
 
+@functools.lru_cache(maxsize=1)
 def build_parser() -> argparse.ArgumentParser:
+    """The whole ``pretrain`` parser, built once per process: its help texts describe every
+    stage's config fields, which costs most of a second, and iterate resolves a command line
+    per stage (18 for the demo)."""
     parser = argparse.ArgumentParser(
         prog="pretrain",
         description="Distributed self-supervised pretraining of HuBERT-style speech models.",

@@ -274,6 +274,7 @@ def test_a_bad_input_is_one_error_naming_it_and_changes_nothing(name, house, tab
         out, err = capfd.readouterr()
     assert code != 0, (out, err)
     assert "Traceback" not in out + err, err
+    print(f"\nbad input | {name} | exit {code} | {err.strip().splitlines()[-1]}")  # the table, with -s
     for said in case.names:
         assert said in err, f"{said!r} not in:\n{err}"
     assert not (house / "PWNED").exists()

@@ -21,17 +21,28 @@ from pretrain.pipeline.plan import plan
 GOLDEN = Path(__file__).resolve().parents[1] / "assets" / "golden_run"
 
 
-def golden_run(tmp_path: Path) -> tuple[Path, list]:
-    """The golden records in a run folder of their own, planned with the run's own config."""
-    run = tmp_path / "run"
+def _plan(run: Path) -> list:
+    return plan(load_config(IterateConfig, [GOLDEN / "config.yaml"],
+                            [f"run_dir={run}", f"train_configs=[{GOLDEN / 'small_cpu.yaml'}]"]), create_identity=False)
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory) -> tuple[Path, list]:
+    """The golden run planned with its own config (once: the records are put back per test)."""
+    run = tmp_path_factory.mktemp("golden") / "run"
+    return run, _plan(run)
+
+
+def golden_run(planned) -> tuple[Path, list]:
+    """The golden records in their run folder, as the earlier version left them."""
+    run, stages = planned
+    shutil.rmtree(run / "stages", ignore_errors=True)
     shutil.copytree(GOLDEN / "stages", run / "stages")
-    cfg = load_config(IterateConfig, [GOLDEN / "config.yaml"],
-                      [f"run_dir={run}", f"train_configs=[{GOLDEN / 'small_cpu.yaml'}]"])
-    return run, plan(cfg, create_identity=False)
+    return run, stages
 
 
-def test_records_of_earlier_versions_read_as_unchanged_and_are_rewritten_in_todays_form(tmp_path):
-    run, stages = golden_run(tmp_path)
+def test_records_of_earlier_versions_read_as_unchanged_and_are_rewritten_in_todays_form(planned):
+    run, stages = golden_run(planned)
     assert len(stages) == len(list((GOLDEN / "stages").glob("*.json"))) == 18
     current = ledger.unchanged(run, stages)
     assert [name for name, record in current.items() if record is None] == []
@@ -41,9 +52,7 @@ def test_records_of_earlier_versions_read_as_unchanged_and_are_rewritten_in_toda
         golden = json.loads((GOLDEN / "stages" / f"{stage.name}.json").read_text())
         assert record["fingerprint"] == stage.fingerprint and record["attempts"] == golden["attempts"]
     # Read again, the rewritten records match by fingerprint alone.
-    assert all(ledger.read_record(run, s.name)["fingerprint"] == s.fingerprint for s in plan(
-        load_config(IterateConfig, [GOLDEN / "config.yaml"],
-                    [f"run_dir={run}", f"train_configs=[{GOLDEN / 'small_cpu.yaml'}]"]), create_identity=False))
+    assert all(ledger.read_record(run, s.name)["fingerprint"] == s.fingerprint for s in _plan(run))
 
 
 def _leaves(config: dict, prefix: str = "") -> list[str]:
@@ -61,11 +70,11 @@ def _drop(config: dict, dotted: str) -> None:
 
 
 @pytest.mark.parametrize("seed", range(2))
-def test_a_field_added_later_at_its_default_changes_nothing_and_any_other_change_invalidates(tmp_path, seed):
+def test_a_field_added_later_at_its_default_changes_nothing_and_any_other_change_invalidates(planned, seed):
     """What a schema change looks like to an old record: today's config has a field the record
     lacks. At its default it reads as the same stage; a record that differs in a value is
     changed, and so is everything downstream of it."""
-    run, stages = golden_run(tmp_path)
+    run, stages = golden_run(planned)
     rng = random.Random(seed)
     by_name = {s.name: s for s in stages}
     dropped = 0
