@@ -186,7 +186,11 @@ def plan(cfg: IterateConfig, create_identity: bool = True) -> list[PlannedStage]
         # The model the features came from, where it is now (the run may have moved since the
         # k-means recorded its path; its sha256 is checked).
         relocate = [] if it.features == "mfcc" else [quote_override("checkpoint", str(checkpoint))]
-        labels = PlannedStage(f"it{i}.labels", ["kmeans", "assign", *relocate, "--kmeans", str(d / "kmeans"),
+        # overwrite: the stage runs only when not done, so a set of this run's name made from other
+        # centroids is this run's own stale output (a refitted k-means) - unless the shards are
+        # shared and the run has no id (made before ids), when the name may be another run's.
+        own = ["overwrite=true"] if inside(shards, run) or run_id else []
+        labels = PlannedStage(f"it{i}.labels", ["kmeans", "assign", *relocate, *own, "--kmeans", str(d / "kmeans"),
                                                 "--shards", str(shards), "--name", name, "--jobs", jobs],
                               [shards / "labels" / name], shards / "labels" / name / "meta.json",
                               [*base, kmeans.name], array=True,
@@ -225,7 +229,8 @@ def plan(cfg: IterateConfig, create_identity: bool = True) -> list[PlannedStage]
             stages.append(previous_probe)
     if cfg.export:
         last = run / f"it{len(cfg.iterations)}" / "train" / "checkpoints" / f"step_{cfg.iterations[-1].max_steps}"
-        stages.append(PlannedStage("export", ["export", "hf", str(last), str(run / "hf")], [run / "hf"],
+        # overwrite: run/hf is this run's (an export not finished, or of a checkpoint since redone).
+        stages.append(PlannedStage("export", ["export", "hf", str(last), str(run / "hf"), "overwrite=true"], [run / "hf"],
                                    run / "hf" / "config.json", [previous_train.name]))
     _configure(stages, run)
     fingerprint(stages)
