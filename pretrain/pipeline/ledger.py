@@ -115,7 +115,7 @@ def unchanged(run: Path, stages: list[Stage]) -> dict[str, dict | None]:
                 record = None
             else:
                 record = {**record, "fingerprint": stage.fingerprint, "config": redact(stage.config),
-                          "outputs": [relative(str(p), str(run)) for p in stage.outputs], "carried_over": True}
+                          "outputs": [relative(str(p), str(run)) for p in stage.outputs]}
         out[stage.name] = record
     return out
 
@@ -255,7 +255,7 @@ def invalidate_changed(run_dir: str | Path, stages: list[Stage], delete: bool = 
             log.warning("stage %s: its config changed (%s); invalidating it and everything downstream: %s",
                         stage.name, "; ".join(fields[:8]), ", ".join(downstream(stages, stage.name)) or "nothing")
             stale.append(stage.name)
-        elif current[stage.name].pop("carried_over", False) and delete:
+        elif current[stage.name]["fingerprint"] != record.get("fingerprint") and delete:
             log.info("stage %s: record written by an earlier version, same config: kept", stage.name)
             atomic_write_json(record_path(run, stage.name), current[stage.name])
     for name in stale if delete else ():
