@@ -1,4 +1,4 @@
-"""Ships the top-level ``configs/``, ``slurm/`` and the reference curves inside the package
+"""Ships the top-level ``configs/`` and ``slurm/`` inside the package
 (``pretrain/_shipped/``) when it is built, so that a plain ``pip install .`` has them too;
 ``pretrain.resources`` finds them in a source checkout or in the installed package.
 Everything else is in setup.cfg."""
@@ -10,8 +10,7 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-SHIPPED = {"configs": "configs", "slurm": "slurm",
-           "benchmarks/results/reference_curves.json": "reference_curves.json"}
+SHIPPED = {"configs": "configs", "slurm": "slurm"}
 
 
 class BuildWithResources(build_py):

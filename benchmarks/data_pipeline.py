@@ -13,6 +13,10 @@
 (d) Raw decoding: ``soundfile.read`` of every file of the same corpus into float32, nothing
     else (no cropping, batching or padding): the floor the decoding library sets.
 (e) The same with the pipeline's own decoders on each file's bytes: the floor for (a).
+(f) Tar reading alone, every member's bytes of every shard, no decoding: our reader
+    (``pretrain.data.shards.iter_shard``: plain ustar headers read directly), ``tarfile`` in
+    seekable ``r:`` mode (what our reader falls back to), and ``tarfile``'s streaming ``r|``
+    mode (what ``webdataset`` itself uses).
 
 All are run on FLAC (shards built with ``audio_format=flac``, the per-file loader reading the
 corpus's FLAC files) and on 16-bit WAV (``audio_format=wav`` shards, WAV copies of the files).
@@ -20,7 +24,8 @@ Each is timed by process CPU time, in interleaved repeats, and the median is rep
 audio-seconds delivered per CPU-core-second and the ratios, and ends with one JSON line holding
 ``realtime_per_core``, ``ratio_vs_per_file``, ``ratio_vs_raw_decode`` (against (d)) and
 ``ratio_vs_own_decode`` (against (e)) for FLAC, the default format, the same for WAV (``wav_``),
-``realtime_per_core_mixing`` with ``mixing_cost`` (the slow-down of (c) against (a)), the FLAC
+``realtime_per_core_mixing`` with ``mixing_cost`` (the slow-down of (c) against (a)),
+``tar_ours_vs_tarfile`` and ``tar_ours_vs_stream`` (the ratios of (f)), the FLAC
 decoder in use, and ``targets``: issue 19's goals (1.0x the per-file loader and 0.9x raw
 decoding on FLAC, 5,000x real time per core on WAV) and whether each was met.
 
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -48,7 +54,7 @@ from pretrain.corpus.synth import synthesize_corpus
 from pretrain.data import flac
 from pretrain.data.audio import decode
 from pretrain.data.pipeline import ShardLoader
-from pretrain.data.shards import build_shards
+from pretrain.data.shards import build_shards, iter_shard, read_manifest
 
 MAX_TOKENS = 1_400_000
 MAX_SAMPLE_SIZE = 250_000
@@ -117,14 +123,33 @@ def raw_decode_epochs(corpus: Path, epochs: int, suffix: str = ".flac", ours: bo
     return delivered / 16000, time.process_time() - cpu0
 
 
+def tar_read_epochs(shards: Path, epochs: int, reader: str) -> tuple[float, float]:
+    """(audio seconds in the shards, CPU seconds) of reading every member's bytes ``epochs`` times."""
+    entries = read_manifest(shards)["shards"]
+    paths = [shards / e["name"] for e in entries]
+    audio = sum(e["seconds"] for e in entries)
+    cpu0 = time.process_time()
+    for _ in range(epochs):
+        for path in paths:
+            if reader == "ours":
+                for _ in iter_shard(path):
+                    pass
+            else:
+                with tarfile.open(path, "r:" if reader == "tarfile" else "r|") as tar:
+                    for info in tar:
+                        if info.isreg():
+                            tar.extractfile(info).read()
+    return audio * epochs, time.process_time() - cpu0
+
+
 def copy_as_wav(corpus: Path, dst: Path) -> Path:
     """The corpus with a .wav beside each .flac (16-bit PCM), for the per-file WAV baseline."""
     import shutil
 
     shutil.copytree(corpus, dst)
-    for flac in dst.glob("audio/*/*.flac"):
-        audio, sr = sf.read(flac, dtype="int16")
-        sf.write(flac.with_suffix(".wav"), audio, sr, subtype="PCM_16")
+    for path in dst.glob("audio/*/*.flac"):
+        audio, sr = sf.read(path, dtype="int16")
+        sf.write(path.with_suffix(".wav"), audio, sr, subtype="PCM_16")
     return dst
 
 
@@ -168,6 +193,9 @@ def main() -> None:
             "per_file_wav": lambda: per_file_epochs(corpus, args.epochs, ".wav"),
             "raw_decode_wav": lambda: raw_decode_epochs(corpus, args.epochs, ".wav"),
             "raw_decode_wav_ours": lambda: raw_decode_epochs(corpus, args.epochs, ".wav", ours=True),
+            "tar_ours": lambda: tar_read_epochs(shards["flac"], args.epochs, "ours"),
+            "tar_tarfile": lambda: tar_read_epochs(shards["flac"], args.epochs, "tarfile"),
+            "tar_stream": lambda: tar_read_epochs(shards["flac"], args.epochs, "stream"),
         }
         for run in runs.values():  # warm the page cache and imports for every loader alike
             run()
@@ -202,6 +230,11 @@ def main() -> None:
           f"WAV {medians['raw_decode_wav_ours']:7.0f}x (pipeline {wav_own:.2f})")
     print(f"  WavLM mixing (prob 0.2), FLAC: {medians['pipeline_flac_mixing']:7.0f}x "
           f"(cost {mixing_cost:.2f}x)   WAV: {medians['pipeline_wav_mixing']:7.0f}x (cost {wav_mixing_cost:.2f}x)")
+    tar_vs_tarfile = medians["tar_ours"] / medians["tar_tarfile"]
+    tar_vs_stream = medians["tar_ours"] / medians["tar_stream"]
+    print(f"  tar reading alone (FLAC shards): ours {medians['tar_ours']:7.0f}x, tarfile r: "
+          f"{medians['tar_tarfile']:7.0f}x, tarfile r| (webdataset's) {medians['tar_stream']:7.0f}x; ours "
+          f"{tar_vs_tarfile:.2f}x tarfile, {tar_vs_stream:.2f}x the stream")
     print(f"  WAV shards vs the per-file FLAC loader (fairseq's usual set-up): "
           f"{medians['pipeline_wav'] / medians['per_file_flac']:.2f}")
     print(json.dumps({"bench": "data_pipeline", "format": "flac",
@@ -218,6 +251,8 @@ def main() -> None:
                       "mixing_cost": round(mixing_cost, 3),
                       "wav_realtime_per_core_mixing": round(medians["pipeline_wav_mixing"], 1),
                       "wav_mixing_cost": round(wav_mixing_cost, 3),
+                      "tar_ours_vs_tarfile": round(tar_vs_tarfile, 3),
+                      "tar_ours_vs_stream": round(tar_vs_stream, 3),
                       "targets": {"flac_ratio_vs_per_file >= 1.0": flac_ratio >= 1.0,
                                   "flac_ratio_vs_raw_decode >= 0.9": flac_raw >= 0.9,
                                   "wav_realtime_per_core >= 5000": medians["pipeline_wav"] >= 5000}}))

@@ -28,16 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pretrain.cluster.kmeans import assign, kmeans  # noqa: E402
+from pretrain.cluster.kmeans import assign, kmeans
+from pretrain.data.shards import read_manifest
+from pretrain.features.extract import shard_utterances
+from pretrain.features.mfcc import mfcc_39
 
 
 def mfcc_points(shards: Path, limit: int) -> np.ndarray:
-    from pretrain.data.shards import read_manifest
-    from pretrain.features.extract import shard_utterances
-    from pretrain.features.mfcc import mfcc_39
-
     parts, total = [], 0
     for entry in read_manifest(shards)["shards"]:
         for _, wave in shard_utterances(shards / entry["name"]):
@@ -53,10 +50,6 @@ def stacked_mfcc_points(shards: Path, limit: int, context: int = 20, dim: int = 
     """768-dim speech-derived points: 20 consecutive MFCC frames stacked (780 dims, cut to
     768). A stand-in for a BASE model's layer (none trained on a CPU machine) that keeps the
     continuous structure of speech features, unlike a synthetic mixture of blobs."""
-    from pretrain.data.shards import read_manifest
-    from pretrain.features.extract import shard_utterances
-    from pretrain.features.mfcc import mfcc_39
-
     parts, total = [], 0
     for entry in read_manifest(shards)["shards"]:
         for _, wave in shard_utterances(shards / entry["name"]):

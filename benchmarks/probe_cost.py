@@ -28,25 +28,34 @@ import sys
 import time
 from pathlib import Path
 
+import numba
 import numpy as np
+import torch
+import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from pretrain.config import load_config
+from pretrain.config.train import TrainConfig
+from pretrain.model.checkpoint import save_model
+from pretrain.model.hubert import HubertPretrain, LabelSpec
+from pretrain.model.states import LayerStates
+from pretrain.probe.abx import build_items, context_distances, dtw_pairs, dtw_reference, scorable_contexts, unit_rows
+from pretrain.probe.data import load_eval_set
+from pretrain.probe.features import offsets_of
+from pretrain.resources import config_path
+
 BIN = Path(sys.executable).parent
 
 
 def run(cmd: list[str]) -> float:
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
     return time.perf_counter() - start
 
 
 def eval_shards(out: Path) -> Path:
-    import yaml
-
-    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    demo = yaml.safe_load(config_path("configs/demo.yaml").read_text())
     hours = demo["eval"]["synth_hours"]
     seed = demo["corpus"].get("synth_seed", 0) + demo["eval"].get("synth_seed_offset", 1000)
     corpus, shards = out / "eval_corpus", out / "eval_shards"
@@ -59,14 +68,7 @@ def eval_shards(out: Path) -> Path:
 
 
 def untrained_recipe_model(out: Path) -> Path:
-    import torch
-
-    from pretrain.config import load_config
-    from pretrain.config.train import TrainConfig
-    from pretrain.model.checkpoint import save_model
-    from pretrain.model.hubert import HubertPretrain, LabelSpec
-
-    cfg = load_config(TrainConfig, [ROOT / "configs" / "small_cpu.yaml"], ["run_dir=x", "data.shards=x",
+    cfg = load_config(TrainConfig, [config_path("configs/small_cpu.yaml")], ["run_dir=x", "data.shards=x",
                                                                             "data.labels=[it1_km100]"])
     torch.manual_seed(0)
     path = out / "small_cpu_untrained" / "model.pt"
@@ -75,24 +77,16 @@ def untrained_recipe_model(out: Path) -> Path:
 
 
 def dtw_rates(checkpoint: Path, shards: Path, threads: int, sample: int) -> dict:
-    import numba
-    import torch
-
-    from pretrain.probe.abx import (_scorable_contexts, build_items, context_distances, dtw_pairs, dtw_reference,
-                                    unit_rows)
-    from pretrain.probe.data import load_eval_set
-    from pretrain.probe.features import ModelSource, offsets_of
-
     torch.set_num_threads(threads)
     numba.set_num_threads(threads)
     es = load_eval_set(shards)
     waves = [u.audio for u in es.utterances]
     offsets = offsets_of(waves)
-    feats = ModelSource(checkpoint).layers(waves, [3], 1_600_000)[3]
+    feats = np.concatenate(LayerStates(checkpoint)(waves, [3])[3])
     speakers = {s: i for i, s in enumerate(es.speakers)}
     items = build_items([u.phones for u in es.utterances], offsets, [speakers[u.speaker] for u in es.utterances],
                         es.silence, 5, 0)
-    contexts = _scorable_contexts(items)
+    contexts = scorable_contexts(items)
     dtw_pairs(unit_rows(feats[:4]), np.array([0]), np.array([2]), np.array([[0, 0]]))  # compile first
     lookup = context_distances(feats, items, contexts)
     pairs = np.array(sorted({(min(a, b), max(a, b)) for a, b in lookup}))

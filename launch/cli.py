@@ -22,6 +22,8 @@ import os
 import socket
 import sys
 
+from pretrain import __version__
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -31,6 +33,7 @@ def free_port() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="launch", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"launch (pretrain {__version__})")
     modes = parser.add_subparsers(dest="mode", required=True)
     local = modes.add_parser("local", help="N processes on this machine (torchrun)")
     local.add_argument("--nproc", type=int, default=1, help="processes (one per GPU on a GPU machine)")

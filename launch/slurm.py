@@ -31,10 +31,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pretrain import __version__
-from pretrain.config import load_config, to_yaml
-from pretrain.config.core import _git_commit
+from pretrain.config import load_config, to_yaml, write_run_record
+from pretrain.config.core import git_commit, refuse_foreign_record
 from pretrain.config.slurm import SlurmProfile
+from pretrain.lifecycle import RunLock
+from pretrain.pipeline import ledger
+from pretrain.pipeline.plan import plan
 from pretrain.resources import resource
+from pretrain.stages import resolve
 from pretrain.utils import PretrainError, atomic_write_json, atomic_write_text, redact
 
 TEMPLATES = resource("slurm")
@@ -115,8 +119,6 @@ def prepare(argv: Sequence[str], profile: SlurmProfile, job_dir: str | None = No
             tasks: int | None = None, launch_argv: Sequence[str] = (), dry_run: bool = False) -> list[Job]:
     """Resolve a ``pretrain`` command line (config checked here, before anything is submitted)
     and render its job; ``iterate`` renders one job per stage that is not done."""
-    from pretrain.stages import resolve
-
     argv = list(argv[1:] if argv[:1] == ["pretrain"] else argv)
     stage, cfg, args, _ = resolve(argv)
     name = _stage_name(stage)
@@ -137,25 +139,18 @@ def _prepare_iterate(cfg, profile: SlurmProfile, job_dir: str | None, tasks: int
     """The stages of ``pretrain iterate`` that are not done, as a chain of jobs that each run
     ``pretrain iterate --config SNAPSHOT --only STAGE`` (the same bookkeeping as a local run:
     fingerprints, invalidation, resume)."""
-    from pretrain.pipeline import ledger
-    from pretrain.pipeline.plan import plan
-
     folder = (Path(job_dir) if job_dir else Path(cfg.run_dir) / "slurm").resolve()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     snapshot = folder / f"iterate-{stamp}.config.yaml"
     if not dry_run:
-        from pretrain.config.core import refuse_foreign_record
-
         refuse_foreign_record(cfg.run_dir)
     stages = plan(cfg, create_identity=not dry_run)
     if not dry_run:  # invalidation deletes: not while a local `pretrain iterate` works in the run
-        from pretrain.lifecycle import RunLock
 
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         RunLock(cfg.run_dir, "launch slurm iterate").acquire()  # held until this command exits
         # What `pretrain status` reads, from the chain's first minute (a local iterate writes the
         # same at its start).
-        from pretrain.config import write_run_record
 
         write_run_record(cfg.run_dir, cfg, ["launch", "slurm", *argv])
         (Path(cfg.run_dir) / ledger.STAGES_DIR).mkdir(exist_ok=True)
@@ -232,7 +227,7 @@ def _render(kind: str, name: str, command_argv: list[str], config_yaml: str, fol
             "profile_directives": "\n".join([array] * bool(array) + _directives(profile, False))})
         shape = {"array_tasks": n}
     record = {"stage": name, "command": command, "launch_command": list(launch_argv),
-              "pretrain_version": __version__, "git_commit": _git_commit(),
+              "pretrain_version": __version__, "git_commit": git_commit(),
               "profile": {k: v for k, v in vars(profile).items()}, "shape": shape,
               "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     return Job(name, tag, folder, script, config_yaml, record, config_path or folder / f"{tag}.config.yaml", extra)

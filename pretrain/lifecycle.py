@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import ctypes
 import faulthandler
+import fcntl
 import json
 import logging
 import multiprocessing
@@ -311,8 +312,6 @@ class RunLock:
                 f"since {holder.get('since')}: {holder.get('command')})")
 
     def acquire(self) -> "RunLock":
-        import fcntl
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
@@ -337,8 +336,6 @@ class RunLock:
 
     def held_by(self) -> dict | None:
         """The holder if a live process holds the lock (probed with a shared lock, not taken)."""
-        import fcntl
-
         if not self.path.is_file():
             return None
         fd = os.open(self.path, os.O_RDONLY)

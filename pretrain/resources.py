@@ -1,8 +1,9 @@
-"""Files that ship with pretrain besides its code: ``configs/``, the sbatch templates and local
-cluster script in ``slurm/``, the reference curves. In a source checkout they are the
-top-level folders; an installed package (``pip install .``) carries copies in
-``pretrain/_shipped/`` (setup.py). Commands find them either way, so ``--config
-configs/demo.yaml`` works from any directory."""
+"""Files that ship with pretrain besides its code: ``configs/`` and the sbatch templates and
+local cluster script in ``slurm/``. In a source checkout they are the top-level folders; an
+installed package (``pip install .``) carries copies in ``pretrain/_shipped/`` (setup.py).
+Commands find them either way, so ``--config configs/demo.yaml`` works from any directory.
+Files only the library reads live inside the package itself (``pretrain/reference_curves.json``,
+package data in setup.cfg)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,9 @@ _SHIPPED = _PACKAGE / "_shipped"
 
 
 def resource(name: str) -> Path:
-    """``configs``, ``slurm`` or ``reference_curves.json``: the checkout's own when this
-    package runs from one, else the installed copy."""
-    checkout = {"reference_curves.json": _CHECKOUT / "benchmarks" / "results" / "reference_curves.json"}.get(
-        name, _CHECKOUT / name)
+    """``configs`` or ``slurm``: the checkout's own when this package runs from one, else the
+    installed copy."""
+    checkout = _CHECKOUT / name
     if checkout.exists() and (_CHECKOUT / "setup.cfg").is_file():
         return checkout
     return _SHIPPED / name

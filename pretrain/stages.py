@@ -24,9 +24,10 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
+import traceback
 
 from pretrain import __version__
-from pretrain.config import ConfigError, describe, load_config, quote_override, to_yaml
+from pretrain.config import ConfigError, describe, load_config, quote_override, template_yaml, to_yaml
 from pretrain.utils import PretrainError
 
 
@@ -218,7 +219,8 @@ STAGES: tuple[Stage, ...] = (
         schema="pretrain.config.iterate:IterateConfig",
         run="pretrain.pipeline.run:command",
         flags=(Flag("--run-dir", "run_dir", str, "run directory"),
-               Flag("--only", "only", str, "run just this stage (SLURM jobs)")),
+               Flag("--only", "only", str, "run just this stage (SLURM jobs)"),
+               Flag("--dry-run", "dry_run", bool, "print the plan (done, to run, to rerun and why); run nothing")),
     ),
     Stage(
         group="labels",
@@ -318,6 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="YAML config file; repeat to layer several (later files win)")
         sub.add_argument("--print-config", action="store_true",
                          help="print the resolved config and exit without running")
+        sub.add_argument("--print-template", action="store_true",
+                         help="print every config field at its default, the required ones marked, and exit")
+        # Also after the stage: `pretrain train --log-level DEBUG ...` as well as before it.
+        sub.add_argument("--log-level", dest="stage_log_level", default=None,
+                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging verbosity")
         sub.add_argument("--no-progress", action="store_true", help="hide progress bars")
         for flag in stage.flags:
             if flag.type is bool:  # a switch: --json means json=true
@@ -368,16 +375,20 @@ def execute(argv: Sequence[str]) -> int:
     """Run the ``pretrain`` command line ``argv``; returns its exit status (errors the user
     can fix are printed without a traceback)."""
     argv = list(argv)
+    parsed = build_parser().parse_args(argv)
+    if parsed.print_template:  # before resolving: the required fields are what it shows unset
+        print(template_yaml(parsed.stage.config_class()), end="")
+        return 0
     try:
         stage, cfg, args, prog = resolve(argv)
     except ConfigError as e:
         print(f"{e.prog}: config error: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=args.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = args.stage_log_level or args.log_level
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # FAISS's loader logs each build it tries at INFO ("ModuleNotFoundError ... swigfaiss_avx512"
     # on a machine without that build): noise that reads like a failure.
-    logging.getLogger("faiss.loader").setLevel(logging.DEBUG if args.log_level == "DEBUG" else logging.WARNING)
+    logging.getLogger("faiss.loader").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
@@ -389,8 +400,6 @@ def execute(argv: Sequence[str]) -> int:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - anything else is ours to fix: said so, with the traceback
-        import traceback
-
         traceback.print_exc()
         print(f"{prog}: internal error (a bug in pretrain {__version__}; please report it with the traceback "
               f"above): {type(e).__name__}: {e}", file=sys.stderr)

@@ -1,9 +1,10 @@
-"""Shared fixtures: the tiny synthetic corpus (one utterance per voice) and marker handling."""
+"""Shared fixtures: the synthetic corpora and shards, the local SLURM cluster, and marker handling."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,65 @@ def uninterrupted(small_shards, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("train") / "straight"
     launch(run, small_shards, "deepspeed.grad_accum=2")
     return run
+
+
+CLUSTER = REPO / "slurm/local-cluster.sh"
+
+
+@pytest.fixture(scope="session")
+def slurm_env() -> dict:
+    """The local two-node SLURM cluster (slurm/local-cluster.sh), up for the session: the
+    environment its commands need. Skips without root and the SLURM packages, except under CI."""
+    if shutil.which("slurmctld") is None or os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the SLURM tests: slurmctld is missing or not root (scripts/setup.sh "
+                        "installs SLURM)")
+        pytest.skip("needs root and Debian's slurmctld slurmd slurm-client munge")
+    directory = os.environ.get("PRETRAIN_SLURM_DIR", "/tmp/pretrain-slurm")
+    was_up = subprocess.run([str(CLUSTER), "status", directory], capture_output=True).returncode == 0
+    proc = subprocess.run([str(CLUSTER), "up", directory], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    env = {**os.environ, "SLURM_CONF": f"{directory}/slurm.conf", "WANDB_MODE": "offline"}
+    env.pop("PRETRAIN_FAULT", None)
+    yield env
+    if not was_up:
+        subprocess.run([str(CLUSTER), "down", directory], capture_output=True, timeout=120)
+
+
+def librispeech_layout(corpus: Path, root: Path, subset: str, first_speaker: int) -> Path:
+    """A synthetic corpus laid out as LibriSpeech is: ``SUBSET/SPEAKER/CHAPTER/SPEAKER-CHAPTER-NNNN.flac``
+    with a ``SPEAKER-CHAPTER.trans.txt`` per chapter (one voice = one speaker, chapter 1), and
+    ``root/alignments.json``: each utterance's key (its path below ``root``, no suffix) -> the
+    synthetic corpus's phone alignment file (what a forced aligner would find)."""
+    import json
+
+    alignments = {}
+    records = [json.loads(line) for line in (corpus / "utterances.jsonl").read_text().splitlines()]
+    speakers = {v: first_speaker + i for i, v in enumerate(sorted({r["voice"] for r in records}))}
+    lines: dict[Path, list[str]] = {}
+    counts: dict[str, int] = {}
+    for r in records:
+        spk = speakers[r["voice"]]
+        n = counts[r["voice"]] = counts.get(r["voice"], -1) + 1
+        folder = root / subset / str(spk) / "1"
+        folder.mkdir(parents=True, exist_ok=True)
+        utt = f"{spk}-1-{n:04d}"
+        shutil.copy(corpus / r["audio"], folder / f"{utt}.flac")
+        alignments[f"{subset}/{spk}/1/{utt}"] = str(corpus / r["align"])
+        lines.setdefault(folder / f"{spk}-1.trans.txt", []).append(f"{utt} {r['text'].upper()}")
+    for path, text in lines.items():
+        path.write_text("\n".join(text) + "\n")
+    (root / "alignments.json").write_text(json.dumps(alignments))
+    return root / subset
+
+
+@pytest.fixture(scope="session")
+def librispeech_tree(small_corpus, tmp_path_factory) -> Path:
+    """``ROOT/train-960/train-clean-100/...`` and ``ROOT/dev-clean/...``, LibriSpeech-shaped,
+    from the small synthetic corpus (the same audio under other speaker ids in each)."""
+    root = tmp_path_factory.mktemp("LibriSpeech")
+    # Speakers 1011-1021: docs/your_data.md's split (valid_fraction=0.1, split_seed 0) holds out
+    # two of them (1017 and 1020); with 11 speakers, most other id ranges hold out none.
+    librispeech_layout(small_corpus, root / "train-960", "train-clean-100", 1011)
+    librispeech_layout(small_corpus, root, "dev-clean", 2000)
+    return root

@@ -1,7 +1,7 @@
 """The demo's own config (``configs/demo.yaml``: synthesized corpora, the 3-layer Fbank recipe,
 iteration 2 from iteration 1's backbone at equal k, held-out probes and PNMI) end to end at
 reduced size: a corpus of minutes and a few steps per iteration. The full measurement is
-``benchmarks/demo_gain.py``.
+``experiments/demo_gain.py``.
 
 CI runs the README's ``make demo`` itself, into an empty folder, before the suite, and names
 that folder in ``PRETRAIN_DEMO_RUN`` (its console output beside it, ``<folder>.log``): the test

@@ -141,3 +141,43 @@ def test_the_checker_sees_a_circle_and_an_upward_arrow():
                "pretrain.data.shards": {"pretrain.corpus.phones"}, "pretrain.kaldi": {"pretrain.frames"}}
     assert upward_arrows(planted) == ["pretrain.data.shards -> pretrain.corpus.phones (floor 2 -> 2)",
                                       "pretrain.model.fbank -> pretrain.features.mfcc (floor 2 -> 3)"]
+
+
+def driver_problems(path: Path, drivers: set[str]) -> list[str]:
+    """What keeps a benchmark or experiment file from being a thin driver over the library: an
+    import of another driver, a private name of the library, a ``sys.path`` edit."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Attribute) and node.attr == "path" and getattr(node.value, "id", None) == "sys":
+            found.append("sys.path")
+            continue
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module]
+            if node.module.split(".")[0] in ("pretrain", "launch", "shards"):
+                found += [f"private name {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+        else:
+            continue
+        found += [f"imports the driver {n}" for n in names
+                  if n.split(".")[0] in ("benchmarks", "experiments") or n.split(".")[0] in drivers]
+    return sorted(found)
+
+
+def drivers() -> list[Path]:
+    return sorted([*(REPO / "benchmarks").glob("*.py"), *(REPO / "experiments").glob("*.py")])
+
+
+def test_benchmarks_and_experiments_are_thin_drivers_over_the_library():
+    names = {p.stem for p in drivers()}
+    assert "iteration_gain" in names and "probe_cost" in names
+    assert [f"{path.relative_to(REPO)}: {problem}" for path in drivers()
+            for problem in driver_problems(path, names)] == []
+
+
+def test_the_driver_check_sees_what_it_forbids(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text("import sys\nsys.path.insert(0, '.')\nfrom iteration_gain import run\n"
+                       "from pretrain.pipeline.report import _plot\n")
+    assert driver_problems(planted, {"iteration_gain"}) == [
+        "imports the driver iteration_gain", "private name pretrain.pipeline.report._plot", "sys.path"]

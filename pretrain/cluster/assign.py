@@ -38,7 +38,7 @@ _STATE: dict = {}
 
 def _init(spec: dict, centroids: np.ndarray, device: str, batch_samples: int, threads: int | None) -> None:
     if threads:
-        import torch
+        import torch  # here, not at the top: MFCC workers never need it (2 s of start-up each)
 
         torch.set_num_threads(threads)
     _STATE["extractor"] = Extractor(FeatureSpec.from_dict(spec), device, batch_samples)

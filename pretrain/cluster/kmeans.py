@@ -17,6 +17,8 @@ compares this with scikit-learn's MiniBatchKMeans with fairseq's settings.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import time
@@ -26,7 +28,7 @@ import numpy as np
 
 from pretrain.config.cluster import KmeansFitConfig
 from pretrain.features.sample import load_sample
-from pretrain.utils import PretrainError, atomic_write_bytes, atomic_write_json
+from pretrain.utils import PretrainError, atomic_write_bytes, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -134,12 +136,9 @@ def fit(cfg: KmeansFitConfig) -> dict:
     inertia = assignment_inertia(x, centroids)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    import io
-
     buf = io.BytesIO()
     np.save(buf, centroids.astype(np.float32))
     atomic_write_bytes(out / "centroids.npy", buf.getvalue())
-    import hashlib
 
     record = {
         "format_version": 1,
@@ -185,8 +184,6 @@ def load_kmeans(folder: str | Path, checkpoint: str | None = None) -> tuple[np.n
     ``checkpoint``: where the model of a model-feature k-means lives now, when it moved (a run
     directory moved or copied); its sha256 must be the recorded one, and the returned record's
     spec points at it."""
-    from pretrain.utils import sha256_file
-
     folder = Path(folder)
     path = folder / "kmeans.json"
     if not path.is_file():
@@ -196,6 +193,7 @@ def load_kmeans(folder: str | Path, checkpoint: str | None = None) -> tuple[np.n
         raise PretrainError(f"{folder}/centroids.npy does not match the sha256 in its kmeans.json (an "
                             "interrupted or concurrent fit?); fit again")
     if checkpoint is not None and record["spec"]["kind"] == "model":
+        # Here, not at the top: assigning MFCC labels never loads torch (2 s per worker).
         from pretrain.model.checkpoint import resolve_model_file
 
         file = resolve_model_file(checkpoint)

@@ -19,10 +19,14 @@ import json
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
+from pretrain.cluster.assign import shard_labels
+from pretrain.cluster.kmeans import load_kmeans
 from pretrain.config.cluster import KmeansQualityConfig
 from pretrain.data.labels import LabelError, LabelSet
 from pretrain.data.shards import read_manifest
+from pretrain.features.extract import Extractor, FeatureSpec
 from pretrain.phones import PHONES
 from pretrain.utils import PretrainError, atomic_write_json
 
@@ -78,12 +82,6 @@ def kmeans_counts(shards: str | Path, kmeans_dir: str | Path, reference: str,
                   progress: bool = True, checkpoint: str | None = None) -> tuple[np.ndarray, dict, LabelSet]:
     """(reference classes, clusters) frame counts of the labels a k-means gives these shards,
     computed in memory: the held-out score of a k-means fitted elsewhere."""
-    from tqdm import tqdm
-
-    from pretrain.cluster.assign import shard_labels
-    from pretrain.cluster.kmeans import load_kmeans
-    from pretrain.features.extract import Extractor, FeatureSpec
-
     centroids, record = load_kmeans(kmeans_dir, checkpoint)
     spec = FeatureSpec.from_dict(record["spec"])
     ref = LabelSet(shards, reference)

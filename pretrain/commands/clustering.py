@@ -8,11 +8,12 @@ from pretrain.cluster.assign import assign_labels
 from pretrain.cluster.kmeans import fit
 from pretrain.cluster.quality import quality
 from pretrain.config import write_run_record
+from pretrain.config.core import refuse_foreign_record
 from pretrain.config.cluster import (FeaturesMfccConfig, FeaturesModelConfig, KmeansAssignConfig, KmeansFitConfig,
                                      KmeansQualityConfig)
 from pretrain.features.extract import FeatureSpec
 from pretrain.features.sample import dump_features
-from pretrain.probe.run import chosen_layer
+from pretrain.probe.results import chosen_layer
 
 log = logging.getLogger("pretrain")
 
@@ -56,7 +57,10 @@ def kmeans_assign(cfg: KmeansAssignConfig, argv: list[str], progress: bool) -> i
 
 
 def kmeans_quality(cfg: KmeansQualityConfig, argv: list[str], progress: bool) -> int:
+    refuse_foreign_record(cfg.out)
     r = quality(cfg, progress)
+    # After the report: inputs that turn out wrong (a label set at another rate) leave no trace.
+    write_run_record(cfg.out, cfg, argv)
     what = f"'{cfg.labels}'" if cfg.labels else f"k-means {cfg.kmeans}"
     print(f"{what} vs '{cfg.reference}' over {r['frames']} frames: PNMI {r['pnmi']:.4f}, phone purity "
           f"{r['phone_purity']:.4f}, cluster purity {r['cluster_purity']:.4f}, usage perplexity "

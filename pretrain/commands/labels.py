@@ -18,7 +18,8 @@ def import_labels(cfg: LabelsImportConfig, argv: list[str], progress: bool) -> i
 
 def export_labels(cfg: LabelsExportConfig, argv: list[str], progress: bool) -> int:
     tsv, km, wrote = export_fairseq(cfg.shards, cfg.name, cfg.out, cfg.split or cfg.name, cfg.overwrite)
-    print(f"wrote {tsv} and {km}" if wrote else f"{tsv} and {km} already hold exactly these labels: nothing written")
+    print(f"wrote {tsv}, {km} and {tsv.parent / 'dict.km.txt'}" if wrote
+          else f"{tsv}, {km} and dict.km.txt already hold exactly these labels: nothing written")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from pretrain.config.export import ExportHfConfig
@@ -14,8 +15,10 @@ from pretrain.utils import PretrainError, atomic_write_bytes, settle_existing
 
 def export(cfg: ExportHfConfig, argv: list[str], progress: bool) -> int:
     wrote = export_hf(cfg.checkpoint, cfg.out, cfg.overwrite)
-    print(f"{'wrote' if wrote else 'already there, nothing written:'} a transformers model in {cfg.out}; load it "
-          f"with transformers.AutoModel.from_pretrained('{cfg.out}')")
+    # The class the folder's config.json names: what transformers builds from it.
+    name = json.loads((Path(cfg.out) / "config.json").read_text())["architectures"][0]
+    print(f"{'wrote' if wrote else 'already there, nothing written:'} a transformers.{name} in {cfg.out}; load it "
+          f"with transformers.{name}.from_pretrained('{cfg.out}') (or AutoModel)")
     return 0
 
 
@@ -27,7 +30,10 @@ def import_model(cfg: ImportHfConfig | ImportFairseqConfig, argv: list[str], pro
     if (out.parent / "manifest.json").is_file():
         raise PretrainError(f"{out.parent} is a checkpoint folder (it has a manifest.json); writing {out.name} there "
                             "would replace its model and break the manifest: choose another out")
-    model = (import_fairseq if isinstance(cfg, ImportFairseqConfig) else import_hf)(cfg.source)
+    notes: list[str] = []
+    model = import_fairseq(cfg.source, notes) if isinstance(cfg, ImportFairseqConfig) else import_hf(cfg.source)
+    for note in notes:
+        print(note)
     data = model_bytes(model)
     c = model.cfg
     # After the import, not before: a rerun whose output is already there is no error.

@@ -41,7 +41,8 @@ from omegaconf.errors import (
 )
 
 from pretrain import __version__
-from pretrain.utils import atomic_write_json, atomic_write_text
+from pretrain.resources import config_path
+from pretrain.utils import PretrainError, atomic_write_json, atomic_write_text, redact, safe_name
 
 T = TypeVar("T")
 
@@ -119,6 +120,13 @@ def _dataclass_type(annotation: Any, owner: type) -> type | None:
     return annotation if dataclasses.is_dataclass(annotation) else None
 
 
+def is_missing(cfg: DictConfig, path: str) -> bool:
+    """Whether the field at the dotted ``path`` has no value (MISSING). OmegaConf's own
+    ``is_missing`` takes one key: with a dotted path it answers False for a nested field."""
+    parent, _, key = path.rpartition(".")
+    return OmegaConf.is_missing(OmegaConf.select(cfg, parent) if parent else cfg, key)
+
+
 def describe(schema: type) -> str:
     """Human-readable list of the fields of ``schema`` with defaults and docs (for ``--help``)."""
     defaults = OmegaConf.structured(schema)
@@ -128,7 +136,7 @@ def describe(schema: type) -> str:
         if isinstance(value, DictConfig):
             lines.append(f"  {path}:")
         else:
-            shown = "(required)" if OmegaConf.is_missing(defaults, path) else _yaml_scalar(value)
+            shown = "(required)" if is_missing(defaults, path) else _yaml_scalar(value)
             lines.append(f"  {path} = {shown}")
         for doc_line in textwrap.wrap(doc, width=88):
             lines.append(f"      {doc_line}")
@@ -146,8 +154,6 @@ def _yaml_scalar(value: Any) -> str:
 
 def check_name(value: str, field: str) -> None:
     """A ``ConfigError`` on ``field`` unless ``value`` is one safe path component."""
-    from pretrain.utils import PretrainError, safe_name
-
     try:
         safe_name(value, field)
     except PretrainError as e:
@@ -229,8 +235,6 @@ _SEXAGESIMAL = re.compile(r"[-+]?\d+(:[0-5]?\d)+(\.\d*)?")
 
 
 def _read_yaml(path: str | os.PathLike) -> DictConfig:
-    from pretrain.resources import config_path
-
     path = config_path(path)  # configs/... also names the configs shipped with the package
     if not path.is_file():
         raise ConfigError("config file not found", source=str(path))
@@ -308,6 +312,17 @@ def to_yaml(cfg: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
+def template_yaml(schema: type) -> str:
+    """Every field of ``schema`` at its default, with its docstring as a comment; fields without
+    a default are ``???`` and marked REQUIRED (a file to start a config from: the value
+    ``???`` left in place is refused as missing, naming the field)."""
+    container = OmegaConf.to_container(OmegaConf.structured(schema), enum_to_str=True)
+    lines = [f"# Template of {schema.__name__} (pretrain {__version__}): every field at its default; "
+             "set the REQUIRED ones."]
+    _emit_yaml(schema, container, 0, lines)
+    return "\n".join(lines) + "\n"
+
+
 def _emit_yaml(schema: type, values: dict, depth: int, lines: list[str]) -> None:
     docs = field_docs(schema)
     pad = "  " * depth
@@ -319,6 +334,9 @@ def _emit_yaml(schema: type, values: dict, depth: int, lines: list[str]) -> None
             lines.append(f"{pad}{f.name}:")
             _emit_yaml(sub, values[f.name], depth + 1, lines)
         else:
+            if values[f.name] == "???":  # OmegaConf's MISSING: a field without a default
+                lines.append(f"{pad}{f.name}: ???  # REQUIRED")
+                continue
             dumped = yaml.safe_dump(values[f.name], default_flow_style=True, width=10**6)
             dumped = dumped.strip().removesuffix("...").strip()
             lines.append(f"{pad}{f.name}: {dumped}")
@@ -338,8 +356,6 @@ def refuse_foreign_record(run_dir: str | os.PathLike) -> None:
     replaced (a run directory named by mistake must not cost anyone their files). Called before
     anything is written to a run directory, its lock included."""
     run_dir = Path(run_dir)
-    from pretrain.utils import PretrainError
-
     ours = _ours(run_dir)
     for name in ("config.yaml", "run.json"):
         if (run_dir / name).exists() and not ours:
@@ -350,7 +366,7 @@ def refuse_foreign_record(run_dir: str | os.PathLike) -> None:
 
 # Fields that say how a job runs, not what it makes: a rerun that changes only these is the
 # same job (iterate leaves them out of its fingerprints for the same reason).
-HOW_NOT_WHAT = ("jobs", "device", "batch_samples", "task", "num_tasks", "overwrite", "threads")
+HOW_NOT_WHAT = ("jobs", "device", "batch_samples", "task", "num_tasks", "overwrite", "threads", "dry_run")
 
 
 def _recorded_config(run_dir: Path) -> dict | None:
@@ -365,8 +381,6 @@ def same_job(run_dir: str | os.PathLike, cfg: Any) -> bool:
     """True when ``run_dir`` holds the run record of a job with ``cfg``'s config (fields in
     ``HOW_NOT_WHAT`` aside): a rerun with identical inputs, which has nothing to do once the
     first run's outputs are complete."""
-    from pretrain.utils import redact
-
     run_dir = Path(run_dir)
     saved = _recorded_config(run_dir)
     if saved is None or not _ours(run_dir):
@@ -386,8 +400,6 @@ def write_run_record(run_dir: str | os.PathLike, cfg: Any, argv: Sequence[str] |
     run_dir = Path(run_dir)
     refuse_foreign_record(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    from pretrain.utils import redact
-
     # Records are shared (papers, issues, wandb): credentials never enter them (see redact).
     text = redact(to_yaml(cfg))
     if _ours(run_dir) and (run_dir / "config.yaml").is_file() and (run_dir / "config.yaml").read_text() == text:
@@ -396,7 +408,7 @@ def write_run_record(run_dir: str | os.PathLike, cfg: Any, argv: Sequence[str] |
     argv = list(sys.argv if argv is None else argv)
     record = {
         "pretrain_version": __version__,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "command": argv,
         "cwd": os.getcwd(),
         "schema": f"{type(cfg).__module__}.{type(cfg).__qualname__}",
@@ -408,7 +420,7 @@ def write_run_record(run_dir: str | os.PathLike, cfg: Any, argv: Sequence[str] |
     atomic_write_json(run_dir / "run.json", redact(record))
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     """Commit of the source tree this package runs from, with ``-dirty`` for local edits."""
     root = Path(__file__).resolve().parents[2]
     try:

@@ -10,6 +10,7 @@ from typing import Optional
 from omegaconf import MISSING
 
 from pretrain.config.core import ConfigError
+from pretrain.config.corpus import ALL_VOICES
 
 
 @dataclass
@@ -39,6 +40,13 @@ class IterCorpusConfig:
 
     per_shard: int = 32
     """Utterances per shard when sharding."""
+
+    shards_overrides: list[str] = field(default_factory=list)
+    """More ``key=value`` options of the ``pretrain shards build`` stage, any of its fields but
+    ``input``, ``out``, ``per_shard`` and ``jobs`` (set above): ``speaker_from``,
+    ``max_duration`` / ``long_policy`` for long files, ``subset`` / ``valid_fraction`` /
+    ``split_by`` for a held-out split, ``audio_format``, ``min_duration``, ...; checked, and
+    an unknown one refused by name, before anything runs."""
 
     def validate(self) -> None:
         given = [name for name in ("synth_hours", "input", "shards") if getattr(self, name) is not None]
@@ -117,8 +125,16 @@ class IterEvalConfig:
     """Voices of the evaluation corpus; unset: every voice, so voices left out of
     ``corpus.synth_voices`` are speakers the model never heard."""
 
+    input: Optional[str] = None
+    """A held-out corpus (folder, TSV or JSONL manifest: other speakers or other sentences, e.g.
+    LibriSpeech dev-clean) to shard into ``run_dir/eval/shards``, with ``shards_overrides``."""
+
     shards: Optional[str] = None
     """Existing evaluation shards (with ``phones50``/``phones100`` and speakers) instead."""
+
+    shards_overrides: list[str] = field(default_factory=list)
+    """``key=value`` options of the evaluation shards' ``pretrain shards build`` (``input``: see
+    ``corpus.shards_overrides``)."""
 
     probes: str = "abx,phone,speaker,pnmi"
     """Probes run after each iteration's training (``pretrain probe``)."""
@@ -133,11 +149,13 @@ class IterEvalConfig:
 
     @property
     def enabled(self) -> bool:
-        return self.synth_hours is not None or self.shards is not None
+        return any(v is not None for v in (self.synth_hours, self.input, self.shards))
 
     def validate(self) -> None:
-        if self.synth_hours is not None and self.shards is not None:
-            raise ConfigError("set synth_hours or shards, not both", field="synth_hours")
+        given = [name for name in ("synth_hours", "input", "shards") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ConfigError(f"set at most one of synth_hours, input and shards (got {', '.join(given)})",
+                              field=given[1])
         if self.synth_hours is not None and not self.synth_hours > 0:
             raise ConfigError(f"must be > 0, got {self.synth_hours}", field="synth_hours")
         metrics = ("phone_acc", "per", "abx_within", "abx_across", "speaker_acc", "pnmi")
@@ -183,7 +201,7 @@ class IterateConfig:
     quality part."""
 
     reference_curves: Optional[str] = None
-    """A reference run in ``benchmarks/results/reference_curves.json`` (``demo``,
+    """A reference run in ``pretrain/reference_curves.json`` (``demo``,
     ``small_cpu``) whose loss and masked-accuracy curves the report draws faintly behind this
     run's, to tell a normal run from a broken one; unset: none."""
 
@@ -193,6 +211,11 @@ class IterateConfig:
     only: Optional[str] = None
     """Run just this stage (``it2.train``, ...) in this process and stop; SLURM jobs of
     ``launch slurm iterate`` use it. Unset: every stage that is not done."""
+
+    dry_run: bool = False
+    """Print the plan and exit: every stage, and whether it is done, would run, or would rerun
+    and why (the config fields that changed, or the upstream stage that reruns). Nothing is
+    run, written or deleted."""
 
     def validate(self) -> None:
         if not self.iterations:
@@ -209,10 +232,10 @@ class IterateConfig:
         for i, it in enumerate(self.iterations):
             if it.features == "model" and it.layer == "auto" and not self.eval.enabled:
                 raise ConfigError("layer 'auto' picks the layer by the previous iteration's probes: set "
-                                  "eval.synth_hours or eval.shards", field=f"iterations.{i}.layer")
+                                  "eval.synth_hours, eval.input or eval.shards", field=f"iterations.{i}.layer")
         if self.eval.synth_hours is not None and self.corpus.synth_hours is None:
             raise ConfigError("eval.synth_hours needs a synthesized training corpus (corpus.synth_hours) to "
-                              "take the voices and seed from; give eval.shards instead", field="eval.synth_hours")
+                              "take the voices and seed from; give eval.input or eval.shards instead", field="eval.synth_hours")
         if self.eval.synth_hours is not None and self.eval.probes:
             self._check_eval_size()
 
@@ -221,8 +244,6 @@ class IterateConfig:
         within each voice probe-train, probe-dev and probe-test each get an utterance only from
         3 utterances on (``pretrain.probe.data.split_counts``), so with about 2 per voice or
         fewer probe-dev is empty, which the probes would find only after training."""
-        from pretrain.config.corpus import ALL_VOICES
-
         voices = len(self.eval.synth_voices or ALL_VOICES)
         # Measured: the demo's 1-hour corpus (max_clauses 3) holds 516 utterances, 7.0 s each on
         # average; a clause is about half of that.

@@ -12,6 +12,17 @@ from pretrain.config.core import ConfigError
 
 PROBES = ("abx", "phone", "speaker", "pnmi")
 BASELINES = ("mfcc", "logmel", "untrained")
+METRICS = {  # name: (label, higher is better)
+    "abx_within": ("ABX within (%)", False),
+    "abx_across": ("ABX across (%)", False),
+    "phone_acc": ("phone acc (%)", True),
+    "per": ("PER (%)", False),
+    "speaker_acc": ("speaker acc (%)", True),
+    "pnmi": ("PNMI", True),
+}
+PROBE_METRICS = {"abx": ("abx_within", "abx_across"), "phone": ("phone_acc", "per"),
+                 "speaker": ("speaker_acc",), "pnmi": ("pnmi",)}
+"""Each probe's metrics, as named in ``probe.json``, the tables and the report."""
 
 
 def parse_list(value: str, allowed: tuple[str, ...], field_name: str) -> list[str]:

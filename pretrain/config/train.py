@@ -122,6 +122,19 @@ class LogConfig:
     wandb_project: str = "pretrain"
     """wandb project name."""
 
+    wandb_group: Optional[str] = None
+    """wandb group: ``pretrain iterate`` puts every training of a run in one (the run's name
+    and a hash of its path). Unset: no group."""
+
+    wandb_name: Optional[str] = None
+    """wandb run name (``it<i>.train`` under ``pretrain iterate``). Unset: the run folder's name."""
+
+    wandb_tags: list[str] = field(default_factory=list)
+    """wandb tags (``pretrain iterate``: the objective, the iteration, k, the features)."""
+
+    wandb_job_type: str = "train"
+    """wandb job type."""
+
     tensorboard: bool = True
     """Write TensorBoard scalars to ``run_dir/tensorboard``."""
 

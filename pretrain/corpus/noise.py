@@ -19,8 +19,9 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from pretrain.config.corpus import NoiseSynthConfig
+from pretrain.config.corpus import CorpusSynthConfig, NoiseSynthConfig
 from pretrain.config.core import same_job, write_run_record
+from pretrain.corpus.synth import synthesize_corpus
 from pretrain.frames import SAMPLE_RATE
 from pretrain.utils import PretrainError, atomic_write_json
 
@@ -113,9 +114,6 @@ def _speech_for_babble(cfg: NoiseSynthConfig, tmp: Path) -> list[np.ndarray]:
             raise PretrainError(f"speech corpus {corpus} has no utterances.jsonl (make one with "
                                 "pretrain corpus synth, or leave 'speech' unset)")
     else:
-        from pretrain.config.corpus import CorpusSynthConfig
-        from pretrain.corpus.synth import synthesize_corpus
-
         corpus = tmp / "babble_speech"
         synthesize_corpus(CorpusSynthConfig(out=str(corpus), count=cfg.babble_utterances, seed=cfg.seed + 1),
                           progress=False, argv=["pretrain corpus noise (babble source)"])

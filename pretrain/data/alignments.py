@@ -29,6 +29,7 @@ import numpy as np
 from pretrain.data.labels import settle_label_sets, write_label_meta, write_label_shard
 from pretrain.data.shards import read_manifest, shard_index
 from pretrain.frames import num_frames, segment_frame_labels
+from pretrain.resources import config_path
 from pretrain.utils import PretrainError, read_lines
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,8 @@ def import_alignments(shards: str | Path, phone_map: str | Path, textgrids: str 
     anything was written. Label
     sets of those names are replaced only with ``overwrite``, and left as they are when they
     already hold exactly these labels."""
-    shards, phone_map = Path(shards), Path(phone_map)
+    # configs/phone_maps/... is found from any directory, as --config files are.
+    shards, phone_map = Path(shards), config_path(phone_map)
     if (textgrids is None) == (frames is None):
         raise PretrainError("give either TextGrids or a frame alignment file")
     mapping, inventory = read_phone_map(phone_map)

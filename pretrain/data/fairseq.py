@@ -11,7 +11,11 @@ any order and any grouping. What fairseq users hit most, a ``.km`` of another le
 line and both lengths.
 
 Export writes, for every utterance of the shards in shard order, the ``.tsv`` line (its
-``source`` path below the shards' recorded corpus root, its sample count) and the ``.km`` line.
+``source`` path below the shards' recorded corpus root, its sample count) and the ``.km`` line,
+and ``dict.km.txt`` (one ``<label> 1`` line per class, as fairseq's HuBERT recipe makes it: the
+dictionary its HuBERT task loads). A ``.tsv`` line names a whole 16 kHz mono file that fairseq
+reads as it is, so an utterance that is not one refuses the export, naming it: a segment cut
+from a longer file by ``max_duration``, a source resampled to 16 kHz, or one mixed down to mono.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import logging
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+import yaml
 
 from pretrain.data.labels import (LENGTH_TOLERANCE, LabelError, LabelSet, settle_label_sets, write_label_meta,
                                   write_label_shard)
@@ -115,8 +120,6 @@ def corpus_root(shards: Path) -> str:
     """Where the shards' ``source`` paths are relative to: the input of their build (a folder,
     or a TSV manifest's root line)."""
     try:
-        import yaml
-
         source = Path(yaml.safe_load((shards / "config.yaml").read_text())["input"])
     except (OSError, KeyError, TypeError, ValueError):
         return "."
@@ -128,13 +131,29 @@ def corpus_root(shards: Path) -> str:
     return str(source.resolve())
 
 
+def _not_a_whole_file(meta: dict) -> str | None:
+    """Why fairseq, reading this utterance's ``source`` as a .tsv line, would not get its audio."""
+    segment = meta.get("segment")
+    if segment:
+        return (f"it is {segment['start']:.2f}-{segment['end']:.2f} s of {meta.get('source')} (split by "
+                "max_duration), and a .tsv line names a whole file")
+    rate = meta.get("source_sample_rate")
+    if rate not in (None, 16000):
+        return f"its source {meta.get('source')} is {rate} Hz (resampled to 16 kHz here), and fairseq reads it as it is"
+    if meta.get("source_channels", 1) != 1:
+        return (f"its source {meta.get('source')} has {meta['source_channels']} channels (mixed down here), and "
+                "fairseq reads it as it is")
+    return None
+
+
 def export_fairseq(shards: str | Path, name: str, out: str | Path, split: str,
                    overwrite: bool = False) -> tuple[Path, Path, bool]:
-    """Write ``<out>/<split>.tsv`` and ``<out>/<split>.km`` for the label set ``name`` (every
-    utterance, in shard order); returns both paths and whether anything was written. Files already there are replaced only with
-    ``overwrite``, and left as they are when they already hold exactly these bytes."""
+    """Write ``<out>/<split>.tsv``, ``<out>/<split>.km`` and ``<out>/dict.km.txt`` for the label
+    set ``name`` (every utterance, in shard order); returns the .tsv and .km paths and whether
+    anything was written. Files already there are replaced only with ``overwrite``, and left
+    as they are when they already hold exactly these bytes."""
     shards, out = Path(shards), Path(out)
-    tsv, km = out / f"{split}.tsv", out / f"{split}.km"
+    tsv, km, dictionary = out / f"{split}.tsv", out / f"{split}.km", out / "dict.km.txt"
     labels = LabelSet(shards, name)
     tsv_lines, km_lines = [corpus_root(shards)], []
     for entry in read_manifest(shards)["shards"]:
@@ -144,10 +163,16 @@ def export_fairseq(shards: str | Path, name: str, out: str | Path, split: str,
             key = sample["__key__"]
             if key not in stored:
                 raise LabelError(f"label set '{name}', shard {entry['name']}: no labels for key '{key}'")
+            why = _not_a_whole_file(meta)
+            if why:
+                raise PretrainError(f"shard {entry['name']}, key '{key}': fairseq's .tsv cannot address this "
+                                    f"utterance: {why}. Export from shards built from 16 kHz mono files without "
+                                    "max_duration, or train on these shards with pretrain")
             source = str(meta.get("source") or PurePosixPath(key).with_suffix(".flac"))
             tsv_lines.append(f"{source}\t{meta['num_samples']}")
             km_lines.append(" ".join(map(str, stored[key].tolist())))
-    texts = {tsv: ("\n".join(tsv_lines) + "\n").encode(), km: ("\n".join(km_lines) + "\n").encode()}
+    texts = {tsv: ("\n".join(tsv_lines) + "\n").encode(), km: ("\n".join(km_lines) + "\n").encode(),
+             dictionary: "".join(f"{i} 1\n" for i in range(labels.num_classes)).encode()}
     if settle_existing(texts, overwrite, "or choose another out or split"):
         return tsv, km, False
     for path, data in texts.items():

@@ -31,7 +31,7 @@ from typing import Mapping
 
 import numpy as np
 
-from pretrain.frames import num_frames
+from pretrain.frames import num_frames, segment_frame_labels
 from pretrain.utils import PretrainError, atomic_write_bytes, atomic_write_json, safe_name
 
 FORMAT_VERSION = 1
@@ -170,8 +170,6 @@ def fit_length(labels: np.ndarray, num_samples: int, rate: int, name: str, shard
 def alignment_frame_labels(align: dict, num_samples: int, source_rate: int, rate: int,
                            phone_ids: Mapping[str, int]) -> np.ndarray:
     """Frame labels at ``rate`` from a synthetic corpus alignment (segments in source samples)."""
-    from pretrain.frames import segment_frame_labels
-
     scale = 16000 / source_rate
     ends = np.array([int(round(e * scale)) for _, _, e in align["segments"]], dtype=np.int64)
     ends[-1] = num_samples  # resampling may round the length differently

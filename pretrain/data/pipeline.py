@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -395,7 +396,6 @@ def _ignore_preemption_signal(_worker: int) -> None:
     # (checkpoint at the step boundary, then exit), and a worker killed by one would fail the
     # step before the checkpoint. Workers end with the trainer (torch's parent watchdog) or by
     # SLURM's SIGKILL after KillWait.
-    import signal
 
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -4,8 +4,13 @@ DeepSpeed engine and the collectives the trainer needs. Nothing else imports
 
 from __future__ import annotations
 
+import logging
 import os
+import subprocess
+import time
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -75,13 +80,31 @@ def slurm_restart_count(environ: dict | None = None) -> int:
     return int((os.environ if environ is None else environ).get("SLURM_RESTART_COUNT", "0") or 0)
 
 
-def requeue_slurm_job(job_id: str) -> None:
+def requeue_slurm_job(job_id: str, attempts: int = 5, delay: float = 2.0, timeout: float = 30.0) -> None:
     """Put this job back in the queue (same id); SLURM then stops every task with SIGTERM.
 
     A preempted job must do this itself: one that checkpoints and exits 0 is marked
-    COMPLETED and never runs again."""
-    import subprocess
-
-    proc = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=120)
-    if proc.returncode != 0:
-        raise RuntimeError(f"scontrol requeue {job_id} failed ({proc.returncode}): {proc.stderr.strip()}")
+    COMPLETED and never runs again. slurmctld can be briefly unreachable or busy exactly when
+    a preemption notice arrives (it is preempting jobs), and one failed call would turn the
+    preemption into a lost job: a failure (an error exit or no answer in ``timeout`` seconds)
+    is retried after ``delay`` seconds, doubling each time (2, 4, 8, 16 s by default, 30 s of
+    waiting in all, inside the usual preemption grace time). Raises once all ``attempts``
+    failed, with each one's error."""
+    failures = []
+    for attempt in range(1, attempts + 1):
+        try:
+            proc = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=timeout)
+            if proc.returncode == 0:
+                if failures:
+                    log.info("scontrol requeue %s succeeded at attempt %d", job_id, attempt)
+                return
+            failures.append(f"exit {proc.returncode}: {proc.stderr.strip() or proc.stdout.strip()}")
+        except subprocess.TimeoutExpired:
+            failures.append(f"no answer in {timeout:g} s")
+        if attempt < attempts:
+            wait = delay * 2 ** (attempt - 1)
+            log.warning("scontrol requeue %s failed (%s); retrying in %g s (attempt %d of %d)",
+                        job_id, failures[-1], wait, attempt + 1, attempts)
+            time.sleep(wait)
+    raise RuntimeError(f"scontrol requeue {job_id} failed {attempts} times: " +
+                       "; ".join(f"{i}. {f}" for i, f in enumerate(failures, 1)))

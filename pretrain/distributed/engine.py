@@ -7,11 +7,15 @@ is set by the trainer each step from a pure function of the step, so no schedule
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import os
+import sys
 import warnings
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 # DeepSpeed's ZeRO gathers call this torch function, deprecated for a successor DeepSpeed does
 # not use yet: the warning says nothing a user can act on and repeats in every run's log.
@@ -20,13 +24,12 @@ warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into
 
 from pretrain.config.train import TrainConfig
 from pretrain.distributed import DistEnv, export_env
+from pretrain.utils import PretrainError
 
 
 def init_process_group(dist_env: DistEnv, timeout: float = 1800.0) -> None:
     """Join the job's process group; every collective then fails after ``timeout`` seconds
     without the other ranks (``train.collective_timeout``)."""
-    import datetime
-
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     export_env(dist_env)
@@ -58,8 +61,6 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, load_universal: bool 
     :func:`to_universal` (resuming with another process count)."""
     import deepspeed
 
-    from pretrain.utils import PretrainError
-
     if cfg.deepspeed.precision == "fp16" and not torch.cuda.is_available():
         raise PretrainError("deepspeed.precision=fp16 needs a GPU: DeepSpeed's CPU accelerator has no fp16 "
                             "support; use bf16 or fp32 on the CPU")
@@ -89,8 +90,6 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, load_universal: bool 
 def to_universal(src: str, dst: str) -> None:
     """Convert the DeepSpeed checkpoint folder ``src`` (one tag) into the universal format at
     ``dst``, in this process (the converter's worker pools are not needed at our sizes)."""
-    import argparse
-
     from deepspeed.checkpoint import ds_to_universal
 
     ds_to_universal.main(argparse.Namespace(
@@ -128,7 +127,6 @@ def full_state_dict(engine: Any) -> dict | None:
     """The whole model's weights on rank 0 (``None`` elsewhere). Call on every rank: under
     ZeRO 3 the parameters are partitioned and gathering them is a collective."""
     import deepspeed
-    import torch.distributed as dist
 
     is_main = not dist.is_initialized() or dist.get_rank() == 0
     if engine.zero_optimization_stage() == 3:
@@ -141,8 +139,6 @@ def state_fingerprint(engine: Any) -> dict | None:
     """Float64 sums that identify the weights and Adam's moments whatever their partitioning
     (``sum |w|``, ``sum |m|``, ``sum v``), on rank 0; logged at every resume so that a resume at
     another process count can be checked against the saved files. A collective."""
-    import torch.distributed as dist
-
     weights = full_state_dict(engine)
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps torch's optimizer
     states = [st for st in inner.state.values() if "exp_avg" in st]
@@ -157,16 +153,12 @@ def state_fingerprint(engine: Any) -> dict | None:
 
 
 def barrier() -> None:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Sum of each value over ranks (float64 on CPU: exact for counts)."""
-    import torch.distributed as dist
-
     t = torch.tensor(values, dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():
         if dist.get_backend() == "nccl":
@@ -176,8 +168,6 @@ def all_reduce_sum(values: list[float]) -> list[float]:
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return obj
     box = [obj]
@@ -189,8 +179,6 @@ def shutdown(code: int = 0) -> None:
     """End the process cleanly with exit status ``code``: DeepSpeed's own teardown sometimes
     aborts a rank at exit (7 % of 2-rank runs here); a barrier, a flush and ``os._exit`` never
     did (55/55)."""
-    import sys
-
     barrier()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -74,7 +74,7 @@ _EXTRACTOR: Extractor | None = None
 def _worker_init(spec: dict, device: str, batch_samples: int, threads: int | None) -> None:
     global _EXTRACTOR
     if threads:
-        import torch
+        import torch  # here, not at the top: MFCC workers never need it (2 s of start-up each)
 
         torch.set_num_threads(threads)
     _EXTRACTOR = Extractor(FeatureSpec.from_dict(spec), device, batch_samples)

@@ -17,8 +17,9 @@ import torch
 from omegaconf import OmegaConf
 
 from pretrain.config.model import ModelConfig
-from pretrain.utils import PretrainError, atomic_write_bytes, sha256_file
+from pretrain.model.data2vec import Data2VecPretrain
 from pretrain.model.hubert import HubertPretrain, LabelSpec
+from pretrain.utils import PretrainError, atomic_write_bytes, sha256_file
 
 FORMAT = "pretrain-model"
 VERSION = 1
@@ -28,8 +29,6 @@ MODEL_FILE = "model.pt"
 def build_model(cfg: ModelConfig, labels: list[LabelSpec]):
     """The pretraining model ``cfg.objective`` names: HuBERT on ``labels``, or data2vec."""
     if cfg.objective == "data2vec":
-        from pretrain.model.data2vec import Data2VecPretrain
-
         return Data2VecPretrain(cfg)
     return HubertPretrain(cfg, labels)
 

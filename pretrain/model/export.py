@@ -10,6 +10,8 @@ import os
 import shutil
 from pathlib import Path
 
+import yaml
+
 from pretrain.config.model import ModelConfig
 from pretrain.frames import CONV_LAYERS
 from pretrain.model.checkpoint import load_model
@@ -148,8 +150,6 @@ def _training_facts(checkpoint: str | Path) -> dict:
         return facts
     run = folder.parent.parent  # run_dir/checkpoints/step_N
     try:
-        import yaml
-
         shards = yaml.safe_load((run / "config.yaml").read_text())["data"]["shards"]
         totals = json.loads((Path(shards) / "manifest.json").read_text())["totals"]
         facts["hours"] = totals["seconds"] / 3600

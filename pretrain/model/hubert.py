@@ -135,13 +135,14 @@ class HubertBackbone(nn.Module):
 
     @torch.no_grad()
     def all_hidden_states(self, waveform: torch.Tensor, lengths: torch.Tensor | None = None,
-                          front_end: bool = False) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """Every Transformer layer's hidden states (layers 1..L, as ``hidden_states`` gives each)
-        from one forward, preceded by the front end's output when ``front_end``, and the frame
-        padding mask. Call in eval mode."""
+                          front_end: bool = False, upto: int | None = None
+                          ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Every Transformer layer's hidden states (layers 1..``upto``, default all, as
+        ``hidden_states`` gives each) from one forward, preceded by the front end's output when
+        ``front_end``, and the frame padding mask. Call in eval mode."""
         feats, x, padding = self._encoder_input(waveform, lengths)
         states: list[torch.Tensor] = [feats] if front_end else []
-        self.encoder(x, padding, output_layer=self.cfg.encoder_layers, collect=states)
+        self.encoder(x, padding, output_layer=upto or self.cfg.encoder_layers, collect=states)
         return states, padding
 
 

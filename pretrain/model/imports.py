@@ -22,6 +22,7 @@ import pickle
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pretrain.config.model import ModelConfig
@@ -152,21 +153,54 @@ def import_hf(folder: str | Path) -> HubertPretrain:
     return model
 
 
+class FairseqDictionary:
+    """A fairseq ``Dictionary`` as a released HuBERT checkpoint pickles it in ``task_state`` (the
+    label dictionary: ``symbols``, ``count``, ``indices`` and the special symbols), read as
+    data: fairseq's class is never imported, and nothing of it runs."""
+
+    def __len__(self) -> int:
+        return len(getattr(self, "symbols", []))
+
+    @property
+    def labels(self) -> list[str]:
+        """The label symbols, the special ones (``<s>``, ``<pad>``, ...) left out."""
+        return list(getattr(self, "symbols", []))[getattr(self, "nspecial", 0):]
+
+
+def _numpy_scalar():
+    core = getattr(np, "_core", None) or np.core  # numpy 2 moved it; checkpoints name either
+    return core.multiarray.scalar
+
+
+# What a fairseq checkpoint may name besides tensors and plain types, each read as data: the
+# arguments of old versions, the label dictionary of HuBERT's task state, and numpy scalars in
+# the training metrics of extra_state.
+FAIRSEQ_GLOBALS = {
+    "argparse.Namespace": argparse.Namespace,
+    "fairseq.data.dictionary.Dictionary": FairseqDictionary,
+    "numpy.core.multiarray.scalar": _numpy_scalar(),
+    "numpy._core.multiarray.scalar": _numpy_scalar(),
+    "numpy.dtype": np.dtype,
+}
+
+
 def _fairseq_payload(path: Path) -> dict:
-    """The checkpoint's dict, unpickled without running code: tensors and plain types, plus the
-    ``argparse.Namespace`` old fairseq versions keep their arguments in."""
+    """The checkpoint's dict, unpickled without running code: tensors and plain types, plus
+    ``FAIRSEQ_GLOBALS``."""
     if path.stat().st_size == 0:
         raise PretrainError(f"{path}: an empty file, not a checkpoint")
     advice = ("loading it would run their code, so it is refused. Re-save it as a plain dict: torch.save({'cfg': "
               "OmegaConf.to_container(ckpt['cfg']), 'model': ckpt['model']}, path) in a trusted environment")
     try:
-        unsafe = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g != "argparse.Namespace"]
+        unsafe = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path)
+                  if g not in FAIRSEQ_GLOBALS and not g.startswith("numpy.dtypes.")]
     except Exception:  # noqa: BLE001 - not a zip checkpoint: torch's legacy format, or no checkpoint at all,
         unsafe = []    # which the weights-only unpickler below reads or refuses without running anything
     if unsafe:
         raise PretrainError(f"{path} names Python objects ({', '.join(unsafe[:6])}); {advice}")
+    dtypes = [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([(obj, name) for name, obj in FAIRSEQ_GLOBALS.items()] + dtypes):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Unsupported global" in str(e):
@@ -177,15 +211,40 @@ def _fairseq_payload(path: Path) -> dict:
                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def import_fairseq(path: str | Path) -> HubertPretrain:
-    """The backbone of a fairseq HuBERT checkpoint (``{"cfg": {"model": ...}, "model": state}``,
-    or the older ``{"args": Namespace, "model": state}``)."""
+def _label_dictionaries(task_state) -> list[tuple[str, FairseqDictionary]]:
+    """(label name, dictionary) of a HuBERT task state: ``{"pt_dictionaries": {"km": D}}`` in
+    today's fairseq (``ft_dictionaries`` when fine-tuning), a list under ``dictionaries`` in
+    older ones."""
+    found = []
+    for key, value in (task_state or {}).items() if isinstance(task_state, dict) else ():
+        if isinstance(value, dict):
+            found += [(str(name), d) for name, d in value.items() if isinstance(d, FairseqDictionary)]
+        elif isinstance(value, (list, tuple)):
+            found += [(f"{key}[{i}]", d) for i, d in enumerate(value) if isinstance(d, FairseqDictionary)]
+    return found
+
+
+def import_fairseq(path: str | Path, report: list[str] | None = None) -> HubertPretrain:
+    """The backbone of a fairseq HuBERT checkpoint: a released one (fairseq's trainer layout,
+    its label ``Dictionary`` in ``task_state`` read as data), ``{"cfg": {"model": ...}, "model":
+    state}``, or the older ``{"args": Namespace, "model": state}``. Lines for the user about
+    what else the checkpoint held go to ``report``."""
     path = Path(path)
     if not path.is_file():
         raise PretrainError(f"{path}: no such checkpoint file")
     payload = _fairseq_payload(path)
     if not isinstance(payload, dict) or "model" not in payload:
         raise PretrainError(f"{path}: not a fairseq checkpoint (no 'model' entry)")
+    dictionaries = _label_dictionaries(payload.get("task_state"))
+    embeddings = payload["model"].get("label_embs_concat") if isinstance(payload["model"], dict) else None
+    if dictionaries and embeddings is not None and len(embeddings) != sum(len(d) for _, d in dictionaries):
+        names = ", ".join(f"'{n}' has {len(d)} symbols" for n, d in dictionaries)
+        raise PretrainError(f"{path}: label_embs_concat has {len(embeddings)} rows, but the label dictionary {names} "
+                            "(labels and special symbols): the checkpoint is damaged or put together from two")
+    for name, d in dictionaries:
+        (report if report is not None else []).append(
+            f"fairseq label dictionary '{name}': {len(d.labels)} labels (+{len(d) - len(d.labels)} special "
+            "symbols); the label embeddings and final_proj are left out (they belong to that clustering)")
     fields = (payload.get("cfg") or {}).get("model") if isinstance(payload.get("cfg"), dict) else None
     if fields is None and payload.get("args") is not None:
         fields = vars(payload["args"])

@@ -16,7 +16,7 @@ stages it reads from::
     export        export hf           -> run_dir/hf
 
 With ``eval``, ``eval.corpus`` and ``eval.shards`` make the held-out evaluation shards (or
-``eval.shards`` names existing ones), and ``layer: auto`` makes ``it<i>.features`` read the
+``eval.shards`` shards ``eval.input``, a corpus of the user's, or names existing ones), and ``layer: auto`` makes ``it<i>.features`` read the
 layer from ``it<i-1>.probe``'s ``probe.json`` when it runs.
 
 Each stage's config is resolved through the registry (``pretrain.stages.resolve``), without
@@ -31,6 +31,7 @@ features and labels are idempotent per shard, training resumes from its newest c
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,12 @@ class PlannedStage:
 
 def shards_dir(cfg: IterateConfig) -> Path:
     return Path(cfg.corpus.shards) if cfg.corpus.shards else Path(cfg.run_dir) / "shards"
+
+
+def wandb_group(run: Path) -> str:
+    """The wandb group of a run's trainings: its folder's name and a hash of its path (two runs
+    called ``base`` in different places are different groups; a resume is the same)."""
+    return f"{run.name}-{hashlib.sha256(str(run.resolve()).encode()).hexdigest()[:6]}"
 
 
 def label_name(i: int, k: int, run_id: str = "") -> str:
@@ -154,7 +161,8 @@ def plan(cfg: IterateConfig, create_identity: bool = True) -> list[PlannedStage]
     if cfg.corpus.shards is None:
         source = str(run / "corpus") if cfg.corpus.synth_hours is not None else cfg.corpus.input
         stages.append(PlannedStage("shards", ["shards", "build", "--input", source, "--out", str(shards),
-                                              "--per-shard", str(cfg.corpus.per_shard), "--jobs", jobs],
+                                              "--per-shard", str(cfg.corpus.per_shard), "--jobs", jobs,
+                                              *cfg.corpus.shards_overrides],
                                    [shards], shards / "manifest.json", [s.name for s in stages]))
     base = [s.name for s in stages if s.name == "shards"]
     eval_shards, eval_up = _eval_stages(cfg, run, stages, jobs)
@@ -206,6 +214,10 @@ def plan(cfg: IterateConfig, create_identity: bool = True) -> list[PlannedStage]
         train_argv = ["train"]
         for path in cfg.train_configs:
             train_argv += ["--config", str(config_path(path).resolve())]
+        # One wandb group per run, a named run per training (log.* never changes a fingerprint).
+        features = "mfcc" if it.features == "mfcc" else f"layer-{it.layer}"
+        train_argv += [quote_override("log.wandb_group", wandb_group(run)), f"log.wandb_name=it{i}.train",
+                       f"log.wandb_tags=[hubert,it{i},k{it.k},{features}]"]
         train_argv += [*cfg.train_overrides, *it.train_overrides, quote_override("run_dir", str(d / "train")),
                        quote_override("data.shards", str(shards)), f"data.labels=[{name}]",
                        f"optim.max_steps={it.max_steps}"]
@@ -257,9 +269,12 @@ def _check_layers(cfg: IterateConfig, stages: dict[str, PlannedStage]) -> None:
 
 
 def _has_phones50(cfg: IterateConfig, eval_shards: Path) -> bool:
-    """Whether the evaluation shards have (or, synthesized, will have) 50 Hz phone labels."""
-    if cfg.eval.shards is None:
+    """Whether the evaluation shards have (or will have) 50 Hz phone labels: synthesized ones
+    and shards of a synthetic corpus do; others when they are there already."""
+    if cfg.eval.shards is None and cfg.eval.input is None:
         return True
+    if cfg.eval.input is not None and (Path(cfg.eval.input) / "corpus.json").is_file():
+        return True  # our synthetic corpora carry phone alignments into their shards
     return (eval_shards / "labels" / "phones50" / "meta.json").is_file()
 
 
@@ -302,16 +317,24 @@ def _eval_stages(cfg: IterateConfig, run: Path, stages: list[PlannedStage], jobs
     """The held-out evaluation corpus and shards the probes run on (``eval``)."""
     if cfg.eval.shards is not None:
         return Path(cfg.eval.shards).resolve(), []
+    d = run / "eval"
+    if cfg.eval.input is not None:
+        shards = PlannedStage("eval.shards", ["shards", "build", "--input", cfg.eval.input, "--out", str(d / "shards"),
+                                              "--per-shard", str(cfg.corpus.per_shard), "--jobs", jobs,
+                                              *cfg.eval.shards_overrides],
+                              [d / "shards"], d / "shards" / "manifest.json", [])
+        stages.append(shards)
+        return d / "shards", [shards.name]
     if cfg.eval.synth_hours is None:
         return None, []
-    d = run / "eval"
     seed = cfg.corpus.synth_seed + cfg.eval.synth_seed_offset
     corpus = PlannedStage("eval.corpus", ["corpus", "synth", "--out", str(d / "corpus"), "--hours",
                                           str(cfg.eval.synth_hours), "--seed", str(seed),
                                           *_synth_options(cfg, cfg.eval.synth_voices), "--jobs", jobs],
                           [d / "corpus"], d / "corpus" / "corpus.json", [])
     shards = PlannedStage("eval.shards", ["shards", "build", "--input", str(d / "corpus"), "--out", str(d / "shards"),
-                                          "--per-shard", str(cfg.corpus.per_shard), "--jobs", jobs],
+                                          "--per-shard", str(cfg.corpus.per_shard), "--jobs", jobs,
+                                          *cfg.eval.shards_overrides],
                           [d / "shards"], d / "shards" / "manifest.json", [corpus.name])
     stages += [corpus, shards]
     return d / "shards", [shards.name]

@@ -9,26 +9,43 @@ from pathlib import Path
 
 import numpy as np
 
-from pretrain.resources import resource
-from pretrain.utils import atomic_write_text
+from pretrain.config.probe import METRICS, PROBE_METRICS
+from pretrain.train.metrics import read_jsonl
+from pretrain.utils import atomic_write_json, atomic_write_text
 
 
-def _metrics(train_dir: Path) -> list[dict]:
+def read_metrics(train_dir: Path) -> list[dict]:
+    """The training rows of a run's ``metrics.jsonl``, one per step (a resumed run appends: the
+    later record of a step wins)."""
     path = train_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    from pretrain.train.metrics import read_jsonl
 
     by_step: dict[int, dict] = {}
     for record in read_jsonl(path):
         if "loss" in record:
-            by_step[record["step"]] = record  # a resumed run appends: the later record wins
+            by_step[record["step"]] = record
     return [by_step[s] for s in sorted(by_step)]
 
 
-REFERENCE_CURVES = resource("reference_curves.json")
-"""Loss and masked accuracy per step of measured reference runs (``benchmarks/demo_gain.py``
+REFERENCE_CURVES = Path(__file__).resolve().parents[1] / "reference_curves.json"
+"""Loss and masked accuracy per step of measured reference runs (``experiments/demo_gain.py``
 writes the demo's), drawn faintly behind a run's own: is my curve normal?"""
+
+
+def training_curves(train_dir: Path) -> dict:
+    """A training run's loss and masked accuracy per logged step (a reference curve's form)."""
+    rows = read_metrics(train_dir)
+    return {"step": [r["step"] for r in rows], "loss": [r["loss"] for r in rows],
+            "acc_masked": [r.get("acc_masked") for r in rows]}
+
+
+def write_reference_curves(name: str, entry: dict) -> None:
+    """Store ``entry`` ({"description", "curves": {"it<i>": training_curves(...)}}) as the
+    reference run ``name`` (a config's ``reference_curves``)."""
+    runs = json.loads(REFERENCE_CURVES.read_text()) if REFERENCE_CURVES.is_file() else {}
+    runs[name] = entry
+    atomic_write_json(REFERENCE_CURVES, runs)
 
 
 def _reference_curves(cfg) -> tuple[dict, str]:
@@ -38,7 +55,7 @@ def _reference_curves(cfg) -> tuple[dict, str]:
     if not name:
         return {}, ""
     if not REFERENCE_CURVES.is_file():
-        return {}, f"Reference curves '{name}' not drawn: {REFERENCE_CURVES} is not here (a source checkout has it)."
+        return {}, f"Reference curves '{name}' not drawn: {REFERENCE_CURVES} is missing."
     runs = json.loads(REFERENCE_CURVES.read_text())
     if name not in runs:
         return {}, f"Reference curves '{name}' not drawn: {REFERENCE_CURVES.name} has {', '.join(sorted(runs))}."
@@ -181,7 +198,7 @@ def write_report(cfg, stages) -> Path:
               "|---|---|---|---|---|---|"]
     losses, accs = {}, {}
     for i, it in enumerate(cfg.iterations, start=1):
-        metrics = _metrics(run / f"it{i}" / "train")
+        metrics = read_metrics(run / f"it{i}" / "train")
         if not metrics:
             continue
         steps = [m["step"] for m in metrics]
@@ -209,8 +226,6 @@ def write_report(cfg, stages) -> Path:
 def _probe_section(cfg, run: Path, out: Path) -> list[str]:
     """The held-out probes of every iteration's model next to the baselines: best single layer
     and the learned weighted sum per probe, and every layer in one plot."""
-    from pretrain.probe.run import METRICS, PROBE_METRICS
-
     records = []
     for i in range(1, len(cfg.iterations) + 1):
         path = run / f"it{i}" / "probe" / "probe.json"
@@ -261,8 +276,6 @@ def _probe_plot(path: Path, records: list, metrics: list[str]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from pretrain.probe.run import METRICS
 
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 3.2), squeeze=False)
     first = records[0][1]

@@ -20,11 +20,12 @@ from pretrain.config.core import refuse_foreign_record
 from pretrain.config.iterate import IterateConfig
 from pretrain.distributed import read_env
 from pretrain.lifecycle import LAUNCHER_ENV, RunLock
-from pretrain.pipeline.ledger import finish_record, invalidate_changed, start_record, status
+from pretrain.pipeline.ledger import (changed_fields, finish_record, invalidate_changed, read_record, start_record,
+                                      status, unchanged)
 from pretrain.pipeline.plan import PlannedStage, plan
 from pretrain.pipeline.report import write_report
 from pretrain.stages import execute
-from pretrain.utils import PretrainError
+from pretrain.utils import PretrainError, redact
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +83,46 @@ def command(cfg: IterateConfig, argv: list[str], progress: bool) -> int:
     return iterate(cfg, argv, progress)
 
 
+def dry_run(cfg: IterateConfig) -> str:
+    """The plan of ``cfg`` against what ``run_dir`` holds, a line per stage: ``done``, ``run``
+    (never run, or unfinished) or ``rerun`` with the reason, as ``iterate`` would decide it.
+    Reads only."""
+    run = Path(cfg.run_dir)
+    stages = plan(cfg, create_identity=False)
+    current = unchanged(run, stages)
+    todo: set[str] = set()
+    lines = []
+    width = max(len(s.name) for s in stages)
+    for stage in stages:
+        record = read_record(run, stage.name)
+        upstream = [u for u in stage.upstream if u in todo]
+        if record is not None and current[stage.name] is None:
+            fields = changed_fields(record.get("config", {}), redact(stage.config))
+            why = (f"rerun: its config changed ({'; '.join(fields[:6])})" if fields
+                   else f"rerun: upstream {', '.join(upstream) or 'stages'} changed")
+        elif upstream:
+            why = f"{'rerun' if record else 'run'}: upstream {', '.join(upstream)} will run"
+        elif current[stage.name] is not None and stage.done():
+            why = "done"
+        elif record is not None:
+            why = f"run: unfinished ({len(record.get('attempts', []))} attempts so far)"
+        else:
+            why = "run: never run"
+        if why != "done":
+            todo.add(stage.name)
+        lines.append(f"  {stage.name:<{width}}  {why}")
+    head = f"{run}: dry run, nothing was run, written or deleted"
+    tail = f"{len(todo)} of {len(stages)} stages would run; {len(stages) - len(todo)} are done"
+    return "\n".join([head, *lines, tail])
+
+
 def iterate(cfg: IterateConfig, argv: list[str] | None = None, progress: bool = True) -> int:
     only = cfg.only
     run = Path(cfg.run_dir)
     refuse_foreign_record(run)
+    if cfg.dry_run:
+        print(dry_run(cfg))
+        return 0
     run.mkdir(parents=True, exist_ok=True)
     stages = plan(cfg)
     names = [s.name for s in stages]

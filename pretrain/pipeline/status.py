@@ -20,6 +20,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from pretrain.config import load_config, quote_override
 from pretrain.config.iterate import IterateConfig
 from pretrain.lifecycle import RunLock
@@ -78,8 +80,6 @@ def training(train_dir: Path) -> dict | None:
     out: dict = {"dir": str(train_dir)}
     log_every = 1
     try:
-        from omegaconf import OmegaConf
-
         saved = OmegaConf.load(train_dir / "config.yaml")
         out["max_steps"] = int(saved.optim.max_steps)
         log_every = int(OmegaConf.select(saved, "log.every", default=1))

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from pretrain.probe.data import segments
 from pretrain.utils import PretrainError
 
 
@@ -134,8 +135,6 @@ def build_items(phones: list[np.ndarray], offsets: np.ndarray, speakers: list[in
                 max_per_group: int, seed: int) -> Items:
     """Triphone items of the given utterances (``offsets[i]`` is utterance i's first frame in
     the concatenated features), at most ``max_per_group`` per (context, speaker, centre)."""
-    from pretrain.probe.data import segments
-
     groups: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
     for u, y in enumerate(phones):
         segs = segments(y)
@@ -156,7 +155,7 @@ def build_items(phones: list[np.ndarray], offsets: np.ndarray, speakers: list[in
     return Items(arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3], arr[:, 4])
 
 
-def _scorable_contexts(items: Items) -> list[np.ndarray]:
+def scorable_contexts(items: Items) -> list[np.ndarray]:
     """Item indices of every context holding at least two centre phones (the only ones that
     give triplets)."""
     by_ctx: dict[int, list[int]] = defaultdict(list)
@@ -197,7 +196,7 @@ def context_distances(feats: np.ndarray, items: Items, contexts: list[np.ndarray
 
 def abx_errors(feats: np.ndarray, items: Items, min_triplets: int = 1) -> dict:
     """Within- and across-speaker ABX error (%) of ``feats`` (frames, dim) on ``items``."""
-    contexts = _scorable_contexts(items)
+    contexts = scorable_contexts(items)
     lookup = context_distances(feats, items, contexts)
     within: dict[tuple, float] = {}
     across: dict[tuple, float] = {}

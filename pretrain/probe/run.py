@@ -13,35 +13,31 @@ weights: each linear probe learns its own; ABX and PNMI use the frame phone prob
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from pathlib import Path
 
+import numba
 import numpy as np
+import torch
+from tqdm import tqdm
 
+from pretrain.cluster.kmeans import assign, kmeans
+from pretrain.cluster.quality import scores
+from pretrain.config import write_run_record
 from pretrain.config.probe import BASELINES, PROBES, ProbeConfig, parse_layers, parse_list
-from pretrain.utils import PretrainError, atomic_savefig, atomic_write_json, atomic_write_text
+from pretrain.model.states import LayerStates
+from pretrain.probe import linear
+from pretrain.probe.abx import abx_errors, build_items
+from pretrain.probe.data import load_eval_set
+from pretrain.probe.features import Row, logmel_row, mfcc_row, model_layers, offsets_of
+from pretrain.probe.results import FORMAT_VERSION, best_layers, markdown, plot
+from pretrain.utils import PretrainError, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-METRICS = {  # name: (label, higher is better)
-    "abx_within": ("ABX within (%)", False),
-    "abx_across": ("ABX across (%)", False),
-    "phone_acc": ("phone acc (%)", True),
-    "per": ("PER (%)", False),
-    "speaker_acc": ("speaker acc (%)", True),
-    "pnmi": ("PNMI", True),
-}
-PROBE_METRICS = {"abx": ("abx_within", "abx_across"), "phone": ("phone_acc", "per"),
-                 "speaker": ("speaker_acc",), "pnmi": ("pnmi",)}
-
-
 def _threads(n: int) -> int:
-    import torch
-
     n = n or os.cpu_count() or 1
     torch.set_num_threads(n)
     try:
@@ -50,8 +46,6 @@ def _threads(n: int) -> int:
         faiss.omp_set_num_threads(n)
     except ImportError:
         pass
-    import numba
-
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     return n
 
@@ -60,9 +54,6 @@ class Prober:
     """Runs the chosen probes on one representation (or a weighted sum of several)."""
 
     def __init__(self, cfg: ProbeConfig, es, probes: list[str]):
-        from pretrain.probe.abx import build_items
-        from pretrain.probe.features import offsets_of
-
         self.cfg, self.es, self.probes = cfg, es, probes
         utts = es.utterances
         self.offsets = offsets_of([u.audio for u in utts])
@@ -86,8 +77,6 @@ class Prober:
     def layer(self, layers: list[np.ndarray]) -> dict:
         """Every probe on one representation (``layers`` of one entry) or on the weighted sum of
         several (the frame probe's weights then define the sum ABX and PNMI see)."""
-        from pretrain.probe import linear
-
         cfg, es, out = self.cfg, self.es, {}
         combined = layers[0]
         if "phone" in self.probes:
@@ -111,17 +100,12 @@ class Prober:
             out.update(self._timed("speaker", linear.speaker_probe, layers, self.offsets,
                                    [u.speaker for u in es.utterances], self.utt_split, sc.lrs, sc.epochs, sc.seed))
         if "abx" in self.probes:
-            from pretrain.probe.abx import abx_errors
-
             out.update(self._timed("abx", abx_errors, combined, self.items, cfg.abx.min_triplets))
         if "pnmi" in self.probes:
             out.update(self._timed("pnmi", self._pnmi, combined))
         return out
 
     def _pnmi(self, x: np.ndarray) -> dict:
-        from pretrain.cluster.kmeans import assign, kmeans
-        from pretrain.cluster.quality import scores
-
         train, test = self.frame_split == 0, self.frame_split == 2
         k = self.cfg.pnmi_k
         centroids, _ = kmeans(np.ascontiguousarray(x[train], dtype=np.float32), k, seed=self.cfg.split_seed)
@@ -133,11 +117,6 @@ class Prober:
 
 
 def probe(cfg: ProbeConfig, progress: bool = True, argv: list[str] | None = None) -> dict:
-    from pretrain.config import write_run_record
-    from pretrain.features.extract import resolve_device
-    from pretrain.probe.data import load_eval_set
-    from pretrain.probe.features import ModelSource, Row, logmel_row, mfcc_row
-
     started = time.perf_counter()
     threads = _threads(cfg.threads)
     out = Path(cfg.out)
@@ -147,7 +126,7 @@ def probe(cfg: ProbeConfig, progress: bool = True, argv: list[str] | None = None
 
     source = None
     if cfg.checkpoint is not None:
-        source = ModelSource(cfg.checkpoint, resolve_device(cfg.device), cfg.checkpoint_sha256)
+        source = LayerStates(cfg.checkpoint, cfg.device, cfg.checkpoint_sha256, cfg.batch_samples)
         if wanted_layers and wanted_layers[-1] > source.num_layers:
             raise PretrainError(f"layer {wanted_layers[-1]} is out of range: {cfg.checkpoint} has "
                                 f"{source.num_layers} Transformer layers (layers are 1-based)")
@@ -176,18 +155,14 @@ def probe(cfg: ProbeConfig, progress: bool = True, argv: list[str] | None = None
     if "logmel" in baselines:
         rows.append(logmel_row(waves))
     if source is not None:
-        rows.append(Row("model", "model", source.layers(waves, layers, cfg.batch_samples, progress, "model forward"),
+        rows.append(Row("model", "model", model_layers(source, waves, layers, progress, "model forward"),
                         source.describe()))
         if "untrained" in baselines:
             twin = source.untrained(cfg.untrained_seed)
             rows.append(Row("untrained", "baseline",
-                            twin.layers(waves, layers, cfg.batch_samples, progress, "untrained forward"),
+                            model_layers(twin, waves, layers, progress, "untrained forward"),
                             f"the same architecture at random initialization (seed {cfg.untrained_seed})"))
     feature_seconds = time.perf_counter() - t
-
-    from tqdm import tqdm
-
-    import torch
 
     # The probes' matrices are small: a second torch thread only adds synchronization (measured
     # 3x slower with 2 threads on a 2-core machine that was also training); numba's DTW and
@@ -229,125 +204,3 @@ def probe(cfg: ProbeConfig, progress: bool = True, argv: list[str] | None = None
     plot(record, out / "probe.png")
     atomic_write_json(out / "probe.json", record)  # last: its presence marks a finished probe run
     return record
-
-
-def best_layers(results: dict) -> dict:
-    """Per row with several layers, per metric: the best single layer and its value."""
-    best: dict = {}
-    for name, row in results.items():
-        numbered = {k: v for k, v in row["layers"].items() if k.isdigit()}
-        if not numbered:
-            continue
-        for metric, (_, higher) in METRICS.items():
-            have = {k: v[metric] for k, v in numbered.items() if v.get(metric) is not None}
-            if have:
-                k = (max if higher else min)(have, key=have.get)
-                best.setdefault(name, {})[metric] = {"layer": int(k), "value": have[k]}
-    return best
-
-
-def _fmt(v, metric: str) -> str:
-    if v is None:
-        return "–"
-    return f"{v:.3f}" if metric == "pnmi" else f"{v:.1f}"
-
-
-def table_rows(record: dict) -> list[tuple[str, dict]]:
-    out = []
-    for name, row in record["rows"].items():
-        for layer, values in row["layers"].items():
-            label = name if layer == "0" else (f"{name} weighted sum" if layer == "weighted" else f"{name} layer {layer}")
-            out.append((label, values))
-    return out
-
-
-def markdown(record: dict) -> str:
-    metrics = [m for p in record["probes"] if p not in record["skipped"] for m in PROBE_METRICS[p]]
-    ev = record["eval"]
-    lines = [f"# Probes{' of ' + record['checkpoint'] if record['checkpoint'] else ''}", "",
-             f"Evaluation set {ev['shards']}: {ev['utterances']} utterances ({ev['seconds']:.0f} s, "
-             f"{ev['speakers']} speakers), splits train/dev/test {ev['splits']['train']}/{ev['splits']['dev']}/"
-             f"{ev['splits']['test']}, reference {ev['reference']}. Lower is better for ABX and PER.", ""]
-    if metrics:
-        lines += ["| features | " + " | ".join(METRICS[m][0] for m in metrics) + " |",
-                  "|---|" + "---|" * len(metrics)]
-        for label, values in table_rows(record):
-            lines.append(f"| {label} | " + " | ".join(_fmt(values.get(m), m) for m in metrics) + " |")
-    for p, reason in record["skipped"].items():
-        lines.append(f"- probe `{p}` skipped: {reason}")
-    weights = record["rows"].get("model", {}).get("layers", {}).get("weighted", {}).get("layer_weights")
-    if weights:
-        lines += ["", "Weighted sum, learned layer weights (frame phone probe): "
-                  + ", ".join(f"layer {i}: {w:.2f}" for i, w in enumerate(weights, 1))]
-    lines += ["", f"Probe time {record['seconds']['total']:.1f} s."]
-    return "\n".join(lines) + "\n"
-
-
-def plot(record: dict, path: Path) -> None:
-    """One panel per metric: the model's (and untrained twin's) curve over layers, baselines as
-    horizontal lines, the weighted sum as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = [m for p in record["probes"] if p not in record["skipped"] for m in PROBE_METRICS[p]]
-    if not metrics:
-        return
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 3.2), squeeze=False)
-    colors = {"model": "C0", "untrained": "C1", "mfcc": "k", "logmel": "grey"}
-    for ax, metric in zip(axes[0], metrics):
-        for name, row in record["rows"].items():
-            color = colors.get(name, None)
-            numbered = sorted((int(k), v.get(metric)) for k, v in row["layers"].items() if k.isdigit())
-            if len(numbered) == 1 and numbered[0][0] == 0:
-                if numbered[0][1] is not None:
-                    ax.axhline(numbered[0][1], color=color, ls=":", label=name)
-                continue
-            xs = [k for k, v in numbered if v is not None]
-            ax.plot(xs, [v for _, v in numbered if v is not None], marker="o", ms=3, color=color, label=name)
-            wsum = row["layers"].get("weighted", {}).get(metric)
-            if wsum is not None:
-                ax.axhline(wsum, color=color, ls="--", lw=0.8, label=f"{name} weighted sum")
-        ax.set_title(METRICS[metric][0] + (" ↑" if METRICS[metric][1] else " ↓"), fontsize=9)
-        ax.set_xlabel("layer")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=6)
-    fig.tight_layout()
-    atomic_savefig(fig, path, dpi=100)
-
-
-def probe_metrics_flat(record: dict) -> dict[str, float]:
-    """Scalars for dashboards: ``probe/<row>/<layer>/<metric>`` plus ``probe/best/<metric>``."""
-    flat = {}
-    for name, row in record["rows"].items():
-        for layer, values in row["layers"].items():
-            for metric in METRICS:
-                if values.get(metric) is not None:
-                    flat[f"probe/{name}/{layer}/{metric}"] = float(values[metric])
-    for metric, b in record["best"].get("model", {}).items():
-        flat[f"probe/best/{metric}"] = float(b["value"])
-        flat[f"probe/best_layer/{metric}"] = float(b["layer"])
-    return flat
-
-
-def read_probe(path: str | Path) -> dict:
-    p = Path(path)
-    p = p / "probe.json" if p.is_dir() else p
-    if not p.is_file():
-        raise PretrainError(f"no probe results at {p}")
-    record = json.loads(p.read_text())
-    if record.get("format_version") != FORMAT_VERSION:
-        raise PretrainError(f"{p}: format_version {record.get('format_version')} is not {FORMAT_VERSION}")
-    return record
-
-
-def chosen_layer(path: str | Path, metric: str) -> int:
-    """The model's best single layer on ``metric`` in a ``probe.json``."""
-    record = read_probe(path)
-    best = record["best"].get("model", {}).get(metric)
-    if best is None:
-        ran = sorted(record["best"].get("model", {}))
-        raise PretrainError(f"{path}: no '{metric}' result for the model to choose a layer by "
-                            f"(it has: {', '.join(ran) or 'none'}; skipped: {record['skipped'] or 'none'})")
-    return int(best["layer"])

@@ -25,6 +25,7 @@ import torch
 
 from pretrain.config import write_run_record
 from pretrain.config.core import refuse_foreign_record
+from pretrain.config.data import DataConfig, MixingConfig
 from pretrain.config.train import TrainConfig
 from pretrain.data import flac
 from pretrain.data.pipeline import ShardLoader
@@ -454,8 +455,6 @@ def _metrics(totals, specs, lr, engine, elapsed, data_wait, world) -> dict:
 def _validate(cfg: TrainConfig, engine, model, specs, dist, dtype) -> dict:
     """``valid_batches`` batches on every rank (an endless loader, so all ranks do the same
     number of forward passes), fixed masks, sums over ranks, clean audio (no mixing)."""
-    from pretrain.config.data import DataConfig, MixingConfig
-
     valid_cfg = DataConfig(**{**asdict(cfg.data), "shards": cfg.valid_shards, "infinite": True,
                               "shuffle": False, "num_workers": 0, "mixing": MixingConfig()})
     loader = ShardLoader(valid_cfg, rank=dist.rank, world_size=dist.world_size)

@@ -15,6 +15,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from pretrain import __version__
+from pretrain.config.core import git_commit
 from pretrain.config.train import LogConfig
 from pretrain.utils import redact
 
@@ -71,8 +73,12 @@ class MetricsLogger:
             id_file = self.run_dir / "wandb_id"
             run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id + "\n")
+            # The code that ran belongs with the config: a dashboard compares runs across commits.
+            config = {**redact(config), "pretrain_version": __version__, "git_commit": git_commit()}
             self.wandb = wandb.init(project=cfg.wandb_project, id=run_id, resume="allow", mode=mode,
-                                    dir=str(self.run_dir), config=redact(config), name=self.run_dir.name)
+                                    dir=str(self.run_dir), config=config, name=cfg.wandb_name or self.run_dir.name,
+                                    group=cfg.wandb_group, tags=list(cfg.wandb_tags) or None,
+                                    job_type=cfg.wandb_job_type)
             self.wandb_id = run_id
 
     @staticmethod

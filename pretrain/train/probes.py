@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pretrain.config.train import TrainConfig
 from pretrain.lifecycle import on_abort
+from pretrain.probe.results import probe_metrics_flat, read_probe
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,6 @@ class ProbeScheduler:
         """Log every finished, not yet logged probe; returns their steps."""
         if not self.enabled and not self.dir.is_dir():
             return []
-        from pretrain.probe.run import probe_metrics_flat, read_probe
 
         done = []
         for step, proc in list(self.running.items()):

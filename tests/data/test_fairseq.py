@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 
@@ -31,6 +32,9 @@ def test_export_then_import_in_another_order_gives_the_same_keyed_labels(shards,
                     "split=train"]) == 0
     tsv, km = (tmp_path / "fs/train.tsv").read_text().splitlines(), (tmp_path / "fs/train.km").read_text().splitlines()
     assert len(tsv) == len(km) + 1 == 41 and "\t" in tsv[1]
+    # The dictionary fairseq's HuBERT task loads: a "<label> <count>" line per class, in order.
+    classes = LabelSet(shards, "phones50").num_classes
+    assert (tmp_path / "fs/dict.km.txt").read_text() == "".join(f"{i} 1\n" for i in range(classes))
     # fairseq keeps labels by position: shuffle both files the same way; keys keep them right.
     pairs = list(zip(tsv[1:], km))
     random.Random(0).shuffle(pairs)
@@ -77,3 +81,47 @@ def test_a_tsv_that_is_not_text_or_a_folder_is_one_line(small_shards, tmp_path, 
                         str(tmp_path / "x.km"), "--name", "fresh"]) == 1
         err = capsys.readouterr().err
         assert f"{tsv}: {said}" in err and "Traceback" not in err, err
+
+
+def _wav_shards(tmp_path, rate: int, seconds: float, *options: str):
+    import soundfile as sf
+
+    from pretrain.config import load_config
+    from pretrain.config.shards import ShardsBuildConfig
+    from pretrain.data.labels import write_label_meta, write_label_shard
+    from pretrain.data.shards import build_shards, iter_shard
+    from pretrain.frames import num_frames
+
+    corpus = tmp_path / "corpus" / "spk"
+    corpus.mkdir(parents=True)
+    t = np.arange(int(seconds * rate)) / rate
+    # speech-like bursts with quiet gaps, so max_duration finds low-energy points to cut at
+    wave = (0.3 * np.sin(2 * np.pi * 220 * t) * (np.sin(2 * np.pi * 0.7 * t) > 0)).astype(np.float32)
+    sf.write(corpus / "long.wav", wave, rate)
+    out = tmp_path / "shards"
+    build_shards(load_config(ShardsBuildConfig, [], [f"input={tmp_path / 'corpus'}", f"out={out}", *options]),
+                 progress=False, argv=["test"])
+    by_shard = {}
+    for entry in read_manifest(out)["shards"]:
+        keys = {s["__key__"]: json.loads(s["json"])["num_samples"] for s in iter_shard(out / entry["name"])}
+        by_shard[entry["name"]] = write_label_shard(out, "km", entry["name"],
+                                                    {k: np.zeros(num_frames(n, 50), np.int64) for k, n in keys.items()})
+    write_label_meta(out, "km", 50, 2, by_shard, {"source": "test"})
+    return out
+
+
+@pytest.mark.parametrize("case", ["segment", "resampled"])
+def test_an_export_fairseq_could_not_read_right_is_refused_naming_the_utterance(tmp_path, case):
+    """A .tsv line names a whole 16 kHz file that fairseq reads as it is: a segment cut by
+    max_duration, or a file resampled here, would give it other audio than its labels."""
+    from pretrain.data.fairseq import export_fairseq
+
+    if case == "segment":
+        shards = _wav_shards(tmp_path, 16000, 12.0, "max_duration=5", "long_policy=split")
+        said = r"key 'spk/long.*': fairseq's .tsv cannot address this utterance: it is \d+\.\d+-\d+\.\d+ s of spk/long.wav \(split by max_duration\)"
+    else:
+        shards = _wav_shards(tmp_path, 22050, 2.0)
+        said = r"key 'spk/long': fairseq's .tsv cannot address this utterance: its source spk/long.wav is 22050 Hz"
+    with pytest.raises(PretrainError, match=said):
+        export_fairseq(shards, "km", tmp_path / "fs", "train")
+    assert not (tmp_path / "fs").exists()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -18,24 +17,6 @@ REPO = Path(__file__).resolve().parents[2]
 LAUNCH = Path(sys.executable).parent / "launch"
 CLUSTER = REPO / "slurm/local-cluster.sh"
 LOCAL = REPO / "configs/cluster/local.yaml"
-
-
-@pytest.fixture(scope="session")
-def slurm_env() -> dict:
-    if shutil.which("slurmctld") is None or os.geteuid() != 0:
-        if os.environ.get("CI"):
-            pytest.fail("CI must run the SLURM tests: slurmctld is missing or not root (scripts/setup.sh "
-                        "installs SLURM)")
-        pytest.skip("needs root and Debian's slurmctld slurmd slurm-client munge")
-    directory = os.environ.get("PRETRAIN_SLURM_DIR", "/tmp/pretrain-slurm")
-    was_up = subprocess.run([str(CLUSTER), "status", directory], capture_output=True).returncode == 0
-    proc = subprocess.run([str(CLUSTER), "up", directory], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    env = {**os.environ, "SLURM_CONF": f"{directory}/slurm.conf", "WANDB_MODE": "offline"}
-    env.pop("PRETRAIN_FAULT", None)
-    yield env
-    if not was_up:
-        subprocess.run([str(CLUSTER), "down", directory], capture_output=True, timeout=120)
 
 
 def launch(env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -25,7 +25,7 @@ MODES = {
 
 @pytest.mark.parametrize("arch", ["hubert", "wavlm"])
 @pytest.mark.parametrize("mode", MODES)
-def test_hf_export_gives_the_same_hidden_states(arch, mode, tmp_path, tiny_corpus):
+def test_hf_export_gives_the_same_hidden_states(arch, mode, tmp_path, tiny_corpus, capsys):
     torch.manual_seed(0)
     model = HubertPretrain(model_config("tiny" if arch == "hubert" else "wavlm_tiny", *MODES[mode]),
                            [LabelSpec("km", 100, 50)]).eval()
@@ -37,8 +37,9 @@ def test_hf_export_gives_the_same_hidden_states(arch, mode, tmp_path, tiny_corpu
             model.backbone.encoder.layers[0].attention.rel_attn_embed.weight.normal_(0, 1.0)
     save_model(tmp_path / "ckpt" / "model.pt", model)
     assert main(["export", "hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
-
     hf_class = transformers.WavLMModel if arch == "wavlm" else transformers.HubertModel
+    assert f"wrote a transformers.{hf_class.__name__} in" in capsys.readouterr().out
+
     hf = hf_class.from_pretrained(tmp_path / "hf").eval()
     processor = transformers.Wav2Vec2FeatureExtractor.from_pretrained(tmp_path / "hf")
     record = json.loads((tiny_corpus / "utterances.jsonl").read_text().splitlines()[0])
@@ -79,6 +80,14 @@ def _data2vec_network() -> list[str]:
     model = yaml.safe_load(open("configs/model/data2vec.yaml"))["model"]
     return [f"model.{k}={str(v).lower()}" for k, v in model.items() if k in (
         "extractor_mode", "normalize_waveform", "layer_norm_first", "conv_pos", "conv_pos_depth")]
+
+
+def test_the_export_names_the_class_it_wrote(tmp_path, capsys):
+    save_model(tmp_path / "ckpt" / "model.pt", HubertPretrain(model_config(
+        "tiny", "model.conv_pos_depth=3", "model.conv_pos=5", "model.extractor_mode=layer_norm"), []))
+    assert main(["export", "hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
+    assert f"wrote a transformers.Data2VecAudioModel in {tmp_path / 'hf'}" in capsys.readouterr().out
+    assert type(transformers.AutoModel.from_pretrained(tmp_path / "hf")).__name__ == "Data2VecAudioModel"
 
 
 def test_data2vec_networks_that_transformers_cannot_hold_are_refused(tmp_path):

@@ -213,3 +213,110 @@ def test_damaged_transformers_folders_are_one_line_naming_the_file(tmp_path, cap
         err = capsys.readouterr().err
         assert str(folder) in err and said in err and "Traceback" not in err, err
         assert not (tmp_path / f"{folder.name}.pt").exists()
+
+
+def _released_fairseq_checkpoint(path: Path, ours: HubertPretrain, k: int, hostile: bool = False,
+                                 embedding_rows: int | None = None) -> None:
+    """A checkpoint with the layout fairseq's trainer saves for HuBERT pretraining
+    (``Trainer.state_dict``: ``args`` None, ``cfg`` a plain container, ``model``, ``criterion``,
+    ``optimizer_history``, ``task_state`` holding the task's label ``Dictionary``, a pickled
+    object, ``extra_state`` with the training metrics, ``last_optimizer_state``), and the
+    model's pretraining heads ``label_embs_concat`` and ``final_proj``. Written by pickling an
+    object of class ``fairseq.data.dictionary.Dictionary`` from a stand-in module, removed
+    again before the import: fairseq itself is not installed here, and must not be needed."""
+    import collections
+    import sys
+    import types
+
+    module = types.ModuleType("fairseq.data.dictionary")
+
+    class Dictionary:  # the attributes fairseq's Dictionary.__init__ and Dictionary.load set
+        def __init__(self, labels: list[str]):
+            self.bos_word, self.unk_word, self.pad_word, self.eos_word = "<s>", "<unk>", "<pad>", "</s>"
+            self.symbols = ["<s>", "<pad>", "</s>", "<unk>", *labels]
+            self.count = [1] * len(self.symbols)
+            self.indices = {s: i for i, s in enumerate(self.symbols)}
+            self.bos_index, self.pad_index, self.eos_index, self.unk_index = 0, 1, 2, 3
+            self.nspecial = 4
+
+        if hostile:
+            def __reduce__(self):
+                import os
+                return (os.system, ("echo pwned > /dev/null",))
+
+    Dictionary.__module__, Dictionary.__qualname__ = "fairseq.data.dictionary", "Dictionary"
+    module.Dictionary = Dictionary
+    names = ("fairseq", "fairseq.data", "fairseq.data.dictionary")
+    sys.modules.update({"fairseq": types.ModuleType("fairseq"), "fairseq.data": types.ModuleType("fairseq.data"),
+                        "fairseq.data.dictionary": module})
+    try:
+        dictionary = Dictionary([str(i) for i in range(k)])
+        cfg = ours.cfg
+        model_cfg = {"_name": "hubert", "label_rate": 50, "extractor_mode": "default",
+                     "encoder_layers": cfg.encoder_layers, "encoder_embed_dim": cfg.encoder_embed_dim,
+                     "encoder_ffn_embed_dim": cfg.encoder_ffn_embed_dim,
+                     "encoder_attention_heads": cfg.encoder_attention_heads, "activation_fn": "gelu",
+                     "layer_type": "transformer", "dropout": 0.1, "attention_dropout": 0.1,
+                     "activation_dropout": 0.0, "encoder_layerdrop": 0.05, "dropout_input": 0.1,
+                     "dropout_features": 0.1, "final_dim": cfg.final_dim, "untie_final_proj": False,
+                     "layer_norm_first": cfg.layer_norm_first,
+                     "conv_feature_layers": "[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2",
+                     "conv_bias": cfg.conv_bias, "logit_temp": 0.1, "target_glu": False, "feature_grad_mult": 0.1,
+                     "mask_length": 10, "mask_prob": 0.8, "conv_pos": cfg.conv_pos,
+                     "conv_pos_groups": cfg.conv_pos_groups, "latent_temp": [2.0, 0.5, 0.999995],
+                     "skip_masked": False, "skip_nomask": False}
+        task_cfg = {"_name": "hubert_pretraining", "data": "/checkpoint/manifests", "fine_tuning": False,
+                    "labels": ["km"], "label_dir": "/checkpoint/labels", "label_rate": 50, "sample_rate": 16000,
+                    "normalize": False, "enable_padding": False, "max_sample_size": 250000,
+                    "min_sample_size": 32000, "single_target": False, "random_crop": True, "pad_audio": False}
+        state = {**to_fairseq(ours),
+                 "label_embs_concat": torch.randn(embedding_rows or len(dictionary.symbols), cfg.final_dim),
+                 "final_proj.weight": torch.randn(cfg.final_dim, cfg.encoder_embed_dim),
+                 "final_proj.bias": torch.zeros(cfg.final_dim)}
+        meters = collections.OrderedDict(default=[(0, "loss", "AverageMeter",
+                                                   {"val": np.float64(6.5), "sum": 650.0, "count": 100, "round": 3})])
+        torch.save({
+            "args": None,
+            "cfg": {"_name": None, "common": {"fp16": True, "log_interval": 200, "seed": 1337},
+                    "distributed_training": {"distributed_world_size": 32}, "model": model_cfg, "task": task_cfg,
+                    "criterion": {"_name": "hubert", "pred_masked_weight": 1.0, "pred_nomask_weight": 0.0,
+                                  "loss_weights": [10.0]},
+                    "optimization": {"max_update": 400000, "lr": [0.0005]}},
+            "model": state,
+            "criterion": None,
+            "optimizer_history": [{"criterion_name": "HubertCriterion", "optimizer_name": "FairseqAdam",
+                                   "lr_scheduler_state": {"best": None}, "num_updates": 400000}],
+            "task_state": {"pt_dictionaries": {"km": dictionary}},
+            "extra_state": {"metrics": {"train": meters}, "previous_training_time": 1.5e5,
+                            "train_iterator": {"epoch": 120, "iterations_in_epoch": 0, "shuffle": True}},
+            "last_optimizer_state": {"state": {0: {"step": torch.tensor(400000.0),
+                                                   "exp_avg": torch.zeros(3), "exp_avg_sq": torch.zeros(3)}},
+                                     "param_groups": [{"lr": 0.0005, "betas": (0.9, 0.98), "params": [0]}]},
+        }, path)
+    finally:
+        for name in names:
+            sys.modules.pop(name, None)
+
+
+def test_a_released_fairseq_hubert_checkpoint_imports_without_running_its_pickles(tiny_corpus, tmp_path, capsys):
+    torch.manual_seed(2)
+    ours = HubertPretrain(model_config("tiny", "model.dropout=0.0"), [LabelSpec("km", 100, 50)]).eval()
+    _released_fairseq_checkpoint(tmp_path / "hubert_base_ls960.pt", ours, k=100)
+    assert execute(["import", "fairseq", str(tmp_path / "hubert_base_ls960.pt"), str(tmp_path / "m/model.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "fairseq label dictionary 'km': 100 labels" in out
+    wave = speech(tiny_corpus)
+    for a, b in zip(layers(load_model(tmp_path / "m").eval(), wave), layers(ours, wave)):
+        assert (a - b).abs().max() < 1e-4
+
+    # The label dictionary and the label embeddings must agree: a mismatch is a damaged file.
+    _released_fairseq_checkpoint(tmp_path / "broken.pt", ours, k=100, embedding_rows=90)
+    assert execute(["import", "fairseq", str(tmp_path / "broken.pt"), str(tmp_path / "b/model.pt")]) == 1
+    err = capsys.readouterr().err
+    assert "label_embs_concat has 90 rows, but the label dictionary 'km' has 104 symbols" in err, err
+    # A Dictionary whose pickle calls a function (os.system) is refused, and nothing runs.
+    _released_fairseq_checkpoint(tmp_path / "hostile.pt", ours, k=100, hostile=True)
+    assert execute(["import", "fairseq", str(tmp_path / "hostile.pt"), str(tmp_path / "h/model.pt")]) == 1
+    err = capsys.readouterr().err
+    assert "names Python objects (posix.system)" in err and "Traceback" not in err, err
+    assert not (tmp_path / "h").exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -89,7 +90,7 @@ def test_two_iterations_rerun_interruption_and_invalidation(tiny_corpus, small_s
     # init_from_previous (the demo's): iteration 2 started from iteration 1's final backbone.
     assert f"backbone from {run / 'it1/train/checkpoints/step_4/model.pt'}" in first.stderr
     # layer: auto (the demo's) clustered the layer iteration 1's held-out phone probe ranked best.
-    from pretrain.probe.run import chosen_layer
+    from pretrain.probe.results import chosen_layer
 
     probe1 = json.loads((run / "it1/probe/probe.json").read_text())
     assert set(probe1["rows"]) == {"mfcc", "logmel", "untrained", "model"}
@@ -445,7 +446,7 @@ def test_a_data2vec_run_is_refused_naming_the_iteration(tmp_path):
 def test_the_objective_comparison_configs_compare_like_with_like(tmp_path):
     """configs/compare/: HuBERT iteration 1 alone is the two-iteration run's first iteration,
     the two-iteration run is the demo, and data2vec trains the same model, data and optimizer
-    for HuBERT's updates in all (benchmarks/objective_compare.py relies on each)."""
+    for HuBERT's updates in all (experiments/objective_compare.py relies on each)."""
     import dataclasses
 
     from pretrain.config import load_config
@@ -468,3 +469,70 @@ def test_the_objective_comparison_configs_compare_like_with_like(tmp_path):
     assert d2v.optim.warmup_steps == small.optim.warmup_steps and d2v.optim.lr == small.optim.lr
     assert dataclasses.replace(d2v.model, objective="hubert", data2vec=small.model.data2vec) == small.model
     assert dataclasses.replace(d2v.data, labels=small.data.labels) == small.data
+
+
+def test_a_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    """``iterate --dry-run``: on an empty folder every stage would run and nothing is created;
+    on a finished run everything is done; after a config change the changed stage names the
+    field and its downstream stages name it as the reason, while the run's files stay as
+    they are."""
+    from pretrain.cli import main
+    from pretrain.config import load_config
+    from pretrain.config.iterate import IterateConfig
+
+    run = tmp_path / "run"
+    argv = ["iterate", "--config", str(REPO / "configs/demo.yaml"), f"run_dir={run}", "--dry-run"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "it2.train" in out and "never run" in out and re.search(r"\n(\d+) of \1 stages would run", out)
+    assert not run.exists()
+
+    _finish_everything(load_config(IterateConfig, [REPO / "configs/demo.yaml"], [f"run_dir={run}"]))
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert main(argv) == 0
+    assert re.search(r"\n0 of (\d+) stages would run; \1 are done", capsys.readouterr().out)
+
+    assert main([*argv[:-1], "iterations.1.k=120", "--dry-run"]) == 0
+    lines = {line.split()[0]: line.split(None, 1)[1] for line in capsys.readouterr().out.splitlines()
+             if line.startswith("  ")}
+    assert lines["it1.train"] == "done"
+    assert lines["it2.kmeans"].startswith("rerun: its config changed (") and "k: 100 -> 120" in lines["it2.kmeans"]
+    assert lines["it2.labels"] == "rerun: its config changed (name: it2_km100 -> it2_km120)"
+    assert lines["it2.heldout"] == "rerun: upstream it2.kmeans changed"
+    assert lines["it2.probe"] == "rerun: upstream it2.train changed"
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
+
+
+def test_every_shards_build_option_reaches_the_shard_stages_from_an_iterate_config(tmp_path):
+    """A user's corpus: ``corpus.shards_overrides`` and ``eval.input`` / ``eval.shards_overrides``
+    reach ``pretrain shards build`` (speakers, long-file splitting, a held-out split, the audio
+    format), and a mistyped option is refused, naming the stage and the field, before anything
+    runs."""
+    from pretrain.config import ConfigError, load_config
+    from pretrain.config.iterate import IterateConfig
+    from pretrain.pipeline.plan import plan
+
+    def stages(*overrides: str) -> dict:
+        cfg = load_config(IterateConfig, [REPO / "configs/demo.yaml"], [
+            f"run_dir={tmp_path / 'run'}", "corpus.synth_hours=null", "corpus.input=/data/LibriSpeech/train-clean-100",
+            "eval.synth_hours=null", *overrides])
+        return {s.name: s for s in plan(cfg, create_identity=False)}
+
+    planned = stages("corpus.shards_overrides=['speaker_from=dir_level 0',max_duration=20,long_policy=split,"
+                     "subset=train,valid_fraction=0.1,audio_format=wav]",
+                     "eval.input=/data/LibriSpeech/dev-clean", "eval.shards_overrides=['speaker_from=dir_level 0']")
+    argv = planned["shards"].argv
+    assert argv[:3] == ["shards", "build", "--input"] and argv[-6:] == [
+        "speaker_from=dir_level 0", "max_duration=20", "long_policy=split", "subset=train", "valid_fraction=0.1",
+        "audio_format=wav"]
+    assert planned["shards"].config["max_duration"] == 20 and planned["shards"].config["audio_format"] == "wav"
+    assert "eval.corpus" not in planned and planned["eval.shards"].argv[3] == "/data/LibriSpeech/dev-clean"
+    assert planned["eval.shards"].config["speaker_from"] == "dir_level 0"
+    assert "it1.probe" in planned and "it1.heldout" not in planned  # no phone alignments there yet
+    with pytest.raises(PretrainError, match=r"stage shards: config error: .*field 'max_duraton': unknown field; "
+                                            r"did you mean 'max_duration'"):
+        stages("corpus.shards_overrides=[max_duraton=20]", "eval.input=/data/LibriSpeech/dev-clean")
+    with pytest.raises(ConfigError, match=r"field 'eval.shards': set at most one of synth_hours, input and "
+                                          r"shards \(got input, shards\)"):
+        stages("eval.input=/x", "eval.shards=/y")
+    assert not (tmp_path / "run").exists()

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pretrain.probe.abx import (_hier_mean, _scorable_contexts, abx_errors, build_items, context_distances, dtw_pairs,
+from pretrain.probe.abx import (_hier_mean, scorable_contexts, abx_errors, build_items, context_distances, dtw_pairs,
                                 dtw_reference, unit_rows)
 from pretrain.utils import PretrainError
 
@@ -29,7 +29,7 @@ def test_context_distances_cover_every_pair_of_a_context_and_equal_the_reference
     seqs, spk, offsets = _corpus(rng, speakers=3, utts_per_speaker=4)
     items = build_items(seqs, offsets, spk, silence=0, max_per_group=5, seed=0)
     feats = rng.normal(size=(offsets[-1], 12))
-    contexts = _scorable_contexts(items)
+    contexts = scorable_contexts(items)
     lookup = context_distances(feats, items, contexts)
     pairs = np.array(sorted({(min(a, b), max(a, b)) for a, b in lookup}))
     assert len(pairs) > 50

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from pretrain.config.train import LogConfig
-from pretrain.pipeline.report import _metrics
+from pretrain.pipeline.report import read_metrics
 from pretrain.train.metrics import MetricsLogger, read_jsonl
 
 
@@ -23,5 +23,5 @@ def test_a_torn_last_line_is_repaired_on_reopen_and_tolerated_by_readers(tmp_pat
     # A torn line in the middle (a file copied mid-write) is skipped by the report's reader.
     path.write_text(json.dumps({"step": 1, "loss": 5.0}) + '\n{"step": 2, "lo\n' + json.dumps({"step": 3, "loss": 3.0}) + "\n")
     with caplog.at_level("WARNING"):
-        assert [r["step"] for r in _metrics(tmp_path)] == [1, 3]
+        assert [r["step"] for r in read_metrics(tmp_path)] == [1, 3]
     assert "line 2 is not JSON" in caplog.text

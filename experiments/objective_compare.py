@@ -22,24 +22,27 @@ A rerun with the same ``--out`` continues what is there (every step is restartab
 line is JSON; ``objective_compare.md`` and ``.png`` in ``--out`` hold the table and a chart
 (``--table`` writes the table elsewhere too).
 
-    python benchmarks/objective_compare.py --out /tmp/objcmp        # about 35 min on 2 cores
+    python experiments/objective_compare.py --out /tmp/objcmp        # about 35 min on 2 cores
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
+import shutil
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import matplotlib
 
-from iteration_gain import run  # noqa: E402  (same folder: run a command, log it, time it)
+matplotlib.use("Agg")  # before pyplot: no display here
+import matplotlib.pyplot as plt  # noqa: E402
+
+from pretrain.pipeline.experiment import BIN, run  # noqa: E402
 from pretrain.pipeline.report import best_of  # noqa: E402
+from pretrain.stages import resolve  # noqa: E402
 from pretrain.utils import atomic_savefig, atomic_write_json, atomic_write_text  # noqa: E402
 
-BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("phone_acc", "per", "abx_within", "abx_across", "speaker_acc", "pnmi")
 HEADERS = {"phone_acc": "phone acc (%) ↑", "per": "PER (%) ↓", "abx_within": "ABX within (%) ↓",
            "abx_across": "ABX across (%) ↓", "speaker_acc": "speaker acc (%) ↑", "pnmi": "PNMI ↑"}
@@ -62,8 +65,6 @@ def step_costs(out: Path, arms: dict[str, list[str]], nproc: int, log: Path, rep
     """Median seconds per update of each arm's training config (the same model, batch and
     processes) in short runs, interleaved ``repeats`` times: this machine's speed drifts by
     10-30 % over minutes, and interleaving spreads a slow spell over both arms alike."""
-    import shutil
-
     times: dict[str, list[float]] = {name: [] for name in arms}
     for attempt in range(repeats):
         for name, train_argv in arms.items():
@@ -120,11 +121,6 @@ def table(record: dict) -> str:
 
 def plot(record: dict, path: Path) -> None:
     """One panel per metric: the baselines in grey, HuBERT in blue, data2vec in orange."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = record["rows"]
     colors = [{"hubert": "tab:blue", "data2vec": "tab:orange"}.get(r.get("objective"), "0.6") for r in rows]
     fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 4.2), sharey=True)
@@ -138,7 +134,7 @@ def plot(record: dict, path: Path) -> None:
             ax.text(v, y, f" {v:.3f}" if metric == "pnmi" else f" {v:.1f}", va="center", fontsize=7)
     axes[0].set_yticks(range(len(rows)), [r["model"] for r in rows], fontsize=8)
     axes[0].invert_yaxis()
-    fig.suptitle("Held-out probes, best layer: data2vec vs HuBERT at equal updates (benchmarks/objective_compare.py)",
+    fig.suptitle("Held-out probes, best layer: data2vec vs HuBERT at equal updates (experiments/objective_compare.py)",
                  fontsize=10)
     fig.tight_layout()
     atomic_savefig(fig, path)
@@ -158,8 +154,6 @@ def main(argv: list[str] | None = None) -> int:
     hubert = out / "hubert"
     seconds = {"hubert_iterate": run([str(BIN / "pretrain"), "iterate", "--config", args.hubert_config,
                                       f"run_dir={hubert}", "--no-progress"], log)}
-
-    from pretrain.stages import resolve
 
     _, cfg, _, _ = resolve(["iterate", "--config", args.hubert_config, f"run_dir={hubert}"])
     it1_steps, it2_steps = cfg.iterations[0].max_steps, cfg.iterations[1].max_steps

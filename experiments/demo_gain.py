@@ -9,11 +9,11 @@ then the iteration gain read from its own outputs on the held-out shards:
   the report.
 
 ``--write-reference`` stores the run's loss and masked-accuracy curves as the ``demo`` entry of
-``benchmarks/results/reference_curves.json`` (drawn faintly in every report that names it).
+``pretrain/reference_curves.json`` (drawn faintly in every report that names it).
 The last line is JSON.
 
-    python benchmarks/demo_gain.py --out /tmp/demo_gain              # about 15 min on 2 cores
-    python benchmarks/demo_gain.py --out /tmp/demo_gain --set iterations.0.max_steps=300
+    python experiments/demo_gain.py --out /tmp/demo_gain              # about 15 min on 2 cores
+    python experiments/demo_gain.py --out /tmp/demo_gain --set iterations.0.max_steps=300
 """
 
 from __future__ import annotations
@@ -26,36 +26,22 @@ import sys
 import time
 from pathlib import Path
 
+from pretrain.pipeline.experiment import BIN
+from pretrain.pipeline.report import best_of, training_curves, write_reference_curves
+from pretrain.resources import config_path
+from pretrain.utils import atomic_write_json
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from pretrain.pipeline.report import REFERENCE_CURVES, _metrics, best_of  # noqa: E402
-from pretrain.utils import atomic_write_json  # noqa: E402
-
-BIN = Path(sys.executable).parent
-
-
-def curves_of(train_dir: Path) -> dict:
-    """A training run's loss and masked accuracy per logged step."""
-    rows = _metrics(train_dir)
-    return {"step": [r["step"] for r in rows], "loss": [r["loss"] for r in rows],
-            "acc_masked": [r.get("acc_masked") for r in rows]}
 
 
 def reference_entry(run: Path, iterations: int, description: str) -> dict:
     return {"description": description,
-            "curves": {f"it{i}": curves_of(run / f"it{i}" / "train") for i in range(1, iterations + 1)}}
-
-
-def write_reference(name: str, entry: dict) -> None:
-    runs = json.loads(REFERENCE_CURVES.read_text()) if REFERENCE_CURVES.is_file() else {}
-    runs[name] = entry
-    atomic_write_json(REFERENCE_CURVES, runs)
+            "curves": {f"it{i}": training_curves(run / f"it{i}" / "train") for i in range(1, iterations + 1)}}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
+    ap.add_argument("--config", default=str(config_path("configs/demo.yaml")))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="iterate override")
     ap.add_argument("--out", default="/tmp/demo_gain", help="run directory (emptied first)")
     ap.add_argument("--keep", action="store_true", help="reuse what is in --out (no fresh run, no timing)")
@@ -106,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  for i in range(1, n + 1)),
     }
     if args.write_reference:
-        write_reference("demo", reference_entry(run, n, f"configs/demo.yaml as measured by benchmarks/demo_gain.py, "
+        write_reference_curves("demo", reference_entry(run, n, f"configs/demo.yaml as measured by experiments/demo_gain.py, "
                                                         f"{minutes:.1f} min on 2 CPU cores"))
     atomic_write_json(run / "demo_gain.json", record)
     print(verdict)

@@ -6,7 +6,7 @@ and speaking rate; each leaves three voices, one per engine, out of training ent
 
 1. a training corpus and a held-out corpus (other sentences: seed + 1000; *every* voice, so
    three of them unseen; the same sentence length and rate), shards, MFCC k=100 labels
-   (``benchmarks/iteration_gain.py``'s data stages, through ``pretrain iterate --only``);
+   (``experiments/iteration_gain.py``'s data stages, through ``pretrain iterate --only``);
 2. iteration 1 of the recipe (``launch local``, 2 processes), timed;
 3. held-out PNMI at k=100 and k=500 of every layer, next to MFCC, 80-bin log-mel, the model's
    own input (the front end's output) and the untrained twin's layers, each k-means fitted on
@@ -18,32 +18,34 @@ A recipe counts only if its best layer beats MFCC at every k on every corpus. Th
 gives mean and spread of the gain over corpora; ``OUT/protocol.json``, ``OUT/protocol.md``,
 ``OUT/protocol.png``; the last line is JSON.
 
-    python benchmarks/gain_protocol.py --out /tmp/protocol                       # the recipe
-    python benchmarks/gain_protocol.py --out /tmp/protocol --name short --set optim.max_steps=1000
-    python benchmarks/gain_protocol.py --out /tmp/protocol --corpora c1_short_fast   # one corpus
+    python experiments/gain_protocol.py --out /tmp/protocol                       # the recipe
+    python experiments/gain_protocol.py --out /tmp/protocol --name short --set optim.max_steps=1000
+    python experiments/gain_protocol.py --out /tmp/protocol --corpora c1_short_fast   # one corpus
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+import matplotlib
 
-from iteration_gain import (Evaluator, finish_minutes_plot, prepare_data, train,  # noqa: E402
-                            training_arguments, training_summary)
+matplotlib.use("Agg")  # before pyplot: no display here
+import matplotlib.pyplot as plt  # noqa: E402
 
 from pretrain.corpus.engines import VOICES  # noqa: E402
-from pretrain.phones import PHONES, SILENCE  # noqa: E402
 from pretrain.data.labels import LabelSet  # noqa: E402
 from pretrain.data.shards import read_manifest  # noqa: E402
+from pretrain.phones import PHONES, SILENCE  # noqa: E402
+from pretrain.pipeline.experiment import (finish_minutes_plot, prepare_data, train,  # noqa: E402
+                                         training_arguments, training_summary)
+from pretrain.pipeline.report import training_curves, write_reference_curves  # noqa: E402
+from pretrain.probe.layer_pnmi import LayerPnmi  # noqa: E402
+from pretrain.stages import resolve  # noqa: E402
 from pretrain.utils import atomic_savefig, atomic_write_json, atomic_write_text  # noqa: E402
 
 CORPORA = {
@@ -58,8 +60,6 @@ CORPORA = {
 
 def train_config_fields(config: Path, overrides: list[str]) -> dict:
     """The resolved training config's data crop sizes (what utterance lengths are judged by)."""
-    from pretrain.stages import resolve
-
     _, cfg, _, _ = resolve(["train", "--config", str(config), "run_dir=x", "data.shards=x", "data.labels=[x]",
                             *overrides])
     return {"min_seconds": cfg.data.min_sample_size / 16000, "max_seconds": cfg.data.max_sample_size / 16000}
@@ -101,7 +101,7 @@ def run_corpus(name: str, spec: dict, args, config: Path, crops: dict, log: Path
     data_s = time.perf_counter() - t0
     run_dir = train(out, args.name, config, args.set, shards, args.nproc, log)
     t1 = time.perf_counter()
-    ev = Evaluator(shards, heldout, args.ks, args.sample_frames, spec["seed"], args.threads)
+    ev = LayerPnmi(shards, heldout, args.ks, args.sample_frames, spec["seed"], args.threads)
     ckpt = run_dir / "checkpoints"
     final = ckpt / (ckpt / "latest").read_text().strip()
     per_voice = dict(ev.per_voice)
@@ -183,11 +183,6 @@ def report(results: list[dict], ks: list[int], args) -> tuple[dict, str]:
 
 
 def plot(results: list[dict], ks: list[int], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [("MFCC", "pnmi_mfcc", "k"), ("log-mel", "pnmi_logmel", "C7"), ("input", "pnmi_input", "C8"),
             ("untrained", "pnmi_untrained_best", "C5"), ("best layer", "pnmi_best_layer", "C0")]
     fig, axes = plt.subplots(1, len(ks), figsize=(5.5 * len(ks), 3.8), squeeze=False)
@@ -226,11 +221,6 @@ def load_result(path: Path) -> dict:
 
 
 def plot_curves(results: list[dict], ks: list[int], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, len(ks), figsize=(5.5 * len(ks), 3.6), squeeze=False)
     for ax, k in zip(axes[0], ks):
         for r in results:
@@ -273,13 +263,11 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_json(saved, result)
         results.append(result)
     if args.write_reference:
-        from demo_gain import curves_of, write_reference
-
         first = results[0]
-        write_reference("small_cpu", {
+        write_reference_curves("small_cpu", {
             "description": f"configs/small_cpu.yaml on the protocol's {first['corpus']} corpus, iteration 1, "
-                           f"{first['train_minutes']:.1f} min on 2 CPU cores (benchmarks/gain_protocol.py)",
-            "curves": {"it1": curves_of(Path(first["run_dir"]))}})
+                           f"{first['train_minutes']:.1f} min on 2 CPU cores (experiments/gain_protocol.py)",
+            "curves": {"it1": training_curves(Path(first["run_dir"]))}})
     verdict, md = report(results, args.ks, args)
     atomic_write_text(out / f"protocol_{args.name}.md", md)
     plot(results, args.ks, out / f"protocol_{args.name}.png")
