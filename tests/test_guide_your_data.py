@@ -94,3 +94,35 @@ def test_every_command_of_the_guide_runs_on_a_librispeech_shaped_tree(librispeec
     assert 0 < quality["pnmi"] < 1
     assert "it2.train" in outputs[-1] and "done" in outputs[-1]  # pretrain status
     assert (run / "report.md").read_text().startswith("#")
+
+    # The dashboards (docs/iterate.md): each iteration's label quality and probe table went into
+    # its training's wandb run (tables, scalars on the iteration axis, the report's plots with
+    # the last one) and TensorBoard (scalars at the training's last step) ...
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.train.wandb_records import records
+
+    def history(train: Path) -> dict[str, str]:
+        items = {}
+        for path in sorted(train.glob("wandb/offline-run-*/run-*.wandb")):
+            for r in records(path):
+                if r.WhichOneof("record_type") == "history":
+                    items.update({i.key or "/".join(i.nested_key): i.value_json for i in r.history.item})
+        return items
+
+    for i in (1, 2):
+        train = run / f"it{i}" / "train"
+        logged = history(train)
+        assert float(logged["labels/heldout/pnmi"]) == pytest.approx(
+            json.loads((run / f"it{i}/heldout/quality.json").read_text())["pnmi"])
+        assert json.loads(logged["probes/_type"]) == json.loads(logged["label_quality/_type"]) == "table-file"
+        assert ("report/verdict/_type" in logged) == (i == 2)
+        events = EventAccumulator(str(train / "tensorboard")).Reload()
+        assert [e.step for e in events.Scalars("labels/heldout/pnmi")] == [1]
+    # ... and a rerun, with nothing left to do, logs nothing twice.
+    before = sorted(run.glob("it*/train/wandb/offline-run-*"))
+    argv = shlex.split(commands()[-2]) + tiny + ["--no-progress"]
+    rerun = subprocess.run(["bash", "-c", " ".join(shlex.quote(a) if "$" not in a else a for a in argv)],
+                           capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert rerun.returncode == 0 and "everything was done" in rerun.stdout, rerun.stderr[-3000:]
+    assert sorted(run.glob("it*/train/wandb/offline-run-*")) == before

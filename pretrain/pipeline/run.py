@@ -20,6 +20,7 @@ from pretrain.config.core import refuse_foreign_record
 from pretrain.config.iterate import IterateConfig
 from pretrain.distributed import read_env
 from pretrain.lifecycle import LAUNCHER_ENV, RunLock
+from pretrain.pipeline.dashboard import publish
 from pretrain.pipeline.ledger import (changed_fields, finish_record, invalidate_changed, read_record, start_record,
                                       status, unchanged)
 from pretrain.pipeline.plan import PlannedStage, plan
@@ -138,6 +139,7 @@ def iterate(cfg: IterateConfig, argv: list[str] | None = None, progress: bool = 
         # (training stages exit inside, so the chain never ends with one: probes follow it).
         if read_env().rank == 0 and all(state == "done" for state in status(run, stages).values()):
             log.info("every stage is done; report: %s", write_report(cfg, stages))
+            publish(run, len(cfg.iterations))
         return 0
     lock = RunLock(run, "pretrain iterate").acquire()
     write_run_record(run, cfg, argv)
@@ -153,6 +155,7 @@ def iterate(cfg: IterateConfig, argv: list[str] | None = None, progress: bool = 
         run_stage(cfg, stage, progress=progress)
         ran.append(stage.name)
     report = write_report(cfg, stages)
+    publish(run, len(cfg.iterations))
     print(f"{len(ran)} stages run ({', '.join(ran) or 'none: everything was done'}), "
           f"{len(stages) - len(ran)} skipped, in {time.monotonic() - started:.0f} s; report: {report}")
     lock.release()

@@ -181,8 +181,7 @@ def _triplet_score(d_ax: np.ndarray, d_bx: np.ndarray, exclude_same: bool) -> tu
 
 def context_distances(feats: np.ndarray, items: Items, contexts: list[np.ndarray]) -> dict[tuple[int, int], float]:
     """DTW distance of every item pair inside each context (both orders as keys), all pairs in
-    one parallel kernel call. (Precomputing each context's frame cosines with one BLAS product
-    first was measured slower: 37k against 55k pairs/s on 256-dim layers.)"""
+    one parallel kernel call (``benchmarks/probe_cost.py`` times it against the numpy DTW)."""
     pairs = [np.stack([ix[a], ix[b]], 1) for ix in contexts for a, b in [np.triu_indices(len(ix), 1)]]
     if not pairs:
         return {}

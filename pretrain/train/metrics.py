@@ -52,6 +52,21 @@ def read_jsonl(path: Path) -> list[dict]:
     return records
 
 
+def wandb_mode(setting: str) -> str:
+    """``log.wandb`` as wandb takes it: ``auto`` is ``WANDB_MODE`` when set, else online when
+    logged in, else offline."""
+    if setting != "auto":
+        return setting
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    try:
+        import wandb
+
+        return "online" if wandb.api.api_key else "offline"
+    except Exception:  # noqa: BLE001 - no wandb settings at all: stay local
+        return "offline"
+
+
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, cfg: LogConfig, config: dict, enabled: bool = True):
         self.run_dir = Path(run_dir)
@@ -66,7 +81,7 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
-        mode = self._wandb_mode(cfg.wandb)
+        mode = wandb_mode(cfg.wandb)
         if mode != "disabled":
             import wandb
 
@@ -80,19 +95,6 @@ class MetricsLogger:
                                     group=cfg.wandb_group, tags=list(cfg.wandb_tags) or None,
                                     job_type=cfg.wandb_job_type)
             self.wandb_id = run_id
-
-    @staticmethod
-    def _wandb_mode(setting: str) -> str:
-        if setting != "auto":
-            return setting
-        if os.environ.get("WANDB_MODE"):
-            return os.environ["WANDB_MODE"]
-        try:
-            import wandb
-
-            return "online" if wandb.api.api_key else "offline"
-        except Exception:  # noqa: BLE001 - no wandb settings at all: stay local
-            return "offline"
 
     def log(self, step: int, metrics: dict[str, Any], prefix: str = "") -> None:
         if not self.enabled:

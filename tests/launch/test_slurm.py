@@ -147,6 +147,14 @@ def test_preempted_training_checkpoints_requeues_and_resumes_exactly(slurm_env, 
     run_id = (preempted / "wandb_id").read_text().strip()
     offline = sorted((preempted / "wandb").glob("offline-run-*"))
     assert len(offline) == 2 and all(p.name.endswith(run_id) for p in offline)
+    # ... read back from wandb's own records: both attempts are that one run, and between them
+    # they hold every logged step (what `wandb sync` uploads as one curve).
+    from tests.train.wandb_records import records
+
+    attempts = [[r for r in records(next(p.glob("run-*.wandb")))] for p in offline]
+    assert {r.run.run_id for rs in attempts for r in rs if r.WhichOneof("record_type") == "run"} == {run_id}
+    steps = [r.history.step.num for rs in attempts for r in rs if r.WhichOneof("record_type") == "history"]
+    assert set(losses(preempted)) <= set(steps) and steps[0] == 1
     # Preemption to resume, measured: signal -> "resumed from step" in the log.
     resumed = re.search(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d+) INFO pretrain.train.loop: resumed from step", log)
     t = time.mktime(time.strptime(resumed.group(1), "%Y-%m-%d %H:%M:%S")) + int(resumed.group(2)) / 1000

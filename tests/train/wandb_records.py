@@ -38,10 +38,11 @@ def records(path: Path) -> Iterator[wandb_internal_pb2.Record]:
 
 
 def run_record(train_dir: Path) -> wandb_internal_pb2.RunRecord:
-    """The ``run`` record of the (only) offline wandb run of a training folder."""
+    """The ``run`` record of a training folder's first offline wandb run: the training's own
+    (a resume, or iterate adding the iteration's evaluations, appends later ones)."""
     files = sorted(Path(train_dir).glob("wandb/offline-run-*/run-*.wandb"))
     assert files, f"no offline wandb run under {train_dir}"
-    return next(r.run for r in records(files[-1]) if r.WhichOneof("record_type") == "run")
+    return next(r.run for r in records(files[0]) if r.WhichOneof("record_type") == "run")
 
 
 def config_of(run: wandb_internal_pb2.RunRecord) -> dict[str, str]:
