@@ -404,7 +404,6 @@ def write_run_record(run_dir: str | os.PathLike, cfg: Any, argv: Sequence[str] |
     text = redact(to_yaml(cfg))
     if _ours(run_dir) and (run_dir / "config.yaml").is_file() and (run_dir / "config.yaml").read_text() == text:
         return
-    atomic_write_text(run_dir / "config.yaml", text)
     argv = list(sys.argv if argv is None else argv)
     record = {
         "pretrain_version": __version__,
@@ -417,7 +416,10 @@ def write_run_record(run_dir: str | os.PathLike, cfg: Any, argv: Sequence[str] |
         "user": _user(),
         "python": platform.python_version(),
     }
+    # run.json first: the tasks of an array job write the same record at once, and one that
+    # found a config.yaml without the run.json beside it would take it for someone else's.
     atomic_write_json(run_dir / "run.json", redact(record))
+    atomic_write_text(run_dir / "config.yaml", text)
 
 
 def git_commit() -> str | None:

@@ -15,9 +15,10 @@ stages it reads from::
     it<i>.probe   probe               -> run_dir/it<i>/probe       (with eval: held-out probes)
     export        export hf           -> run_dir/hf
 
-With ``eval``, ``eval.corpus`` and ``eval.shards`` make the held-out evaluation shards (or
-``eval.shards`` shards ``eval.input``, a corpus of the user's, or names existing ones), and ``layer: auto`` makes ``it<i>.features`` read the
-layer from ``it<i-1>.probe``'s ``probe.json`` when it runs.
+With ``eval``, ``eval.corpus`` and ``eval.shards`` make the held-out evaluation shards
+(``eval.shards`` alone shards ``eval.input``, a corpus of the user's; or ``eval.shards`` names
+existing ones), and ``layer: auto`` makes ``it<i>.features`` read the layer from
+``it<i-1>.probe``'s ``probe.json`` when it runs.
 
 Each stage's config is resolved through the registry (``pretrain.stages.resolve``), without
 the fields that do not change what it makes (``jobs``, logging, ...), with paths inside the run
