@@ -95,12 +95,12 @@ class LayerStates:
                                     f"({expected_sha256[:12]}…, found {self.sha256[:12]}…); it is damaged or "
                                     "another model: point at the original one, or refit")
             self.path = file
-            self.model = load_model(file, map_location=self.device).eval()
+            self.model = load_model(file, map_location=self.device)
             cfg = self.model.cfg
             self.num_layers, self.dim, self.arch = cfg.encoder_layers, cfg.encoder_embed_dim, cfg.arch
             self.invariant = batch_invariant(cfg)
             self.normalize = False  # our backbone normalizes by itself (cfg.normalize_waveform)
-        self.model.eval()
+        self.model.eval()  # one place for both kinds: dropout off, the states are deterministic
 
     def untrained(self, seed: int) -> "LayerStates":
         """The same architecture at random initialization (its "no pretraining" twin)."""
@@ -267,7 +267,7 @@ def _load_hf(path: Path):
     model_type = AutoConfig.from_pretrained(path).model_type
     if model_type not in HF_CLASSES:
         raise PretrainError(f"{path}: model_type '{model_type}' is not one of {', '.join(HF_CLASSES)}")
-    return getattr(transformers, HF_CLASSES[model_type]).from_pretrained(path).eval()
+    return getattr(transformers, HF_CLASSES[model_type]).from_pretrained(path)
 
 
 def _hf_normalizes(path: Path) -> bool:
