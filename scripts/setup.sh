@@ -3,6 +3,8 @@
 #   - SLURM (slurmctld, slurmd, client, munge) for the local test cluster (slurm/local-cluster.sh),
 #   - the Debian packages of the TTS engines behind the synthetic corpus, and libsndfile1,
 #     which brings libFLAC (the data pipeline decodes FLAC with it directly),
+#   - real recorded speech for the tests: Asterisk's voice prompts (5 speakers, 8 kHz, CC-BY-SA),
+#     where real recordings matter and phone labels do not (tests/conftest.py: recorded_speech),
 #   - a virtual environment in .venv with a CPU torch installed *before* everything else,
 #     so that deepspeed's resolution never pulls a CUDA torch plus its nvidia wheels,
 #   - the package itself, editable, with the cpu (faiss-cpu) and dev extras; set
@@ -12,7 +14,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts flite espeak-ng
-              libespeak-ng1 libsndfile1 make slurmctld slurmd slurm-client munge)
+              libespeak-ng1 libsndfile1 make slurmctld slurmd slurm-client munge
+              asterisk-core-sounds-en-wav asterisk-core-sounds-es-wav asterisk-core-sounds-fr-wav
+              asterisk-core-sounds-it-wav asterisk-core-sounds-ru-wav asterisk-prompt-it-menardi-wav)
 TORCH_SPEC="${PRETRAIN_TORCH_SPEC:-torch==2.13.0}"
 VENV="${PRETRAIN_VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"

@@ -97,6 +97,65 @@ def noise_shards(small_corpus, tmp_path_factory) -> Path:
     return out
 
 
+# Real recorded speech: Debian's Asterisk voice prompts (CC-BY-SA), 16-bit mono at 8 kHz, one
+# voice per folder; Allison speaks both English and Spanish, so 6 folders hold 5 speakers.
+RECORDED_SPEECH = Path(os.environ.get("PRETRAIN_RECORDED_SPEECH", "/usr/share/asterisk/sounds"))
+RECORDED_VOICES = ("en_US_f_Allison", "es_MX_f_Allison", "fr_CA_f_June", "it_IT_m_Carlo", "ru_RU_f_IvrvoiceRU",
+                   "it_IT_f_Menardi")
+# The speaker is the voice's name: the folder name less its language and sex.
+RECORDED_SPEAKER_FROM = r"regex ^[a-z]{2}_[A-Z]{2}_[fm]_(?P<speaker>[^/]+)/"
+
+
+@pytest.fixture(scope="session")
+def recorded_speech(tmp_path_factory) -> Path:
+    """A folder corpus of 20 recorded prompts (2-6 s, spread over the alphabet) of each voice
+    in RECORDED_VOICES (links to the installed files). Skips where the packages are missing,
+    except under CI."""
+    import soundfile as sf
+
+    missing = [v for v in RECORDED_VOICES if not (RECORDED_SPEECH / v).is_dir()]
+    if missing:
+        reason = (f"needs the recorded voice prompts {', '.join(missing)} in {RECORDED_SPEECH} (Debian's "
+                  "asterisk-core-sounds-{en,es,fr,it,ru}-wav and asterisk-prompt-it-menardi-wav; "
+                  "scripts/setup.sh installs them)")
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    root = tmp_path_factory.mktemp("recorded")
+    for voice in RECORDED_VOICES:
+        files = [f for f in sorted((RECORDED_SPEECH / voice).glob("*.wav")) if 2.0 <= sf.info(f).duration <= 6.0]
+        (root / voice).mkdir()
+        for f in files[:: max(1, len(files) // 20)][:20]:
+            (root / voice / f.name).symlink_to(f)
+    return root
+
+
+@pytest.fixture(scope="session")
+def recorded_shards(recorded_speech, tmp_path_factory) -> Path:
+    """recorded_speech in shards of 10 (speakers from the folder names, resampled to 16 kHz) with
+    the label set ``km32``: MFCC k-means (k=32) fitted on the shards themselves."""
+    from pretrain.cluster.assign import assign_labels
+    from pretrain.cluster.kmeans import fit
+    from pretrain.config import load_config
+    from pretrain.config.cluster import FeaturesMfccConfig, KmeansAssignConfig, KmeansFitConfig
+    from pretrain.config.shards import ShardsBuildConfig
+    from pretrain.data.shards import build_shards
+    from pretrain.features.extract import FeatureSpec
+    from pretrain.features.sample import dump_features
+
+    out = tmp_path_factory.mktemp("recorded_shards")
+    work = tmp_path_factory.mktemp("recorded_km")
+    build_shards(load_config(ShardsBuildConfig, [], [f"input={recorded_speech}", f"out={out}", "per_shard=10",
+                                                     "jobs=2", f"speaker_from={RECORDED_SPEAKER_FROM}"]),
+                 progress=False, argv=["test"])
+    dump_features(load_config(FeaturesMfccConfig, [], [f"shards={out}", f"out={work / 'f'}", "fraction=1.0"]),
+                  FeatureSpec.mfcc(), progress=False)
+    fit(load_config(KmeansFitConfig, [], [f"features={work / 'f'}", f"out={work / 'km'}", "k=32", "niter=10"]))
+    assign_labels(load_config(KmeansAssignConfig, [], [f"kmeans={work / 'km'}", f"shards={out}", "name=km32"]),
+                  progress=False)
+    return out
+
+
 @pytest.fixture(scope="session")
 def uninterrupted(small_shards, tmp_path_factory) -> Path:
     """The reference training run of the resume tests (local 2-process DeepSpeed, 16 steps,
