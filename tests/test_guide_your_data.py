@@ -119,6 +119,20 @@ def test_every_command_of_the_guide_runs_on_a_librispeech_shaped_tree(librispeec
         assert ("report/verdict/_type" in logged) == (i == 2)
         events = EventAccumulator(str(train / "tensorboard")).Reload()
         assert [e.step for e in events.Scalars("labels/heldout/pnmi")] == [1]
+    # The final models and the centroids as artifacts (log.wandb_artifacts in the guide's command),
+    # each in its training's run.
+    for i in (1, 2):
+        train = run / f"it{i}" / "train"
+        run_id = (train / "wandb_id").read_text().strip()
+        logged = {r.artifact.name: r.artifact for path in sorted(train.glob("wandb/offline-run-*/run-*.wandb"))
+                  for r in records(path) if r.WhichOneof("record_type") == "artifact"
+                  and r.artifact.type in ("model", "kmeans")}  # wandb stores the tables as artifacts too
+        assert set(logged) == {f"model-{run_id}", f"kmeans-{run_id}"}, logged
+        kmeans = logged[f"kmeans-{run_id}"]
+        assert kmeans.type == "kmeans" and sorted(kmeans.aliases) == [f"it{i}", "latest"]
+        assert {e.path for e in kmeans.manifest.contents} == {"centroids.npy", "kmeans.json"}
+        assert json.loads(kmeans.metadata)["centroids_sha256"] == json.loads(
+            (run / f"it{i}/kmeans/kmeans.json").read_text())["centroids_sha256"]
     # ... and a rerun, with nothing left to do, logs nothing twice.
     before = sorted(run.glob("it*/train/wandb/offline-run-*"))
     argv = shlex.split(commands()[-2]) + tiny + ["--no-progress"]

@@ -135,6 +135,13 @@ class LogConfig:
     wandb_job_type: str = "train"
     """wandb job type."""
 
+    wandb_artifacts: bool = False
+    """Also log files to wandb as artifacts: the final checkpoint's ``model.pt``, manifest and
+    config (type ``model``, named ``model-<wandb run id>``, aliases ``latest`` and ``step_N``)
+    when training reaches ``optim.max_steps``, and under ``pretrain iterate`` each iteration's
+    k-means centroids (type ``kmeans``) into its training's run. Off by default: they are
+    big (a BASE ``model.pt`` is about 380 MB) and wandb uploads them."""
+
     tensorboard: bool = True
     """Write TensorBoard scalars to ``run_dir/tensorboard``."""
 

@@ -6,7 +6,8 @@ Each goes into the iteration's own training run: to wandb as tables and as scala
 ``iteration`` axis (the training run is resumed by its id, so the numbers sit in the same run,
 in the same group, as its curves; wandb only takes increasing steps, hence the axis), and to
 TensorBoard as scalars at the training's last step. The report's plots go to the last
-iteration's run as images. What was logged is recorded in ``it<i>/train/dashboard.json``, so
+iteration's run as images, and with ``log.wandb_artifacts`` the iteration's k-means centroids go
+to its run as an artifact (type ``kmeans``). What was logged is recorded in ``it<i>/train/dashboard.json``, so
 that rerunning ``iterate`` (or the SLURM job that ends a chain) logs nothing twice.
 """
 
@@ -21,7 +22,7 @@ import yaml
 
 from pretrain.config.probe import METRICS
 from pretrain.probe.results import read_probe, table_rows
-from pretrain.train.metrics import wandb_mode
+from pretrain.train.metrics import log_artifact, wandb_mode
 from pretrain.utils import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -78,19 +79,23 @@ def log_iteration(run: Path, i: int, images: list[Path] | None = None) -> bool:
     if not values and not images:
         return False
     images = [p for p in (images or []) if p.is_file()]
-    digest = hashlib.sha256(json.dumps([values, [hashlib.sha256(p.read_bytes()).hexdigest() for p in images]],
-                                       sort_keys=True).encode()).hexdigest()
+    cfg = yaml.safe_load(config.read_text())
+    kmeans = run / f"it{i}" / "kmeans"
+    centroids = None
+    if cfg["log"].get("wandb_artifacts") and (kmeans / "kmeans.json").is_file():
+        centroids = json.loads((kmeans / "kmeans.json").read_text())["centroids_sha256"]
+    digest = hashlib.sha256(json.dumps([values, [hashlib.sha256(p.read_bytes()).hexdigest() for p in images],
+                                        centroids], sort_keys=True).encode()).hexdigest()
     marker = train / "dashboard.json"
     if marker.is_file() and json.loads(marker.read_text()).get("sha256") == digest:
         return False
-    cfg = yaml.safe_load(config.read_text())
     step = int((train / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
     if cfg["log"].get("tensorboard", True):
         _tensorboard(train, values, step)
     if cfg["log"].get("wandb", "auto") != "disabled" and (train / "wandb_id").is_file():
-        _wandb(train, cfg, found, values, i, images)
+        _wandb(train, cfg, found, values, i, images, kmeans if centroids else None)
     atomic_write_json(marker, {"sha256": digest, "step": step, "scalars": values,
-                               "images": [str(p) for p in images]})
+                               "images": [str(p) for p in images], "centroids_sha256": centroids})
     return True
 
 
@@ -103,7 +108,8 @@ def _tensorboard(train: Path, values: dict[str, float], step: int) -> None:
     writer.close()
 
 
-def _wandb(train: Path, cfg: dict, found: dict, values: dict[str, float], i: int, images: list[Path]) -> None:
+def _wandb(train: Path, cfg: dict, found: dict, values: dict[str, float], i: int, images: list[Path],
+           kmeans: Path | None) -> None:
     import wandb  # here: only when the run logs to wandb
 
     run_id = (train / "wandb_id").read_text().strip()
@@ -133,5 +139,11 @@ def _wandb(train: Path, cfg: dict, found: dict, values: dict[str, float], i: int
         for path in images:
             logged[f"report/{path.stem}"] = wandb.Image(str(path))
         run.log(logged)
+        if kmeans is not None:
+            record = json.loads((kmeans / "kmeans.json").read_text())
+            log_artifact(run, f"kmeans-{run_id}", "kmeans", [kmeans / "centroids.npy", kmeans / "kmeans.json"],
+                         metadata={"iteration": i, "k": int(record["k"]), "features": record["spec"],
+                                   "centroids_sha256": record["centroids_sha256"]},
+                         aliases=["latest", f"it{i}"])
     finally:
         run.finish()

@@ -165,6 +165,8 @@ def _train(cfg: TrainConfig, argv: list[str] | None, faults: Faults, dist, run_d
             checkpoints.save(engine, step, rank_state, config_hash(cfg),
                              model_file=lambda path: save_model(path, model, weights, **objective.model_file_extras()),
                              meta=shape_record(cfg, specs))
+            if step == cfg.optim.max_steps and cfg.log.wandb_artifacts:
+                logger.log_checkpoint(run_dir / "checkpoints" / f"step_{step}")
             faults.before_probe(step)
             if dist.is_main and probes.due(step):
                 probes.start(step, run_dir / "checkpoints" / f"step_{step}")

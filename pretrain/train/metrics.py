@@ -67,6 +67,30 @@ def wandb_mode(setting: str) -> str:
         return "offline"
 
 
+def log_artifact(run, name: str, kind: str, files: list[Path], metadata: dict, aliases: list[str]) -> None:
+    """``files`` as one wandb artifact of ``run``: the same bytes in wandb as on disk, so that a
+    teammate can ``run.use_artifact(name).download()`` what the dashboard shows."""
+    import wandb  # here: only when the run logs to wandb
+
+    artifact = wandb.Artifact(name, type=kind, metadata=metadata)
+    for path in files:
+        artifact.add_file(str(path), name=path.name)
+    run.log_artifact(artifact, aliases=aliases)
+
+
+def checkpoint_artifact(checkpoint: Path, run_id: str) -> dict:
+    """The final checkpoint as an artifact: the model file, its manifest (the sha256 of every
+    file) and the run's config, not DeepSpeed's optimizer shards (they resume a run, and are
+    several times the model's size)."""
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    step = int(manifest["step"])
+    return {"name": f"model-{run_id}", "kind": "model",
+            "files": [checkpoint / "model.pt", checkpoint / "manifest.json", checkpoint.parents[1] / "config.yaml"],
+            "metadata": {"step": step, "model_sha256": manifest["files"]["model.pt"],
+                         "arch": manifest["model"]["arch"], "labels": manifest["labels"]},
+            "aliases": ["latest", f"step_{step}"]}
+
+
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, cfg: LogConfig, config: dict, enabled: bool = True):
         self.run_dir = Path(run_dir)
@@ -131,6 +155,13 @@ class MetricsLogger:
         best = {k.split("/")[-1]: v for k, v in metrics.items() if k.startswith("probe/best/")}
         print(f"probe of step {probe_step}: " + " ".join(f"{k}={v:.4g}" for k, v in best.items()),
               file=sys.stderr, flush=True)
+
+    def log_checkpoint(self, checkpoint: Path) -> None:
+        """The final checkpoint as a wandb artifact (``log.wandb_artifacts``)."""
+        if self.enabled and self.wandb is not None:
+            spec = checkpoint_artifact(Path(checkpoint), self.wandb_id)
+            self._wandb(lambda run: log_artifact(run, **spec))
+            log.info("logged %s to wandb as artifact %s:%s", checkpoint, spec["name"], spec["aliases"][1])
 
     def close(self) -> None:
         if not self.enabled:
