@@ -76,7 +76,7 @@ class LayerPnmi:
 
     def __init__(self, shards: Path, heldout: Path, ks: list[int], sample_frames: int, seed: int, threads: int):
         # Explicit: OpenMP threads beyond the free cores spin against each other (and against
-        # a training run next to this) and made the evaluation several times slower.
+        # a training run next to this).
         torch.set_num_threads(threads)
         faiss.omp_set_num_threads(threads)
         self.ks, self.seed = ks, seed

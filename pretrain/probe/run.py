@@ -164,9 +164,9 @@ def probe(cfg: ProbeConfig, progress: bool = True, argv: list[str] | None = None
                             f"the same architecture at random initialization (seed {cfg.untrained_seed})"))
     feature_seconds = time.perf_counter() - t
 
-    # The probes' matrices are small: a second torch thread only adds synchronization (measured
-    # 3x slower with 2 threads on a 2-core machine that was also training); numba's DTW and
-    # FAISS keep every thread.
+    # The probes' matrices are small: a second torch thread only adds synchronization, and on a
+    # machine that is also training it competes for the cores; numba's DTW and FAISS keep
+    # every thread.
     torch.set_num_threads(1)
 
     results: dict = {}
