@@ -48,6 +48,54 @@ class Data2VecConfig:
 
 
 @dataclass
+class Wav2Vec2Config:
+    """wav2vec 2.0 (Baevski et al., 2020) as published, fairseq's ``wav2vec2_base`` and
+    transformers' ``Wav2Vec2Config`` defaults: the targets are a Gumbel-softmax product
+    quantization of the unmasked front-end output, learned jointly; the loss is contrastive.
+    The masking (``mask_prob`` 0.65, ``mask_length`` 10 in the paper), the logit temperature
+    (``logit_temp``, 0.1), the projection size (``final_dim``) and the feature penalty
+    (``feature_pen_weight``) are the model's own fields."""
+
+    num_groups: int = 2
+    """G: codebooks; a target is the concatenation of one entry of each."""
+
+    num_vars: int = 320
+    """V: entries per codebook."""
+
+    codevector_dim: int = 256
+    """Size of a quantized vector (each group's entry has codevector_dim / G); ``project_q``
+    maps it to ``final_dim``."""
+
+    temp_start: float = 2.0
+    """Gumbel-softmax temperature at the first update ..."""
+
+    temp_end: float = 0.5
+    """... never below this ..."""
+
+    temp_decay: float = 0.999995
+    """... multiplied by this per update: temperature = max(temp_start * temp_decay^updates, temp_end)."""
+
+    num_negatives: int = 100
+    """K: distractors per masked frame, drawn uniformly (with replacement) from the other masked
+    frames of the same utterance; padding and the frame itself are never drawn."""
+
+    diversity_weight: float = 0.1
+    """alpha: weight of the diversity loss (GV - perplexity) / GV per masked frame, where the
+    perplexity is exp(entropy) of each group's softmax averaged over the batch's masked frames,
+    summed over groups."""
+
+    min_code_perplexity: float = 2.0
+    """Collapse guard: training stops, saying so, when some codebook's perplexity of hard codes
+    over a log window's masked frames stays below this (1: one entry for everything) ..."""
+
+    collapse_windows: int = 3
+    """... for this many log windows in a row ..."""
+
+    collapse_check_after: int = 1000
+    """... from this many updates on."""
+
+
+@dataclass
 class ModelConfig:
     arch: str = "hubert"
     """``hubert``, or ``wavlm``: the same network plus WavLM's gated relative position bias in
@@ -171,10 +219,15 @@ class ModelConfig:
 
     objective: str = "hubert"
     """``hubert``: masked prediction of cluster labels (``data.labels``). ``data2vec``: masked
-    regression of an EMA teacher's representations (``data2vec``); no labels, no clustering."""
+    regression of an EMA teacher's representations (``data2vec``); no labels, no clustering.
+    ``wav2vec2``: contrastive prediction of jointly learned quantized targets (``wav2vec2``);
+    no labels, no clustering."""
 
     data2vec: Data2VecConfig = field(default_factory=Data2VecConfig)
     """The data2vec objective's settings (used with ``objective: data2vec``)."""
+
+    wav2vec2: Wav2Vec2Config = field(default_factory=Wav2Vec2Config)
+    """The wav2vec 2.0 objective's settings (used with ``objective: wav2vec2``)."""
 
     checkpoint_activations: bool = False
     """Recompute each encoder layer's activations in the backward pass instead of keeping
@@ -188,8 +241,22 @@ class ModelConfig:
     model, so it can be switched on or off across a resume."""
 
     def validate(self) -> None:
-        if self.objective not in ("hubert", "data2vec"):
-            raise ConfigError(f"must be 'hubert' or 'data2vec', got '{self.objective}'", field="objective")
+        if self.objective not in ("hubert", "data2vec", "wav2vec2"):
+            raise ConfigError(f"must be 'hubert', 'data2vec' or 'wav2vec2', got '{self.objective}'",
+                              field="objective")
+        w = self.wav2vec2
+        for name in ("num_groups", "num_vars", "codevector_dim", "num_negatives", "collapse_windows"):
+            if getattr(w, name) < 1:
+                raise ConfigError(f"must be >= 1, got {getattr(w, name)}", field=f"wav2vec2.{name}")
+        if w.codevector_dim % w.num_groups:
+            raise ConfigError(f"must be a multiple of num_groups={w.num_groups}, got {w.codevector_dim}",
+                              field="wav2vec2.codevector_dim")
+        if not 0 < w.temp_end <= w.temp_start:
+            raise ConfigError(f"must be in (0, temp_start={w.temp_start}], got {w.temp_end}", field="wav2vec2.temp_end")
+        if not 0 < w.temp_decay <= 1:
+            raise ConfigError(f"must be in (0, 1], got {w.temp_decay}", field="wav2vec2.temp_decay")
+        if w.diversity_weight < 0:
+            raise ConfigError(f"must be >= 0, got {w.diversity_weight}", field="wav2vec2.diversity_weight")
         d2v = self.data2vec
         for name in ("ema_decay", "ema_end_decay"):
             if not 0.0 <= getattr(d2v, name) < 1.0:

@@ -223,7 +223,14 @@ class TrainConfig:
     forever. Ranks wait in one while rank 0 saves a checkpoint: keep it above the save time."""
 
     def validate(self) -> None:
-        if self.model.objective == "data2vec":
+        if self.model.objective == "wav2vec2":
+            if self.data.labels:
+                raise ConfigError("wav2vec 2.0 learns its own quantized targets, not labels: set data.labels=[]",
+                                  field="data.labels")
+            if self.valid_shards:
+                raise ConfigError("validation losses are HuBERT's; for wav2vec 2.0 leave valid_shards unset and "
+                                  "use the probes (probe.every)", field="valid_shards")
+        elif self.model.objective == "data2vec":
             if self.data.labels:
                 raise ConfigError("data2vec learns from its EMA teacher, not from labels: set data.labels=[]",
                                   field="data.labels")

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from pretrain.config.model import ModelConfig
 from pretrain.model.data2vec import Data2VecPretrain
 from pretrain.model.hubert import HubertPretrain, LabelSpec
+from pretrain.model.wav2vec2 import Wav2Vec2Pretrain
 from pretrain.utils import PretrainError, atomic_write_bytes, sha256_file
 
 FORMAT = "pretrain-model"
@@ -27,23 +28,26 @@ MODEL_FILE = "model.pt"
 
 
 def build_model(cfg: ModelConfig, labels: list[LabelSpec]):
-    """The pretraining model ``cfg.objective`` names: HuBERT on ``labels``, or data2vec."""
+    """The pretraining model ``cfg.objective`` names: HuBERT on ``labels``, data2vec or wav2vec 2.0."""
     if cfg.objective == "data2vec":
         return Data2VecPretrain(cfg)
+    if cfg.objective == "wav2vec2":
+        return Wav2Vec2Pretrain(cfg)
     return HubertPretrain(cfg, labels)
 
 
 def save_model(path: str | Path, model: HubertPretrain, state_dict: dict | None = None,
-               teacher: dict | None = None) -> None:
+               teacher: dict | None = None, objective_state: dict | None = None) -> None:
     """Write ``model`` as a model file (:func:`model_bytes`)."""
-    atomic_write_bytes(path, model_bytes(model, state_dict, teacher))
+    atomic_write_bytes(path, model_bytes(model, state_dict, teacher, objective_state))
 
 
-def model_bytes(model: HubertPretrain, state_dict: dict | None = None, teacher: dict | None = None) -> bytes:
+def model_bytes(model: HubertPretrain, state_dict: dict | None = None, teacher: dict | None = None,
+                objective_state: dict | None = None) -> bytes:
     """``model`` as the bytes of a model file, its weights in float32 whatever precision it
     trains in; ``state_dict`` replaces the module's own (the gathered weights of a ZeRO 3 run);
     ``teacher`` is a data2vec run's EMA teacher (its state dict), kept beside the model for
-    resuming. The same weights give the same bytes (what lets a rerun of an import see that
+    resuming; ``objective_state``, an objective's other state (plain numbers). The same weights give the same bytes (what lets a rerun of an import see that
     its output is already there).
 
     Builds no module (a fresh one would draw its initialization from the global RNG and shift
@@ -59,6 +63,8 @@ def model_bytes(model: HubertPretrain, state_dict: dict | None = None, teacher: 
     }
     if teacher is not None:
         payload["teacher"] = {k: v.detach().cpu() for k, v in teacher.items()}
+    if objective_state is not None:
+        payload["objective_state"] = dict(objective_state)
     buf = io.BytesIO()
     torch.save(payload, buf)
     return buf.getvalue()
@@ -119,3 +125,12 @@ def load_teacher_state(path: str | Path) -> dict:
     if "teacher" not in payload:
         raise PretrainError(f"{path} holds no data2vec teacher (a HuBERT model, or written by another tool)")
     return payload["teacher"]
+
+
+def load_objective_state(path: str | Path) -> dict:
+    """The objective's state saved with a model file (``save_model(objective_state=)``)."""
+    path = resolve_model_file(path)
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if "objective_state" not in payload:
+        raise PretrainError(f"{path} holds no objective state (written by another objective or tool)")
+    return payload["objective_state"]

@@ -1,5 +1,7 @@
 """Export to ``transformers.HubertModel`` (``WavLMModel`` for ``arch: wavlm``,
-``Data2VecAudioModel`` for data2vec's positional convolutions, ``conv_pos_depth`` > 1): the
+``Data2VecAudioModel`` for data2vec's positional convolutions, ``conv_pos_depth`` > 1,
+``Wav2Vec2ForPreTraining`` for the wav2vec 2.0 objective: its backbone loads as
+``Wav2Vec2Model``, its quantizer and projections are the pretraining heads): the
 backbone's weights under their own names (ours follow transformers'), a config that rebuilds
 the same network, and a ``preprocessor_config.json`` saying whether waveforms are normalized."""
 
@@ -21,6 +23,13 @@ from pretrain.utils import PretrainError, settle_existing
 
 def hf_class_name(cfg: ModelConfig) -> str:
     """The transformers class a model of ``cfg`` exports to; a clear error where there is none."""
+    if cfg.objective == "wav2vec2":
+        wrong = [f"{name}={value!r} (Wav2Vec2: {want!r})" for name, value, want in (
+            ("arch", cfg.arch, "hubert"), ("conv_pos_depth", cfg.conv_pos_depth, 1)) if value != want]
+        if wrong:
+            raise PretrainError("a wav2vec 2.0 model exports as transformers.Wav2Vec2ForPreTraining, which this "
+                                f"model does not fit: model.{', model.'.join(wrong)}")
+        return "Wav2Vec2ForPreTraining"
     if cfg.conv_pos_depth == 1:
         return "WavLMModel" if cfg.arch == "wavlm" else "HubertModel"
     # Data2VecAudioModel is the one transformers model with the stacked positional convolution,
@@ -36,8 +45,17 @@ def hf_class_name(cfg: ModelConfig) -> str:
 
 
 def hf_config(cfg: ModelConfig):
-    from transformers import Data2VecAudioConfig, HubertConfig, WavLMConfig
+    from transformers import Data2VecAudioConfig, HubertConfig, Wav2Vec2Config, WavLMConfig
 
+    if hf_class_name(cfg) == "Wav2Vec2ForPreTraining":
+        w = cfg.wav2vec2
+        return Wav2Vec2Config(architectures=["Wav2Vec2ForPreTraining"], num_codevector_groups=w.num_groups,
+                              num_codevectors_per_group=w.num_vars, codevector_dim=w.codevector_dim,
+                              proj_codevector_dim=cfg.final_dim, contrastive_logits_temperature=cfg.logit_temp,
+                              num_negatives=w.num_negatives, diversity_loss_weight=w.diversity_weight,
+                              feat_quantizer_dropout=cfg.dropout_features, mask_time_prob=cfg.mask_prob,
+                              mask_time_length=cfg.mask_length, mask_time_min_masks=cfg.mask_min_spans,
+                              **_common_config(cfg))
     if hf_class_name(cfg) == "Data2VecAudioModel":
         common = _common_config(cfg)
         for name in ("feat_extract_norm", "do_stable_layer_norm"):  # fixed in Data2VecAudio
@@ -49,6 +67,15 @@ def hf_config(cfg: ModelConfig):
         return WavLMConfig(num_buckets=cfg.num_buckets, max_bucket_distance=cfg.max_distance,
                            architectures=["WavLMModel"], **_common_config(cfg))
     return HubertConfig(feat_proj_layer_norm=True, architectures=["HubertModel"], **_common_config(cfg))
+
+
+def hf_pretraining_state(model) -> dict:
+    """A wav2vec 2.0 model's weights under ``Wav2Vec2ForPreTraining``'s names: the backbone under
+    ``wav2vec2.``, the heads as they are (ours are named as transformers')."""
+    state = {f"wav2vec2.{k}": v for k, v in model.backbone.state_dict().items()}
+    for prefix in ("quantizer", "project_q", "project_hid"):
+        state.update({f"{prefix}.{k}": v for k, v in getattr(model, prefix).state_dict().items()})
+    return state
 
 
 def _common_config(cfg: ModelConfig) -> dict:
@@ -98,6 +125,8 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, overwrite: bool = Fal
         raise PretrainError(f"{checkpoint}: {e}") from None
     hf = getattr(transformers, name)(hf_config(model.cfg))
     state = model.backbone.state_dict()
+    if name == "Wav2Vec2ForPreTraining":
+        state = hf_pretraining_state(model)
     missing, unexpected = hf.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise PretrainError(f"parameter names differ from transformers': missing {missing}, "
@@ -118,7 +147,8 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, overwrite: bool = Fal
     ).save_pretrained(tmp)
     (tmp / "pretrain_export.json").write_text(json.dumps({
         "source": str(checkpoint), "labels": [s.__dict__ for s in model.labels],
-        "note": "backbone only: final_proj and label embeddings are pretraining heads"}, indent=2) + "\n")
+        "note": "the quantizer and projections are wav2vec 2.0's pretraining heads" if name == "Wav2Vec2ForPreTraining"
+        else "backbone only: final_proj and label embeddings are pretraining heads"}, indent=2) + "\n")
     (tmp / "README.md").write_text(model_card(checkpoint, model, hf))
     try:
         unchanged = settle_existing({out / p.name: p.read_bytes() for p in tmp.iterdir()}, overwrite,
@@ -173,8 +203,10 @@ def model_card(checkpoint: str | Path, model, hf) -> str:
     results when the run has them; every figure read from the run's own files."""
     cfg = model.cfg
     facts = _training_facts(checkpoint)
-    params = sum(p.numel() for p in hf.parameters())
-    kind = {"WavLMModel": "WavLM", "Data2VecAudioModel": "data2vec"}.get(type(hf).__name__, "HuBERT")
+    backbone = getattr(hf, "wav2vec2", hf)  # a Wav2Vec2ForPreTraining holds its heads too
+    params = sum(p.numel() for p in backbone.parameters())
+    kind = {"WavLMModel": "WavLM", "Data2VecAudioModel": "data2vec",
+            "Wav2Vec2ForPreTraining": "wav2vec 2.0"}.get(type(hf).__name__, "HuBERT")
     objective = " (data2vec objective)" if cfg.objective == "data2vec" and kind != "data2vec" else ""
     lines = ["---", "library_name: transformers", f"tags: [speech, self-supervised, {kind.lower()}]", "---", "",
              f"# {kind}{objective} pretrained with pretrain", "",
@@ -182,7 +214,8 @@ def model_card(checkpoint: str | Path, model, hf) -> str:
              f"`transformers.{type(hf).__name__}.from_pretrained(...)`.", "", "## Architecture", "",
              f"- {cfg.encoder_layers} Transformer layers, dimension {cfg.encoder_embed_dim}, "
              f"{cfg.encoder_attention_heads} heads, feed-forward {cfg.encoder_ffn_embed_dim}",
-             f"- {params / 1e6:.2f}M parameters (the backbone: the pretraining heads are not exported)",
+             f"- {params / 1e6:.2f}M parameters (the backbone"
+             f"{')' if backbone is not hf else ': the pretraining heads are not exported)'}",
              f"- convolutional waveform encoder ({cfg.extractor_mode}), "
              f"{'pre' if cfg.layer_norm_first else 'post'}-LN; waveforms "
              f"{'normalized' if cfg.normalize_waveform else 'not normalized'} (see preprocessor_config.json)",
@@ -195,6 +228,12 @@ def model_card(checkpoint: str | Path, model, hf) -> str:
         d = cfg.data2vec
         lines.append(f"- data2vec: masked regression of an EMA teacher's top {d.top_k_layers} layers (decay "
                      f"{d.ema_decay} to {d.ema_end_decay} over {d.ema_anneal_steps} updates)")
+    elif cfg.objective == "wav2vec2":
+        w = cfg.wav2vec2
+        lines.append(f"- wav2vec 2.0: contrastive prediction of Gumbel-softmax quantized targets ({w.num_groups} "
+                     f"codebooks of {w.num_vars} entries, {w.num_negatives} distractors, temperature {w.temp_start} "
+                     f"to {w.temp_end}, diversity weight {w.diversity_weight}); the quantizer and projections are "
+                     "in the export (`Wav2Vec2ForPreTraining`), the backbone loads as `Wav2Vec2Model`")
     else:
         labels = ", ".join(f"`{s.name}` ({s.num_classes} classes, {s.rate} Hz)" for s in model.labels)
         lines.append(f"- masked prediction of the label sets {labels}")

@@ -1,9 +1,11 @@
 """Models from elsewhere into our model file: ``pretrain import hf DIR`` (a transformers
-HubertModel, WavLMModel or Data2VecAudioModel folder) and ``pretrain import fairseq CKPT`` (a
-fairseq HuBERT checkpoint's model state).
+HubertModel, WavLMModel, Data2VecAudioModel or Wav2Vec2Model folder) and ``pretrain import
+fairseq CKPT`` (a fairseq HuBERT checkpoint's model state).
 
 What is imported is the backbone (waveform encoder, projection, Transformer, mask embedding):
-the model file gets no label sets. That is what the two uses need: ``features model`` on one of
+the model file gets no label sets. The exception is a ``Wav2Vec2ForPreTraining`` folder, whose
+quantizer and projections come along (a wav2vec 2.0 model file: they are what its training
+continues with, and they belong to no clustering). That is what the two uses need: ``features model`` on one of
 its layers (labels for a first iteration from a released model), and ``pretrain train
 init_from=MODEL`` (continued pretraining on new data), which starts the label embeddings and
 ``final_proj`` fresh for the new label set in any case: the old ones belong to another k and
@@ -29,6 +31,7 @@ from pretrain.config.model import ModelConfig
 from pretrain.frames import CONV_LAYERS
 from pretrain.model.encoder import CONV_CHANNELS
 from pretrain.model.hubert import HubertPretrain
+from pretrain.model.wav2vec2 import Wav2Vec2Pretrain
 from pretrain.utils import PretrainError
 
 # fairseq name -> ours (regular expressions on the whole key; the first match wins).
@@ -83,7 +86,9 @@ def _load_strict(model: HubertPretrain, state: dict, source: str) -> None:
 
 
 def import_hf(folder: str | Path) -> HubertPretrain:
-    """The backbone of a transformers HubertModel / WavLMModel / Data2VecAudioModel folder."""
+    """The backbone of a transformers HubertModel / WavLMModel / Data2VecAudioModel /
+    Wav2Vec2Model folder; of a Wav2Vec2ForPreTraining folder, the whole wav2vec 2.0 model (its
+    quantizer and projections too), so that training can continue from it."""
     folder = Path(folder)
     path = folder / "config.json"
     if not path.is_file():
@@ -95,9 +100,10 @@ def import_hf(folder: str | Path) -> HubertPretrain:
     if not isinstance(config, dict):
         raise PretrainError(f"{path}: not a transformers config (a JSON object)")
     kind = config.get("model_type")
-    if kind not in ("hubert", "wavlm", "data2vec-audio"):
+    if kind not in ("hubert", "wavlm", "data2vec-audio", "wav2vec2"):
         raise PretrainError(f"{folder} holds a transformers '{kind}' model ({', '.join(config.get('architectures') or [])}); "
-                            "pretrain imports HubertModel, WavLMModel and Data2VecAudioModel")
+                            "pretrain imports HubertModel, WavLMModel, Data2VecAudioModel and Wav2Vec2Model "
+                            "(or Wav2Vec2ForPreTraining)")
     needed = ["num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads"]
     absent = [name for name in needed if not isinstance(config.get(name), int)]
     if absent:
@@ -131,11 +137,23 @@ def import_hf(folder: str | Path) -> HubertPretrain:
         conv_pos_groups=config.get("num_conv_pos_embedding_groups", 16), normalize_waveform=do_normalize, **network,
         **({"num_buckets": config.get("num_buckets", 320), "max_distance": config.get("max_bucket_distance", 800)}
            if kind == "wavlm" else {}))
+    pretraining = kind == "wav2vec2" and "Wav2Vec2ForPreTraining" in (config.get("architectures") or [])
+    if pretraining:
+        cfg.objective = "wav2vec2"
+        cfg.final_dim = config.get("proj_codevector_dim", 256)
+        cfg.logit_temp = config.get("contrastive_logits_temperature", 0.1)
+        w = cfg.wav2vec2
+        w.num_groups, w.num_vars = config.get("num_codevector_groups", 2), config.get("num_codevectors_per_group", 320)
+        w.codevector_dim = config.get("codevector_dim", 256)
+        w.num_negatives = config.get("num_negatives", 100)
+        w.diversity_weight = config.get("diversity_loss_weight", 0.1)
     import transformers
 
+    name = {"wavlm": "WavLMModel", "hubert": "HubertModel", "wav2vec2": "Wav2Vec2Model"}.get(kind, "Data2VecAudioModel")
+    if pretraining:
+        name = "Wav2Vec2ForPreTraining"
     try:
-        hf, info = getattr(transformers, {"wavlm": "WavLMModel", "hubert": "HubertModel"}.get(kind, "Data2VecAudioModel")
-                           ).from_pretrained(folder, output_loading_info=True)
+        hf, info = getattr(transformers, name).from_pretrained(folder, output_loading_info=True)
     except Exception as e:  # noqa: BLE001 - a truncated or damaged weights file (safetensors has its own errors)
         raise PretrainError(f"{folder}: transformers could not read the weights ({type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
@@ -148,6 +166,15 @@ def import_hf(folder: str | Path) -> HubertPretrain:
                                 f"parameters for a {type(hf).__name__}: {', '.join(names[:8])}"
                                 f"{' ...' if len(names) > 8 else ''}; refusing to import a model that would be "
                                 "partly random")
+    if pretraining:
+        model = Wav2Vec2Pretrain(cfg)
+        state = hf.state_dict()
+        _load_strict(model, {k.removeprefix("wav2vec2."): v for k, v in state.items() if k.startswith("wav2vec2.")},
+                     str(folder))
+        for head in ("quantizer", "project_q", "project_hid"):
+            getattr(model, head).load_state_dict({k.removeprefix(f"{head}."): v for k, v in state.items()
+                                                  if k.startswith(f"{head}.")}, strict=True)
+        return model
     model = _backbone_model(cfg)
     _load_strict(model, hf.state_dict(), str(folder))
     return model

@@ -2,7 +2,7 @@
 
 :class:`LayerStates` opens our ``model.pt`` (a file, or a checkpoint folder whose
 ``manifest.json`` sha256 of ``model.pt`` is checked first; ``expected_sha256`` checks the file
-against a recorded digest) or a ``transformers`` HubertModel / WavLMModel / Data2VecAudioModel
+against a recorded digest) or a ``transformers`` HubertModel / WavLMModel / Data2VecAudioModel / Wav2Vec2Model
 folder, and gives, for a list of 16 kHz float32 waveforms, every wanted layer's (frames, dim)
 states from one forward that stops at the deepest wanted layer. Layer ``i`` (1-based) is the
 raw output of Transformer layer ``i``, as fairseq's feature dumper and ``output_hidden_states``
@@ -35,7 +35,8 @@ from pretrain.model.encoder import batch_invariant
 from pretrain.model.hubert import HubertPretrain
 from pretrain.utils import PretrainError, sha256_file
 
-HF_CLASSES = {"hubert": "HubertModel", "wavlm": "WavLMModel", "data2vec-audio": "Data2VecAudioModel"}
+HF_CLASSES = {"hubert": "HubertModel", "wavlm": "WavLMModel", "data2vec-audio": "Data2VecAudioModel",
+              "wav2vec2": "Wav2Vec2Model"}
 """transformers ``model_type`` -> the class whose layer states are read."""
 
 

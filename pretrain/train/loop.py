@@ -135,7 +135,7 @@ def _train(cfg: TrainConfig, argv: list[str] | None, faults: Faults, dist, run_d
                  for i, b in enumerate(micro)]
         inject_nan, step_fault = faults.in_step(step)
         outs, skipped, global_masked = forward_backward(engine, micro, masks, dist.world_size, dtype, inject_nan,
-                                                        step_fault, extras=objective.forward_extras())
+                                                        step_fault, extras=objective.forward_extras(step, dist.rank))
         if skipped:
             # The update is taken at learning rate 0: AdamW (decoupled decay included) then
             # leaves every parameter exactly as it was, on every rank.

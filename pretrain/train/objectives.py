@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from pretrain.config.train import TrainConfig
-from pretrain.model.checkpoint import load_teacher_state
+from pretrain.model.checkpoint import load_objective_state, load_teacher_state
 from pretrain.model.data2vec import EmaTeacher, ema_decay, spread
+from pretrain.model.wav2vec2 import gumbel_temperature, perplexity
 from pretrain.utils import PretrainError
 
 
@@ -34,8 +35,10 @@ class Objective:
     def to(self, device: torch.device) -> None:
         """Move that state to the engine's device."""
 
-    def forward_extras(self) -> dict:
-        """Keyword arguments of every forward of the model."""
+    def forward_extras(self, step: int, rank: int) -> dict:
+        """Keyword arguments of every forward of optimizer step ``step`` (counted from 0) on
+        ``rank``: a function of the two and the objective's state, so that a resumed run passes
+        exactly what the uninterrupted one would have."""
         return {}
 
     def after_step(self, model: torch.nn.Module, step: int) -> None:
@@ -75,7 +78,7 @@ class Data2VecObjective(Objective):
     def to(self, device: torch.device) -> None:
         self.teacher.to(device)
 
-    def forward_extras(self) -> dict:
+    def forward_extras(self, step: int, rank: int) -> dict:
         return {"teacher": self.teacher}
 
     def after_step(self, model: torch.nn.Module, step: int) -> None:
@@ -106,7 +109,75 @@ class Data2VecObjective(Objective):
         return {"teacher": self.teacher.state_dict()}
 
 
-OBJECTIVES: dict[str, type[Objective]] = {"hubert": Objective, "data2vec": Data2VecObjective}
+W2V = "wav2vec2/"
+"""Prefix of the wav2vec 2.0 sums among the summed arrays."""
+
+
+class Wav2Vec2Objective(Objective):
+    """wav2vec 2.0: the model draws its distractors and Gumbel noise from a generator seeded
+    by (run seed, step, rank), and its temperature follows the step; both are handed to every
+    forward, so a resumed run draws and anneals exactly as the uninterrupted one. Its one
+    state is the collapse guard's count of low-perplexity log windows."""
+
+    def prepare(self, model: torch.nn.Module, resume_from: Path | None) -> None:
+        self.low_windows = 0
+        if resume_from is not None:
+            self.load_state_dict(load_objective_state(resume_from))
+
+    def state_dict(self) -> dict:
+        return {"low_windows": self.low_windows}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != {"low_windows"}:
+            raise PretrainError(f"wav2vec 2.0 objective state has keys {sorted(state)}, expected ['low_windows']")
+        self.low_windows = int(state["low_windows"])
+
+    def forward_extras(self, step: int, rank: int) -> dict:
+        seed = np.random.SeedSequence([self.cfg.seed, step, rank, 0x57A2]).generate_state(1, np.uint64)[0]
+        return {"generator": torch.Generator().manual_seed(int(seed)),
+                "temperature": gumbel_temperature(self.cfg.model, step)}
+
+    def sums(self, outs: list[dict]) -> dict[str, np.ndarray]:
+        scalars = np.array([sum(float(o[k]) for o in outs) for k in ("contrastive_sum", "diversity_sum", "correct")])
+        return {f"{W2V}scalars": scalars,
+                f"{W2V}soft": sum(o["code_soft"].numpy().ravel() for o in outs),
+                f"{W2V}hard": sum(o["code_hard"].numpy().ravel() for o in outs)}
+
+    def metrics(self, step: int, sums: dict[str, np.ndarray], num_masked: float) -> dict:
+        """The two losses, the accuracy, the codebooks' perplexities (of the softmax and of the
+        hard codes, per group, over the window's masked frames on every rank), the temperature;
+        and the collapse guard."""
+        w = self.cfg.model.wav2vec2
+        contrastive, diversity, correct = sums[f"{W2V}scalars"]
+        n = max(num_masked, 1.0)
+        out = {"contrastive_loss": contrastive / n, "diversity_loss": diversity / n, "acc_contrastive": correct / n,
+               "temperature": gumbel_temperature(self.cfg.model, step - 1)}  # the last update's
+        soft = torch.from_numpy(sums[f"{W2V}soft"].reshape(w.num_groups, w.num_vars))
+        hard = torch.from_numpy(sums[f"{W2V}hard"].reshape(w.num_groups, w.num_vars))
+        soft_ppl = perplexity(soft / soft.sum(-1, keepdim=True).clamp(min=1e-12))
+        hard_ppl = perplexity(hard / hard.sum(-1, keepdim=True).clamp(min=1e-12))
+        for g in range(w.num_groups):
+            out[f"prob_ppl/g{g}"] = float(soft_ppl[g])
+            out[f"code_ppl/g{g}"] = float(hard_ppl[g])
+        if step >= w.collapse_check_after and num_masked > 0:
+            low = float(hard_ppl.min()) < w.min_code_perplexity
+            self.low_windows = self.low_windows + 1 if low else 0
+            if self.low_windows >= w.collapse_windows:
+                raise PretrainError(
+                    f"step {step}: a wav2vec 2.0 codebook's perplexity stayed below model.wav2vec2."
+                    f"min_code_perplexity={w.min_code_perplexity} for {self.low_windows} log windows (per group: "
+                    f"{', '.join(f'{v:.3g}' for v in hard_ppl.tolist())} of {w.num_vars} entries): the quantizer "
+                    "has collapsed onto a few codes and the contrastive task is trivial. Resume from an earlier "
+                    "checkpoint with a higher diversity_weight or a lower learning rate, or lower the floor if "
+                    "this is expected.")
+        return out
+
+    def model_file_extras(self) -> dict:
+        return {"objective_state": self.state_dict()}
+
+
+OBJECTIVES: dict[str, type[Objective]] = {"hubert": Objective, "data2vec": Data2VecObjective,
+                                          "wav2vec2": Wav2Vec2Objective}
 """``model.objective`` -> its objective."""
 
 

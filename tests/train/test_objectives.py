@@ -7,10 +7,12 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from pretrain.train.faults import Faults
-from pretrain.train.objectives import OBJECTIVES, Data2VecObjective, Objective, objective_for
+from pretrain.train.objectives import OBJECTIVES, Data2VecObjective, Objective, Wav2Vec2Objective, objective_for
 from pretrain.utils import PretrainError
 
 from tests.train.test_loop import cfg
@@ -35,7 +37,8 @@ def test_the_loop_knows_no_objective_by_name():
             words.add(node.attr.lower())
         elif isinstance(node, ast.alias):
             words.add(node.name.lower())
-    named = {w for w in words if any(n in w for n in ("data2vec", "hubert", "teacher", "ema_", "emateacher"))}
+    named = {w for w in words if any(n in w for n in ("data2vec", "hubert", "teacher", "ema_", "emateacher",
+                                                        "wav2vec", "gumbel", "negatives", "quantiz"))}
     assert named <= {"hubertpretrain"}, named  # the model class's name, shared by every objective
 
 
@@ -43,7 +46,35 @@ def test_each_objective_is_found_by_its_config_name():
     assert type(objective_for(cfg())) is Objective
     assert type(objective_for(cfg("model.objective=data2vec", "data.labels=[]", "model.data2vec.top_k_layers=2"))) \
         is Data2VecObjective
-    assert set(OBJECTIVES) == {"hubert", "data2vec"}
+    assert type(objective_for(cfg("model.objective=wav2vec2", "data.labels=[]"))) is Wav2Vec2Objective
+    assert set(OBJECTIVES) == {"hubert", "data2vec", "wav2vec2"}
+
+
+def test_wav2vec2_extras_depend_on_step_and_rank_only_and_the_guard_stops_a_collapse():
+    objective = objective_for(cfg("model.objective=wav2vec2", "data.labels=[]", "model.wav2vec2.num_vars=4",
+                                  "model.wav2vec2.collapse_check_after=10", "model.wav2vec2.collapse_windows=2"))
+    objective.prepare(None, None)
+    draws = [torch.rand(3, generator=objective.forward_extras(step, rank)["generator"])
+             for step, rank in ((5, 0), (5, 0), (5, 1), (6, 0))]
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    assert not torch.equal(draws[0], draws[3])
+    assert objective.forward_extras(0, 0)["temperature"] == 2.0
+    # The window's sums: contrastive, diversity, correct; soft and hard code usage per group.
+    spread = np.ones(8)
+    collapsed = np.array([9.0, 0, 0, 0, 9, 0, 0, 0])
+    sums = {"wav2vec2/scalars": np.array([20.0, 1.0, 5.0]), "wav2vec2/soft": spread, "wav2vec2/hard": collapsed}
+    metrics = objective.metrics(12, sums, 10.0)
+    assert metrics["contrastive_loss"] == 2.0 and metrics["acc_contrastive"] == 0.5
+    assert metrics["prob_ppl/g0"] == pytest.approx(4.0, rel=1e-5) and metrics["code_ppl/g1"] == pytest.approx(1.0)
+    assert objective.state_dict() == {"low_windows": 1}
+    objective.load_state_dict({"low_windows": 1})  # a resumed run keeps counting
+    with pytest.raises(PretrainError, match="perplexity stayed below model.wav2vec2.min_code_perplexity=2.0 for 2"):
+        objective.metrics(13, sums, 10.0)
+    objective.load_state_dict({"low_windows": 1})
+    objective.metrics(14, {**sums, "wav2vec2/hard": spread}, 10.0)  # a healthy window resets the count
+    assert objective.state_dict() == {"low_windows": 0}
+    with pytest.raises(PretrainError, match="expected"):
+        objective.load_state_dict({"low_windows": 0, "other": 1})
 
 
 def test_fault_hooks_fire_at_their_step_on_their_rank_only():

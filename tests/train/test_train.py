@@ -275,6 +275,42 @@ def test_checkpoints_are_probed_in_the_background_and_logged_at_their_step(small
     assert [e.step for e in events.Scalars("probe/best/phone_acc")] == [2, 4]
 
 
+def test_wav2vec2_trains_and_a_killed_run_resumes_bitwise(small_shards, tmp_path):
+    """wav2vec 2.0 (model.objective) through the same trainer: 2 ranks, grad_accum 2, no labels.
+    Rank 1 is killed mid-step 5; the relaunch resumes from step 4 and every later loss, the
+    contrastive and diversity losses and the code perplexities equal the uninterrupted run's bit for bit: the
+    distractors and the Gumbel noise are drawn from (seed, step, rank), the temperature follows
+    the step, and the quantizer's weights are in the checkpoint."""
+    import numpy as np
+
+    w2v = ("data.labels=[]", "model.objective=wav2vec2", "model.wav2vec2.num_vars=32",
+           "model.wav2vec2.codevector_dim=32", "model.wav2vec2.num_negatives=20", "model.wav2vec2.temp_decay=0.9",
+           "model.mask_prob=0.65", "deepspeed.grad_accum=2", "optim.max_steps=6")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    launch(straight, small_shards, *w2v)
+    proc = launch(killed, small_shards, *w2v, fault={"kill_at": 5, "rank": 1}, check=False)
+    assert proc.returncode != 0 and "test fault: killing this rank mid-step" in proc.stderr
+    proc = launch(killed, small_shards, *w2v)
+    assert "resumed from step 4" in proc.stderr
+    assert sorted(losses(straight)) == list(range(1, 7))
+    assert losses(killed) == losses(straight)
+    rows = {json.loads(line)["step"]: json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()}
+    again = {json.loads(line)["step"]: json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()}
+    keys = ("contrastive_loss", "diversity_loss", "acc_contrastive", "code_ppl/g0", "prob_ppl/g1", "temperature")
+    for step in range(5, 7):
+        assert {k: again[step][k] for k in keys} == {k: rows[step][k] for k in keys}, step
+    # The temperature anneals by 0.9 per update from 2, and is logged for the window's last update.
+    assert [round(rows[s]["temperature"], 6) for s in range(1, 7)] == [round(max(2 * 0.9 ** (s - 1), 0.5), 6)
+                                                                        for s in range(1, 7)]
+    assert all(np.isfinite(r["loss"]) and 1 <= r["code_ppl/g0"] <= 32 for r in rows.values())
+    assert not any(k.startswith("acc_masked") for r in rows.values() for k in r)
+    # The checkpoint keeps the collapse guard's count beside the weights.
+    import torch
+
+    payload = torch.load(straight / "checkpoints/step_6/model.pt", weights_only=True)
+    assert payload["objective_state"] == {"low_windows": 0} and "quantizer.codevectors" in payload["state_dict"]
+
+
 def test_data2vec_trains_and_resumes_bitwise_with_its_teacher(small_shards, tmp_path):
     """data2vec (model.objective) through the same trainer: 2 ranks under ZeRO 2, no labels, an
     EMA teacher that a restart restores (a teacher rebuilt from the student would change every
