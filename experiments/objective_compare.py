@@ -1,28 +1,31 @@
-"""data2vec against HuBERT iterations 1 and 2 at equal updates, on the same data, model and
-batches, measured by the probes (ABX, phone, speaker, PNMI) on held-out speech.
+"""HuBERT iterations 1 and 2 against the label-free objectives, data2vec and wav2vec 2.0, at
+equal updates, on the same data, model and batches, measured by the probes (ABX, phone,
+speaker, PNMI) on held-out speech.
 
 1. HuBERT: ``pretrain iterate --config configs/compare/hubert_it2.yaml`` (the demo's two
    iterations: 500 updates on MFCC k-means labels, then 800 more, continuing iteration 1's
    backbone, on labels from its best layer), with its probe stages on the held-out shards (other
    sentences, another seed) and the baselines (MFCC, log-mel, the untrained model);
-2. data2vec: ``launch local --nproc 2 pretrain train`` with ``configs/small_cpu.yaml`` and
-   ``configs/compare/data2vec.yaml`` on the same training shards, 1300 updates, checkpoints every
-   250;
-3. ``pretrain probe`` of data2vec's checkpoints at 500 and 1300 updates, with the probe settings
+2. each label-free arm (``--arms``): ``launch local --nproc 2 pretrain train`` with
+   ``configs/small_cpu.yaml`` and ``configs/compare/<arm>.yaml`` on the same training shards,
+   1300 updates, checkpoints every 250;
+3. ``pretrain probe`` of each arm's checkpoints at 500 and 1300 updates, with the probe settings
    iterate used, on the same held-out shards.
 
-Every figure is the best single layer's, as the probe recorded it. Compute is counted as
-optimizer updates at the same batch (``data.max_tokens``), and in seconds: updates times each
-objective's median seconds per update, measured in this invocation by 40-update runs of both
-arms' configs, interleaved three times (``step_time_s``: forward, backward, update; data2vec's includes its
-teacher's forward and EMA update), so that both are timed on the same quiet machine; the
-trainers' own logged step times are kept in the JSON as ``logged_step_seconds``. HuBERT's
-offline label stages (features, k-means, labels; ``labels (s)``) come from iterate's records.
-A rerun with the same ``--out`` continues what is there (every step is restartable). The last
-line is JSON; ``objective_compare.md`` and ``.png`` in ``--out`` hold the table and a chart
-(``--table`` writes the table elsewhere too).
+The main table gives the best single layer's figure, as the probe recorded it; the second, the
+SUPERB-style learned weighted sum of the layers (fitted by the phone probe, reused by the
+others). Compute is counted as optimizer updates at the same batch (``data.max_tokens``), and in
+seconds: updates times each objective's median seconds per update, measured in this invocation
+by 40-update runs of every arm's config, interleaved three times (``step_time_s``: forward,
+backward, update; data2vec's includes its teacher's forward and EMA update, wav2vec 2.0's its
+quantizer and distractors), so that all are timed on the same quiet machine; the trainers' own
+logged step times are kept in the JSON as ``logged_step_seconds``. HuBERT's offline label
+stages (features, k-means, labels; ``labels (s)``) come from iterate's records. A rerun with
+the same ``--out`` continues what is there (every step is restartable). The last line is JSON;
+``objective_compare.md`` and ``.png`` in ``--out`` hold the tables and a chart (``--table``
+writes the tables elsewhere too).
 
-    python experiments/objective_compare.py --out /tmp/objcmp        # about 35 min on 2 cores
+    python experiments/objective_compare.py --out /tmp/objcmp        # about 55 min on 2 cores
 """
 
 from __future__ import annotations
@@ -96,15 +99,23 @@ def probe_args(iterate_stage: Path) -> list[str]:
 
 
 def rows_of(probe: dict, name: str) -> dict:
+    """The best single layer's figure of every metric, and the weighted sum's (``weighted_*``)."""
     out = {}
+    weighted = probe.get("rows", {}).get(name, {}).get("layers", {}).get("weighted", {})
     for metric in METRICS:
         value, layer = best_of(probe, name, metric)
         out[metric], out[f"{metric}_layer"] = value, layer
+        out[f"weighted_{metric}"] = weighted.get(metric)
     return out
 
 
+def _value(metric: str, v: float | None) -> str:
+    return "–" if v is None else (f"{v:.3f}" if metric == "pnmi" else f"{v:.2f}" if v < 10 else f"{v:.1f}")
+
+
 def table(record: dict) -> str:
-    lines = ["| model | updates | training (s) | labels (s) | " + " | ".join(HEADERS[m] for m in METRICS) + " |",
+    lines = ["Best single layer:", "",
+             "| model | updates | training (s) | labels (s) | " + " | ".join(HEADERS[m] for m in METRICS) + " |",
              "|---" * (4 + len(METRICS)) + "|"]
     for row in record["rows"]:
         cells = [row["model"], str(row.get("updates", "–")),
@@ -116,13 +127,21 @@ def table(record: dict) -> str:
                          + (f" (L{row[m + '_layer']})" if row.get(m + "_layer") not in (None, "0") and v is not None
                             and row.get("updates") else ""))
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Learned weighted sum of the layers (the models only):", "",
+              "| model | updates | " + " | ".join(HEADERS[m] for m in METRICS) + " |", "|---" * (2 + len(METRICS)) + "|"]
+    for row in record["rows"]:
+        if row.get("updates"):
+            lines.append(f"| {row['model']} | {row['updates']} | "
+                         + " | ".join(_value(m, row.get(f"weighted_{m}")) for m in METRICS) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot(record: dict, path: Path) -> None:
-    """One panel per metric: the baselines in grey, HuBERT in blue, data2vec in orange."""
+    """One panel per metric: the baselines in grey, HuBERT in blue, data2vec in orange, wav2vec
+    2.0 in green."""
     rows = record["rows"]
-    colors = [{"hubert": "tab:blue", "data2vec": "tab:orange"}.get(r.get("objective"), "0.6") for r in rows]
+    colors = [{"hubert": "tab:blue", "data2vec": "tab:orange", "wav2vec2": "tab:green"}.get(r.get("objective"), "0.6")
+              for r in rows]
     fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 4.2), sharey=True)
     for ax, metric in zip(axes, METRICS):
         values = [r.get(metric) or 0.0 for r in rows]
@@ -134,8 +153,8 @@ def plot(record: dict, path: Path) -> None:
             ax.text(v, y, f" {v:.3f}" if metric == "pnmi" else f" {v:.1f}", va="center", fontsize=7)
     axes[0].set_yticks(range(len(rows)), [r["model"] for r in rows], fontsize=8)
     axes[0].invert_yaxis()
-    fig.suptitle("Held-out probes, best layer: data2vec vs HuBERT at equal updates (experiments/objective_compare.py)",
-                 fontsize=10)
+    fig.suptitle("Held-out probes, best layer: HuBERT, data2vec and wav2vec 2.0 at equal updates "
+                 "(experiments/objective_compare.py)", fontsize=10)
     fig.tight_layout()
     atomic_savefig(fig, path)
 
@@ -144,10 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="/tmp/objcmp", help="working directory (a rerun continues it)")
     ap.add_argument("--hubert-config", default="configs/compare/hubert_it2.yaml")
-    ap.add_argument("--data2vec-config", default="configs/compare/data2vec.yaml")
+    ap.add_argument("--arms", default="data2vec,wav2vec2",
+                    help="label-free objectives to compare, each trained with configs/compare/<arm>.yaml")
     ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--table", help="also write the Markdown table here")
+    ap.add_argument("--table", help="also write the Markdown tables here")
     args = ap.parse_args(argv)
+    arms = [a for a in args.arms.split(",") if a]
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     log = out / "objective_compare.log"
@@ -158,34 +179,43 @@ def main(argv: list[str] | None = None) -> int:
     _, cfg, _, _ = resolve(["iterate", "--config", args.hubert_config, f"run_dir={hubert}"])
     it1_steps, it2_steps = cfg.iterations[0].max_steps, cfg.iterations[1].max_steps
     total = it1_steps + it2_steps
-    d2v = out / "data2vec"
-    train = d2v / "train"
-    if not (train / "checkpoints" / f"step_{total}").is_dir():
-        seconds["data2vec_train"] = run(
-            [str(BIN / "launch"), "local", "--nproc", str(args.nproc), "pretrain", "train",
-             "--config", str(ROOT / "configs/small_cpu.yaml"), "--config", str(ROOT / args.data2vec_config),
-             f"run_dir={train}", f"data.shards={hubert / 'shards'}", f"optim.max_steps={total}"], log)
+    arm_argv = {arm: ["--config", str(ROOT / "configs/small_cpu.yaml"), "--config",
+                      str(ROOT / "configs" / "compare" / f"{arm}.yaml"), f"data.shards={hubert / 'shards'}"]
+                for arm in arms}
+    for arm in arms:
+        train = out / arm / "train"
+        if not (train / "checkpoints" / f"step_{total}").is_dir():
+            seconds[f"{arm}_train"] = run([str(BIN / "launch"), "local", "--nproc", str(args.nproc), "pretrain",
+                                           "train", *arm_argv[arm], f"run_dir={train}", f"optim.max_steps={total}"],
+                                          log)
     # Per-update cost of each objective, timed back to back here (the arms' own runs may have
-    # shared the machine with other work): HuBERT on iteration 1's labels, data2vec as trained.
+    # shared the machine with other work): HuBERT on iteration 1's labels, the others as trained.
     it1_train = json.loads((hubert / "stages" / "it1.train.json").read_text())["argv"]
     hubert_argv = [a for a in it1_train[2:] if not a.startswith(("run_dir=", "optim.max_steps="))]
-    data2vec_argv = ["--config", str(ROOT / "configs/small_cpu.yaml"), "--config", str(ROOT / args.data2vec_config),
-                     f"data.shards={hubert / 'shards'}"]
-    cost = step_costs(out, {"hubert": hubert_argv, "data2vec": data2vec_argv}, args.nproc, log)
+    cost = step_costs(out, {"hubert": hubert_argv, **arm_argv}, args.nproc, log)
     common = probe_args(hubert / "stages" / "it1.probe.json")
-    probes = {}
-    for step in (it1_steps, total):
-        dest = d2v / f"probe_step_{step}"
-        if not (dest / "probe.json").is_file():
-            seconds[f"data2vec_probe_{step}"] = run(
-                [str(BIN / "pretrain"), "probe", "--checkpoint", str(train / "checkpoints" / f"step_{step}"),
-                 "--out", str(dest), *common, "baselines=none"], log)
-        probes[step] = json.loads((dest / "probe.json").read_text())
+    probes: dict[str, dict[int, dict]] = {}
+    for arm in arms:
+        probes[arm] = {}
+        for step in (it1_steps, total):
+            dest = out / arm / f"probe_step_{step}"
+            if not (dest / "probe.json").is_file():
+                seconds[f"{arm}_probe_{step}"] = run(
+                    [str(BIN / "pretrain"), "probe", "--checkpoint", str(out / arm / "train" / "checkpoints" / f"step_{step}"),
+                     "--out", str(dest), *common, "baselines=none"], log)
+            probes[arm][step] = json.loads((dest / "probe.json").read_text())
     it1 = json.loads((hubert / "it1" / "probe" / "probe.json").read_text())
     it2 = json.loads((hubert / "it2" / "probe" / "probe.json").read_text())
     stage = {p.stem: json.loads(p.read_text()).get("seconds") for p in (hubert / "stages").glob("*.json")}
     it1_logged = step_seconds(hubert / "it1" / "train", it1_steps)
     labels_s = {i: sum(stage.get(f"it{i}.{s}") or 0 for s in ("features", "kmeans", "labels")) for i in (1, 2)}
+    names = {"data2vec": "data2vec", "wav2vec2": "wav2vec 2.0"}
+
+    def arm_row(arm: str, updates: int) -> dict:
+        return {"model": f"{names.get(arm, arm)}, {updates} updates", "objective": arm, "updates": updates,
+                "train_seconds": updates * cost[arm], "logged_step_seconds": step_seconds(out / arm / "train", updates),
+                **rows_of(probes[arm][updates], "model")}
+
     rows = [
         {"model": "MFCC (39-dim)", **rows_of(it1, "mfcc")},
         {"model": "log-mel (80-dim)", **rows_of(it1, "logmel")},
@@ -193,22 +223,23 @@ def main(argv: list[str] | None = None) -> int:
         {"model": "HuBERT iteration 1", "objective": "hubert", "updates": it1_steps,
          "train_seconds": it1_steps * cost["hubert"], "label_seconds": labels_s[1],
          "logged_step_seconds": it1_logged, **rows_of(it1, "model")},
-        {"model": f"data2vec, {it1_steps} updates", "objective": "data2vec", "updates": it1_steps,
-         "train_seconds": it1_steps * cost["data2vec"], "logged_step_seconds": step_seconds(train, it1_steps),
-         **rows_of(probes[it1_steps], "model")},
+        *[arm_row(arm, it1_steps) for arm in arms],
         {"model": "HuBERT iteration 2", "objective": "hubert", "updates": total,
          "train_seconds": total * cost["hubert"], "label_seconds": labels_s[1] + labels_s[2],
          "logged_step_seconds": it1_logged + step_seconds(hubert / "it2" / "train", it2_steps),
          **rows_of(it2, "model")},
-        {"model": f"data2vec, {total} updates", "objective": "data2vec", "updates": total,
-         "train_seconds": total * cost["data2vec"], "logged_step_seconds": step_seconds(train, total),
-         **rows_of(probes[total], "model")},
+        *[arm_row(arm, total) for arm in arms],
     ]
-    metrics = [json.loads(line) for line in (train / "metrics.jsonl").read_text().splitlines()]
-    last = [r for r in metrics if "target_var" in r][-1]
-    record = {"rows": rows, "seconds_per_update": cost, "cost_ratio_data2vec_vs_hubert": cost["data2vec"] / cost["hubert"],
-              "seconds": seconds, "hubert_stage_seconds": stage,
-              "data2vec_final": {k: last[k] for k in ("step", "loss", "target_var", "pred_var", "ema_decay")},
+    finals = {}
+    for arm in arms:
+        logged = [json.loads(line) for line in (out / arm / "train" / "metrics.jsonl").read_text().splitlines()]
+        last = [r for r in logged if "loss" in r][-1]
+        finals[arm] = {k: v for k, v in last.items()
+                       if k in ("step", "loss", "target_var", "pred_var", "ema_decay", "contrastive_loss",
+                                "diversity_loss", "acc_contrastive", "temperature") or k.startswith(("code_ppl", "prob_ppl"))}
+    record = {"rows": rows, "seconds_per_update": cost,
+              "cost_ratio_vs_hubert": {arm: cost[arm] / cost["hubert"] for arm in arms},
+              "seconds": seconds, "hubert_stage_seconds": stage, "final_training_metrics": finals,
               "eval_shards": str(hubert / "eval" / "shards"), "nproc": args.nproc}
     text = table(record)
     atomic_write_json(out / "objective_compare.json", record)

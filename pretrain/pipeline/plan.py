@@ -131,24 +131,27 @@ def _reference(cfg: IterateConfig, rate: int) -> str | None:
     return name if synthetic else None
 
 
-def _refuse_data2vec(cfg: IterateConfig) -> None:
-    """Every iteration here clusters and trains on the labels; data2vec learns from its EMA
-    teacher and uses none, so such a run is refused before anything is planned (its own
-    validation would otherwise stop it at the training stage, naming data.labels)."""
+def _refuse_label_free(cfg: IterateConfig) -> None:
+    """Every iteration here clusters and trains on the labels; data2vec (an EMA teacher) and
+    wav2vec 2.0 (its own quantized targets) use none, so such a run is refused before anything
+    is planned (its own validation would otherwise stop it at the training stage, naming
+    data.labels)."""
+    learns = {"data2vec": "from an EMA teacher", "wav2vec2": "its own quantized targets"}
     files = [OmegaConf.load(config_path(path)) for path in cfg.train_configs]
     for i, it in enumerate(cfg.iterations):
         merged = OmegaConf.merge(*files, OmegaConf.from_dotlist([*cfg.train_overrides, *it.train_overrides]))
-        if OmegaConf.select(merged, "model.objective", default="hubert") == "data2vec":
+        objective = OmegaConf.select(merged, "model.objective", default="hubert")
+        if objective in learns:
             raise PretrainError(
-                f"iterations.{i}: its training has model.objective=data2vec (from train_configs/train_overrides), "
-                f"which learns from an EMA teacher without cluster labels, but each iteration of pretrain iterate "
-                f"clusters (iterations.{i}.k={it.k}) and trains on the labels; train data2vec with `pretrain "
+                f"iterations.{i}: its training has model.objective={objective} (from train_configs/train_overrides), "
+                f"which learns {learns[objective]} without cluster labels, but each iteration of pretrain iterate "
+                f"clusters (iterations.{i}.k={it.k}) and trains on the labels; train {objective} with `pretrain "
                 "train` (or `launch slurm train`) and data.labels=[]")
 
 
 def plan(cfg: IterateConfig, create_identity: bool = True) -> list[PlannedStage]:
     """The stages of ``cfg``; ``create_identity=False`` (a dry run) writes nothing."""
-    _refuse_data2vec(cfg)
+    _refuse_label_free(cfg)
     run = Path(cfg.run_dir).resolve()
     shards = shards_dir(cfg).resolve()
     run_id = "" if inside(shards, run) else run_identity(run, create_identity)

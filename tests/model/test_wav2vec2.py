@@ -224,8 +224,9 @@ def test_export_import_and_probe_through_transformers(tmp_path, tiny_corpus):
     # The probe reads the transformers folder itself.
     from pretrain.model.states import LayerStates
 
-    source = LayerStates(tmp_path / "hf_backbone")
-    assert source.num_layers == cfg.encoder_layers and source.arch == "wav2vec2"
+    for folder in ("hf_backbone", "hf"):  # a Wav2Vec2Model, and the Wav2Vec2ForPreTraining's backbone
+        source = LayerStates(tmp_path / folder)
+        assert source.num_layers == cfg.encoder_layers and source.arch == "wav2vec2"
 
 
 def test_the_shipped_base_config_is_transformers_default_wav2vec2():

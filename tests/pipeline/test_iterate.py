@@ -427,7 +427,9 @@ def test_an_interrupted_corpus_synthesis_is_redone_when_the_run_is_resumed(tmp_p
     assert lines and all(json.loads(line)["voice"] == "flite-kal16" for line in lines)
 
 
-def test_a_data2vec_run_is_refused_naming_the_iteration(tmp_path):
+@pytest.mark.parametrize("objective, learns", [("data2vec", "from an EMA teacher"),
+                                               ("wav2vec2", "its own quantized targets")])
+def test_a_label_free_run_is_refused_naming_the_iteration(tmp_path, objective, learns):
     from pretrain.config import load_config
     from pretrain.config.iterate import IterateConfig
     from pretrain.pipeline.plan import plan
@@ -436,9 +438,9 @@ def test_a_data2vec_run_is_refused_naming_the_iteration(tmp_path):
     overrides = [f"run_dir={tmp_path / 'run'}", "export=false",
                  f"train_configs=[{REPO / 'configs/model/tiny.yaml'},{REPO / 'configs/train/tiny_cpu.yaml'}]"]
     cfg = load_config(IterateConfig, [REPO / "configs/demo.yaml"],
-                      [*overrides, "iterations.1.train_overrides=[model.objective=data2vec]"])
-    with pytest.raises(PretrainError, match=r"iterations\.1: its training has model.objective=data2vec.*"
-                                            r"iterations\.1\.k=100"):
+                      [*overrides, f"iterations.1.train_overrides=[model.objective={objective}]"])
+    with pytest.raises(PretrainError, match=rf"iterations\.1: its training has model.objective={objective} "
+                                            rf".*learns {learns}.*iterations\.1\.k=100"):
         plan(cfg)
     assert not (tmp_path / "run").exists()
 
