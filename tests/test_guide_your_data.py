@@ -66,7 +66,7 @@ def test_every_command_of_the_guide_runs_on_a_librispeech_shaped_tree(librispeec
     tiny = ["nproc=1", "jobs=1", "iterations.0.k=5", "iterations.0.fraction=1.0", "iterations.0.max_frames=20000",
             "iterations.0.max_steps=1", "iterations.1.k=5", "iterations.1.layer=1", "iterations.1.fraction=1.0",
             "iterations.1.max_frames=20000", "iterations.1.max_steps=1", "eval.probes=phone,speaker,pnmi",
-            "eval.probe_overrides=[phone.epochs=3,phone.ctc_epochs=1,speaker.epochs=5,threads=1]", *per_iteration]
+            "eval.probe_overrides=[phone.epochs=3,phone.ctc_epochs=1,speaker.epochs=5]", *per_iteration]
     outputs = []
     for line in commands():
         if line.startswith("export "):
