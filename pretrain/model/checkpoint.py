@@ -118,19 +118,20 @@ def load_model(path: str | Path, map_location: str = "cpu") -> HubertPretrain:
     return model
 
 
-def load_teacher_state(path: str | Path) -> dict:
-    """The EMA teacher saved with a data2vec model file."""
+def _saved_beside(path: str | Path, key: str, missing: str):
+    """What a model file keeps beside the weights under ``key``; ``missing`` says why it may lack it."""
     path = resolve_model_file(path)
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    if "teacher" not in payload:
-        raise PretrainError(f"{path} holds no data2vec teacher (a HuBERT model, or written by another tool)")
-    return payload["teacher"]
+    if key not in payload:
+        raise PretrainError(f"{path} holds no {missing}")
+    return payload[key]
+
+
+def load_teacher_state(path: str | Path) -> dict:
+    """The EMA teacher saved with a data2vec model file."""
+    return _saved_beside(path, "teacher", "data2vec teacher (a HuBERT model, or written by another tool)")
 
 
 def load_objective_state(path: str | Path) -> dict:
     """The objective's state saved with a model file (``save_model(objective_state=)``)."""
-    path = resolve_model_file(path)
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if "objective_state" not in payload:
-        raise PretrainError(f"{path} holds no objective state (written by another objective or tool)")
-    return payload["objective_state"]
+    return _saved_beside(path, "objective_state", "objective state (written by another objective or tool)")

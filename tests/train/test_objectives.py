@@ -77,6 +77,21 @@ def test_wav2vec2_extras_depend_on_step_and_rank_only_and_the_guard_stops_a_coll
         objective.load_state_dict({"low_windows": 0, "other": 1})
 
 
+def test_a_wav2vec2_resume_from_a_model_file_without_its_state_is_refused(tmp_path):
+    from pretrain.model.checkpoint import save_model
+    from pretrain.model.wav2vec2 import Wav2Vec2Pretrain
+
+    config = cfg("model.objective=wav2vec2", "data.labels=[]", "model.wav2vec2.num_vars=4")
+    objective = objective_for(config)
+    model = Wav2Vec2Pretrain(config.model)
+    save_model(tmp_path / "model.pt", model)  # as another tool or objective would: no objective_state
+    with pytest.raises(PretrainError, match="holds no objective state"):
+        objective.prepare(model, tmp_path)
+    save_model(tmp_path / "model.pt", model, objective_state={"low_windows": 2})
+    objective.prepare(model, tmp_path)
+    assert objective.state_dict() == {"low_windows": 2}
+
+
 def test_fault_hooks_fire_at_their_step_on_their_rank_only():
     save = Faults({"raise_at": 3, "rank": 1, "where": "save"}, rank=1)
     save.before_save(2)
