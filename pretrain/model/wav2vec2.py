@@ -164,12 +164,12 @@ class Wav2Vec2Pretrain(nn.Module):
             if generator is None:
                 raise ValueError("pass generator= (a torch.Generator) or negatives= to choose the distractors")
             negatives = sample_negatives(counts, w.num_negatives, generator)
-        if gumbel is None and self.training:
+        if not self.training:
+            gumbel = None  # evaluation takes the argmax codes
+        elif gumbel is None:
             if generator is None:
                 raise ValueError("a training forward needs generator= or gumbel= for the Gumbel noise")
             gumbel = gumbel_noise((n, w.num_groups, w.num_vars), generator)
-        if not self.training:
-            gumbel = None
         temperature = w.temp_start if temperature is None else temperature
         q = self.quantizer(unmasked[mask], temperature, None if gumbel is None else gumbel.to(x.device))
         y = self.project_q(q["codes"].to(x.dtype)).float()  # (N, final_dim)
