@@ -7,6 +7,7 @@
 #     where real recordings matter and phone labels do not (tests/conftest.py: recorded_speech),
 #   - a virtual environment in .venv with a CPU torch installed *before* everything else,
 #     so that deepspeed's resolution never pulls a CUDA torch plus its nvidia wheels,
+#   - Libri-light's ABX in .venv/libriabx, for the test that checks ours against it,
 #   - the package itself, editable, with the cpu (faiss-cpu) and dev extras; set
 #     PRETRAIN_EXTRAS=gpu,dev on a GPU machine for faiss-gpu instead.
 # Re-running it is cheap: every step checks whether it is already done.
@@ -63,6 +64,14 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # Without its dependencies: they pin a torchaudio built for another torch, which would
   # replace ours; the hf_hubert upstream needs only torch and transformers.
   pip_install --no-deps "s3prl==0.4.18"
+  # Libri-light's own ABX (eval_ABX, as ZeroSpeech packages it), for the test that runs it next
+  # to ours (tests/probe/test_abx_librilight.py); in a folder of its own, never imported by the
+  # package. Built from source: the wheel's DTW extension is compiled against numpy 1. Without
+  # dependencies: it asks for torchaudio, which has no build for our torch and which its ABX
+  # never calls.
+  rm -rf "$VENV/libriabx"
+  pip_install --no-deps --no-binary zerospeech-libriabx --target "$VENV/libriabx" "zerospeech-libriabx==1.0.5" \
+    "progressbar2==4.6.0" "python-utils==4.2.0" "virtual-dataset==1.0.1"
   "$VENV/bin/python" -c "import torch, deepspeed, webdataset, wandb, omegaconf, numba, faiss, soundfile" \
     || { echo "setup: Python packages failed to import" >&2; exit 1; }
   echo "$want" > "$stamp"

@@ -4,6 +4,7 @@ model's layers on held-out evaluation shards, next to the MFCC, log-mel and untr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from omegaconf import MISSING
@@ -66,7 +67,17 @@ class AbxConfig:
     seed: int = 0
     """Seed of the item subsample."""
 
+    item_file: Optional[str] = None
+    """A Libri-light ``.item`` file (``#file onset offset #phone prev-phone next-phone speaker``,
+    e.g. its ``dev-clean.item``): ABX then scores its items, not triphones of the phone
+    reference, with its phones and speakers; its file IDs name the utterances whose keys are
+    them or end in ``/<ID>``. With LibriSpeech dev-clean in the evaluation shards this is the
+    number papers report (Libri-light's ``eval_ABX``, ``feature_size`` 0.02), up to the
+    subsampling ``max_per_group`` sets (docs/probes.md)."""
+
     def validate(self) -> None:
+        if self.item_file is not None and not Path(self.item_file).is_file():
+            raise ConfigError(f"no such file: {self.item_file}", field="item_file")
         if self.max_per_group < 2:
             raise ConfigError(f"must be >= 2 (A and X are two items), got {self.max_per_group}",
                               field="max_per_group")

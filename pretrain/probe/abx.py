@@ -11,24 +11,44 @@ wrong.
 - *within speaker*: A, B and X from one speaker; a score per (context, speaker, a, b), averaged
   over contexts, then over speakers, then over the ordered phone pairs (a, b);
 - *across speakers*: A and B from one speaker, X from another; a score per (context, speaker
-  of A/B, speaker of X, a, b), averaged over contexts, then over speaker pairs, then over
-  phone pairs.
+  of A/B, speaker of X, a, b), averaged over (context, speaker of X), then over the speaker of
+  A/B, then over phone pairs.
 
 ``d`` is the dynamic-time-warping distance between the two items' frame sequences under the
-frame-wise angular distance ``arccos(cos(u, v)) / pi`` (0 .. 1; a zero vector is at 0.5 from
-everything), normalized by the length of the best path, with steps (1, 0), (0, 1), (1, 1). The
-DTW (frame distances and recursion) is compiled with numba and runs over all pairs of a layer
-in parallel; ``dtw_reference`` is the plain numpy version it is tested against.
+frame-wise angular distance ``arccos(cos(u, v)) / pi`` (0 .. 1), normalized by the length of
+the best path, with steps (1, 0), (0, 1), (1, 1). The DTW (frame distances and recursion) is
+compiled with numba and runs over all pairs of a layer in parallel; ``dtw_reference`` is the
+plain numpy version it is tested against.
 
-Items are subsampled with a fixed seed to at most ``max_per_group`` per (context, speaker,
-centre phone), so a layer costs seconds.
+The rules are Libri-light's ``eval_ABX`` (facebookresearch/libri-light, ``eval/ABX_src``),
+re-derived, so that a number here sits next to a published one; ``tests/probe/
+test_abx_librilight.py`` runs that implementation on the same features and item file:
+
+- a zero frame is at distance 1 from every other frame and 0 from another zero frame (its
+  "singularity" normalization);
+- the path length is that of the path its backtracking follows: from the end, diagonal when it
+  costs no more than either neighbour, else left (one frame of the second item back) when it
+  costs no more than up, else up. Following the same choice forward gives the same length;
+- across speakers, the scores are averaged over (context, speaker of X) together, then over
+  the speaker of A and B, then over phone pairs;
+- ``read_item_file`` reads its ``.item`` files (``#file onset offset #phone prev next
+  speaker``), with its frame rule: frames ``ceil(onset/step - 0.5)`` to ``floor(offset/step -
+  0.5)``, end exclusive.
+
+What differs: items are subsampled once, with a fixed seed, to at most ``max_per_group`` per
+(context, speaker, centre phone), where ``eval_ABX`` draws up to ``max_size_group`` (10) anew
+for every triplet group (so its number moves by a few hundredths between runs); across
+speakers every other speaker serves as X, where it samples 5 (``max_x_across``). With groups
+under both caps the two give the same number. Computation is float64 (theirs float32).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -36,41 +56,53 @@ import numpy as np
 from pretrain.probe.data import segments
 from pretrain.utils import PretrainError
 
+log = logging.getLogger(__name__)
+
 
 @numba.njit(cache=True, nogil=True)
-def _dtw(x: np.ndarray, y: np.ndarray) -> float:
+def _dtw(x: np.ndarray, y: np.ndarray, x_null: np.ndarray, y_null: np.ndarray) -> float:
     n, m, dim = x.shape[0], y.shape[0], x.shape[1]
     cost = np.empty((n, m))
     length = np.empty((n, m))
     for i in range(n):
         for j in range(m):
-            dot = 0.0
-            for k in range(dim):
-                dot += x[i, k] * y[j, k]
-            dot = min(1.0, max(-1.0, dot))
-            d = math.acos(dot) / math.pi
+            if x_null[i] or y_null[j]:
+                d = 0.0 if (x_null[i] and y_null[j]) else 1.0
+            else:
+                dot = 0.0
+                for k in range(dim):
+                    dot += x[i, k] * y[j, k]
+                dot = min(1.0, max(-1.0, dot))
+                d = math.acos(dot) / math.pi
             if i == 0 and j == 0:
                 cost[i, j], length[i, j] = d, 1.0
                 continue
-            # Candidates in a fixed order (diagonal, up, left), strictly smaller wins: the
-            # reference makes the same choice, so both give the same path on ties.
-            best, best_len = np.inf, 0.0
-            if i > 0 and j > 0:
-                best, best_len = cost[i - 1, j - 1], length[i - 1, j - 1]
-            if i > 0 and cost[i - 1, j] < best:
-                best, best_len = cost[i - 1, j], length[i - 1, j]
-            if j > 0 and cost[i, j - 1] < best:
-                best, best_len = cost[i, j - 1], length[i, j - 1]
-            cost[i, j], length[i, j] = best + d, best_len + 1.0
+            # The step Libri-light's backtracking takes: diagonal unless a neighbour is strictly
+            # cheaper, then left (j - 1) unless up is strictly cheaper. On an edge the only step.
+            if i == 0:
+                pi_, pj = 0, j - 1
+            elif j == 0:
+                pi_, pj = i - 1, 0
+            else:
+                diag, left, up = cost[i - 1, j - 1], cost[i, j - 1], cost[i - 1, j]
+                if diag <= left and diag <= up:
+                    pi_, pj = i - 1, j - 1
+                elif left <= up:
+                    pi_, pj = i, j - 1
+                else:
+                    pi_, pj = i - 1, j
+            cost[i, j], length[i, j] = cost[pi_, pj] + d, length[pi_, pj] + 1.0
     return cost[n - 1, m - 1] / length[n - 1, m - 1]
 
 
 @numba.njit(parallel=True, cache=True)
-def _dtw_pairs(feats: np.ndarray, starts: np.ndarray, ends: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+def _dtw_pairs(feats: np.ndarray, null: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+               pairs: np.ndarray) -> np.ndarray:
     out = np.empty(pairs.shape[0])
     for p in numba.prange(pairs.shape[0]):
         a, b = pairs[p, 0], pairs[p, 1]
-        out[p] = _dtw(feats[starts[a]:ends[a]], feats[starts[b]:ends[b]])
+        out[p] = _dtw(feats[starts[a]:ends[a]], feats[starts[b]:ends[b]], null[starts[a]:ends[a]],
+                      null[starts[b]:ends[b]])
     return out
 
 
@@ -82,38 +114,41 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
 
 
 def dtw_pairs(feats: np.ndarray, starts: np.ndarray, ends: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    """DTW distance of each (item, item) pair; ``feats`` rows already unit length."""
+    """DTW distance of each (item, item) pair; ``feats`` rows already unit length (or zero)."""
     if len(pairs) == 0:
         return np.zeros(0)
-    return _dtw_pairs(np.ascontiguousarray(feats, dtype=np.float64), np.asarray(starts, np.int64),
-                      np.asarray(ends, np.int64), np.ascontiguousarray(pairs, dtype=np.int64))
+    feats = np.ascontiguousarray(feats, dtype=np.float64)
+    null = ~np.any(feats != 0, axis=1)
+    return _dtw_pairs(feats, null, np.asarray(starts, np.int64), np.asarray(ends, np.int64),
+                      np.ascontiguousarray(pairs, dtype=np.int64))
 
 
 def dtw_reference(x: np.ndarray, y: np.ndarray) -> float:
-    """The same DTW in plain numpy and Python (slow; the numba kernel's reference)."""
+    """The same DTW in plain numpy and Python, written the other way round (slow; the numba
+    kernel's reference): the whole cost matrix first, then the path length by backtracking."""
     x, y = unit_rows(x), unit_rows(y)
     d = np.arccos(np.clip(x @ y.T, -1.0, 1.0)) / np.pi
+    x_null, y_null = ~np.any(x != 0, axis=1), ~np.any(y != 0, axis=1)
+    d[x_null[:, None] | y_null[None, :]] = 1.0
+    d[x_null[:, None] & y_null[None, :]] = 0.0
     n, m = d.shape
-    cost = np.full((n, m), np.inf)
-    length = np.zeros((n, m))
-    cost[0, 0], length[0, 0] = d[0, 0], 1
+    cost = np.zeros((n, m))
     for i in range(n):
         for j in range(m):
-            if i == 0 and j == 0:
-                continue
-            cands = []
-            if i > 0 and j > 0:
-                cands.append((cost[i - 1, j - 1], length[i - 1, j - 1]))
-            if i > 0:
-                cands.append((cost[i - 1, j], length[i - 1, j]))
-            if j > 0:
-                cands.append((cost[i, j - 1], length[i, j - 1]))
-            best = cands[0]
-            for c in cands[1:]:
-                if c[0] < best[0]:
-                    best = c
-            cost[i, j], length[i, j] = best[0] + d[i, j], best[1] + 1
-    return float(cost[-1, -1] / length[-1, -1])
+            prev = [c for c in ((cost[i - 1, j] if i else None), (cost[i, j - 1] if j else None),
+                                (cost[i - 1, j - 1] if i and j else None)) if c is not None]
+            cost[i, j] = d[i, j] + (min(prev) if prev else 0.0)
+    i, j, steps = n - 1, m - 1, 1
+    while i > 0 and j > 0:
+        diag, left, up = cost[i - 1, j - 1], cost[i, j - 1], cost[i - 1, j]
+        if diag <= left and diag <= up:
+            i, j = i - 1, j - 1
+        elif left <= up:
+            j -= 1
+        else:
+            i -= 1
+        steps += 1
+    return float(cost[-1, -1] / (steps + i + j))
 
 
 @dataclass
@@ -141,18 +176,91 @@ def build_items(phones: list[np.ndarray], offsets: np.ndarray, speakers: list[in
         for (p, s0, _), (c, _, _), (n, _, e2) in zip(segs, segs[1:], segs[2:]):
             if silence is not None and silence in (p, c, n):
                 continue
-            groups[(p, n, speakers[u], c)].append((int(offsets[u] + s0), int(offsets[u] + e2)))
+            groups[((p, n), speakers[u], c)].append((int(offsets[u] + s0), int(offsets[u] + e2)))
+    return _subsample(groups, max_per_group, seed)
+
+
+def _subsample(groups: dict[tuple, list[tuple[int, int]]], max_per_group: int, seed: int) -> Items:
+    """Items of ``groups`` ((context, speaker, centre) -> frame spans), at most ``max_per_group``
+    of each, a seeded choice in the groups' sorted order."""
     rng = np.random.default_rng(seed)
-    contexts: dict[tuple[int, int], int] = {}
+    contexts: dict = {}
     rows = []
-    for (p, n, s, c) in sorted(groups):
-        spans = groups[(p, n, s, c)]
+    for key in sorted(groups):
+        ctx, speaker, centre = key
+        spans = groups[key]
         if len(spans) > max_per_group:
             spans = [spans[i] for i in np.sort(rng.choice(len(spans), max_per_group, replace=False))]
-        ctx = contexts.setdefault((p, n), len(contexts))
-        rows += [(a, b, c, ctx, s) for a, b in spans]
+        ctx_id = contexts.setdefault(ctx, len(contexts))
+        rows += [(a, b, centre, ctx_id, speaker) for a, b in spans]
     arr = np.array(rows, dtype=np.int64).reshape(-1, 5)
     return Items(arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3], arr[:, 4])
+
+
+def read_item_file(path: str | Path, keys: list[str], offsets: np.ndarray, max_per_group: int, seed: int,
+                   feature_size: float = 0.02) -> tuple[Items, dict]:
+    """Items of a Libri-light ``.item`` file on the evaluation set's utterances.
+
+    A line's file ID names the utterance whose key is it or ends in ``/<ID>`` (a LibriSpeech
+    folder's shard keys end in the file's stem). Frames follow ``eval_ABX``: ``ceil(onset /
+    feature_size - 0.5)`` up to ``floor(offset / feature_size - 0.5)``, end exclusive, within the
+    utterance. Items of files not in the set, and spans with no frame, are counted (``eval_ABX``
+    drops both silently); phones, contexts and speakers are the file's names.
+    """
+    path = Path(path)
+    by_id: dict[str, int] = {}
+    for u, key in enumerate(keys):
+        for name in {key, key.rsplit("/", 1)[-1]}:
+            if name in by_id and keys[by_id[name]] != key:
+                raise PretrainError(f"{path}: file ID '{name}' would name two utterances, '{keys[by_id[name]]}' "
+                                    f"and '{key}'; give the item file full keys")
+            by_id[name] = u
+    step = 1 / feature_size
+    groups: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
+    phones: dict[str, int] = {}
+    speakers: dict[str, int] = {}
+    lines = unmatched = empty = 0
+    missing: list[str] = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if lineno == 1 or not line.strip():
+                continue  # the header, whatever it says (eval_ABX skips it too)
+            fields = line.split()
+            if len(fields) != 7:
+                raise PretrainError(f"{path}:{lineno}: expected 7 fields (#file onset offset #phone prev-phone "
+                                    f"next-phone speaker), got {len(fields)}: {line.strip()!r}")
+            file_id, onset, offset, phone, prev, nxt, speaker = fields
+            try:
+                onset_s, offset_s = float(onset), float(offset)
+            except ValueError:
+                raise PretrainError(f"{path}:{lineno}: onset and offset must be seconds, got {onset!r} {offset!r}")
+            lines += 1
+            u = by_id.get(file_id)
+            if u is None:
+                unmatched += 1
+                if len(missing) < 3 and file_id not in missing:
+                    missing.append(file_id)
+                continue
+            n = int(offsets[u + 1] - offsets[u])
+            start = max(0, int(math.ceil(step * onset_s - 0.5)))
+            end = min(n, int(math.floor(step * offset_s - 0.5)))
+            if start >= n or end <= start:
+                empty += 1
+                continue
+            centre = phones.setdefault(phone, len(phones))
+            spk = speakers.setdefault(speaker, len(speakers))
+            groups[((prev, nxt), spk, centre)].append((int(offsets[u] + start), int(offsets[u] + end)))
+    if not groups:
+        raise PretrainError(f"{path}: none of its {lines} items falls on the evaluation set ({unmatched} name files "
+                            f"not in it, e.g. {', '.join(missing) or '-'}; {empty} have no frame)")
+    if unmatched:
+        log.warning("%s: %d of %d items name files not in the evaluation set (e.g. %s); they are left out",
+                    path, unmatched, lines, ", ".join(missing))
+    if empty:
+        log.warning("%s: %d items have no 50 Hz frame inside their utterance; left out", path, empty)
+    stats = {"item_file": str(path.resolve()), "lines": lines, "unmatched": unmatched, "empty": empty,
+             "phones": len(phones), "speakers": len(speakers)}
+    return _subsample(groups, max_per_group, seed), stats
 
 
 def scorable_contexts(items: Items) -> list[np.ndarray]:
@@ -231,8 +339,9 @@ def abx_errors(feats: np.ndarray, items: Items, min_triplets: int = 1) -> dict:
                             "probe more evaluation utterances or raise abx.max_per_group")
     # within keys (ctx, s, a, b): contexts, then speakers, then phone pairs
     w = _hier_mean(within, [[0], [1]])
-    # across keys (ctx, s1, s2, a, b): contexts, then speaker pairs, then phone pairs
-    x = _hier_mean(across, [[0], [1, 2]])
+    # across keys (ctx, s1, s2, a, b): (context, speaker of X) together, then the speaker of A
+    # and B, then phone pairs (Libri-light's order)
+    x = _hier_mean(across, [[0, 2], [1]])
     return {"abx_within": 100 * (1 - w) if not math.isnan(w) else None,
             "abx_across": 100 * (1 - x) if not math.isnan(x) else None,
             "abx_items": len(items), "abx_pairs": len(lookup) // 2,

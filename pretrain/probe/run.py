@@ -29,7 +29,7 @@ from pretrain.config import write_run_record
 from pretrain.config.probe import BASELINES, PROBES, ProbeConfig, parse_layers, parse_list
 from pretrain.model.states import LayerStates
 from pretrain.probe import linear
-from pretrain.probe.abx import abx_errors, build_items
+from pretrain.probe.abx import abx_errors, build_items, read_item_file
 from pretrain.probe.data import load_eval_set
 from pretrain.probe.features import Row, logmel_row, mfcc_row, model_layers, offsets_of
 from pretrain.probe.results import FORMAT_VERSION, best_layers, markdown, plot
@@ -62,8 +62,12 @@ class Prober:
         self.frame_split = np.repeat([codes[s] for s in self.utt_split], np.diff(self.offsets))
         self.phones = np.concatenate([u.phones for u in utts]) if es.reference else None
         self.items = None
+        self.item_stats = None
         self.seconds: dict[str, float] = {}
-        if "abx" in probes:
+        if "abx" in probes and cfg.abx.item_file is not None:
+            self.items, self.item_stats = read_item_file(cfg.abx.item_file, [u.key for u in utts], self.offsets,
+                                                         cfg.abx.max_per_group, cfg.abx.seed)
+        elif "abx" in probes:
             speakers = {s: i for i, s in enumerate(es.speakers)}
             self.items = build_items([u.phones for u in utts], self.offsets, [speakers[u.speaker] for u in utts],
                                      es.silence, cfg.abx.max_per_group, cfg.abx.seed)
@@ -139,6 +143,8 @@ def probe(cfg: ProbeConfig, progress: bool = True, argv: list[str] | None = None
     # Written once the model and the evaluation set have loaded: a bad input leaves no trace.
     out.mkdir(parents=True, exist_ok=True)
     write_run_record(out, cfg, argv)
+    if cfg.abx.item_file is not None:
+        es.skipped.pop("abx", None)  # the item file brings the phones and speakers ABX needs
     skipped = {p: es.skipped[p] for p in probes if p in es.skipped}
     if "abx" in probes and "abx" not in skipped and len(es.speakers) < 2:
         log.warning("ABX across speakers needs two speakers; %s has one", cfg.eval_shards)
@@ -191,7 +197,8 @@ def probe(cfg: ProbeConfig, progress: bool = True, argv: list[str] | None = None
         "probes": probes,
         "skipped": skipped,
         "settings": {"split_seed": cfg.split_seed, "train_fraction": cfg.train_fraction,
-                     "dev_fraction": cfg.dev_fraction, "abx": vars(cfg.abx), "phone": vars(cfg.phone),
+                     "dev_fraction": cfg.dev_fraction, "abx": {**vars(cfg.abx), "items": prober.item_stats},
+                     "phone": vars(cfg.phone),
                      "speaker": vars(cfg.speaker), "pnmi_k": cfg.pnmi_k, "untrained_seed": cfg.untrained_seed,
                      "threads": threads},
         "rows": results,

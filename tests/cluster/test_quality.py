@@ -42,6 +42,30 @@ def test_hand_counted_purities_and_usage():
 
 
 @pytest.mark.slow
+def test_pnmi_equals_scikit_learns_mutual_information_over_the_phone_entropy(small_shards):
+    """An independent computation on real clusters of real frames: MFCC k-means (FAISS) of the
+    synthetic speech against its phone alignments, at two k."""
+    from sklearn.metrics import mutual_info_score
+
+    from pretrain.cluster.kmeans import assign, kmeans
+    from pretrain.probe.data import load_eval_set
+    from pretrain.probe.features import mfcc_row
+
+    es = load_eval_set(small_shards)
+    x = np.ascontiguousarray(mfcc_row([u.audio for u in es.utterances]).layers[0])
+    y = np.concatenate([u.phones for u in es.utterances])
+    for k in (20, 100):
+        centroids, _ = kmeans(x, k, seed=0)
+        z, _ = assign(x, centroids)
+        counts = np.zeros((y.max() + 1, k), dtype=np.int64)
+        np.add.at(counts, (y, z), 1)
+        p = np.bincount(y) / len(y)
+        h_y = -(p[p > 0] * np.log(p[p > 0])).sum()
+        assert scores(counts)["pnmi"] == pytest.approx(mutual_info_score(y, z) / h_y, abs=1e-9)
+        assert 0.2 < scores(counts)["pnmi"] < 0.9
+
+
+@pytest.mark.slow
 def test_report_on_the_synthetic_corpus(small_shards, tmp_path):
     shards = tmp_path / "shards"
     shutil.copytree(small_shards, shards)

@@ -11,7 +11,8 @@ from pretrain.utils import PretrainError
 def test_numba_dtw_equals_the_numpy_reference_on_random_pairs():
     rng = np.random.default_rng(0)
     seqs = [rng.normal(size=(n, 7)) for n in (1, 2, 5, 9, 14, 3, 20)]
-    seqs.append(np.zeros((4, 7)))  # zero rows: at 0.5 from everything
+    seqs.append(np.zeros((4, 7)))  # zero rows: at 1 from every other row, 0 from each other
+    seqs.append(np.concatenate([np.zeros((2, 7)), rng.normal(size=(3, 7))]))
     feats = np.concatenate(seqs)
     ends = np.cumsum([len(s) for s in seqs])
     starts = ends - [len(s) for s in seqs]
@@ -22,6 +23,12 @@ def test_numba_dtw_equals_the_numpy_reference_on_random_pairs():
     np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-8)
     assert fast[0] < 1e-8  # a sequence against itself
     assert np.all((fast >= 0) & (fast <= 1))
+    zero = len(seqs) - 2
+    assert fast[zero * len(seqs) + zero] == 0 and fast[zero * len(seqs)] == 1
+    # Ties everywhere: the path length follows Libri-light's backtracking (diagonal, then left).
+    x, y = np.ones((3, 2)), np.ones((5, 2))
+    np.testing.assert_allclose(dtw_pairs(unit_rows(np.concatenate([x, y])), [0, 3], [3, 8], np.array([[0, 1]])),
+                               [dtw_reference(x, y)], atol=1e-12)
 
 
 def test_context_distances_cover_every_pair_of_a_context_and_equal_the_reference():

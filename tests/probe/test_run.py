@@ -129,3 +129,45 @@ def test_the_trained_recipe_model_beats_its_untrained_twin_on_the_phone_probe(sm
     trained, untrained = best["model"], best["untrained"]
     assert trained["phone_acc"]["value"] > untrained["phone_acc"]["value"] + 3, best
     assert trained["per"]["value"] < untrained["per"]["value"] - 3, best
+
+
+def test_a_libri_light_item_file_drives_abx_and_bad_ones_are_named(small_shards, tmp_path, capsys):
+    from pretrain.probe.abx import abx_errors, read_item_file
+    from pretrain.probe.data import load_eval_set
+    from pretrain.probe.features import mfcc_row, offsets_of
+    from tests.probe.test_abx_librilight import write_item_file
+
+    es = load_eval_set(small_shards)
+    ids = [u.key.rsplit("/", 1)[-1] for u in es.utterances]
+    item = tmp_path / "eval.item"
+    write_item_file(item, es, ids)
+    # One line for a file the shards do not hold: counted and logged, not an error.
+    item.write_text(item.read_text() + "not-here 0.1 0.3 AA B C spk\n")
+    out = tmp_path / "probe"
+    assert main(["probe", "--eval-shards", str(small_shards), "--out", str(out), "--probes", "abx",
+                 "baselines=mfcc", f"abx.item_file={item}", "abx.max_per_group=3", *FAST]) == 0
+    record = json.loads((out / "probe.json").read_text())
+    stats = record["settings"]["abx"]["items"]
+    assert stats["unmatched"] == 1 and stats["lines"] > 500 and stats["speakers"] == 11
+    waves = [u.audio for u in es.utterances]
+    items, _ = read_item_file(item, [u.key for u in es.utterances], offsets_of(waves), 3, 0)
+    direct = abx_errors(mfcc_row(waves).layers[0], items)
+    got = record["rows"]["mfcc"]["layers"]["0"]
+    assert got["abx_across"] == pytest.approx(direct["abx_across"]) and got["abx_items"] == len(items)
+
+    def run(text):
+        bad = tmp_path / "bad.item"
+        bad.write_text(text)
+        code = main(["probe", "--eval-shards", str(small_shards), "--out", str(tmp_path / "o"), "--probes", "abx",
+                     "baselines=mfcc", f"abx.item_file={bad}", *FAST])
+        return code, capsys.readouterr().err
+
+    code, err = run("#header\n" + ids[0] + " 0.1 0.3 AA B C\n")
+    assert code == 1 and "bad.item:2: expected 7 fields" in err
+    code, err = run("#header\nnobody 0.1 0.3 AA B C spk\n")
+    assert code == 1 and "none of its 1 items falls on the evaluation set" in err and "nobody" in err
+    code, err = run("#header\n" + ids[0] + " 0.1 soon AA B C spk\n")
+    assert code == 1 and "bad.item:2: onset and offset must be seconds" in err
+    code = main(["probe", "--eval-shards", str(small_shards), "--out", str(tmp_path / "o"),
+                 f"abx.item_file={tmp_path / 'missing.item'}", *FAST])
+    assert code == 2 and "abx.item_file" in capsys.readouterr().err
