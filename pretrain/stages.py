@@ -201,7 +201,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         group="probe",
         name=None,
-        help="frozen-feature probes (ABX, phone, speaker, PNMI) of every layer of a model on held-out "
+        help="frozen-feature probes (ABX, phone, speaker, PNMI, kNN-VC) of every layer of a model on held-out "
              "shards, next to MFCC, log-mel and the untrained model",
         schema="pretrain.config.probe:ProbeConfig",
         run="pretrain.commands.probe:probe_command",
@@ -209,7 +209,21 @@ STAGES: tuple[Stage, ...] = (
                Flag("--eval-shards", "eval_shards", str, "evaluation shards"),
                Flag("--out", "out", str, "output folder"),
                Flag("--layers", "layers", str, "all or 1,3,5"),
-               Flag("--probes", "probes", str, "abx,phone,speaker,pnmi")),
+               Flag("--probes", "probes", str, "abx,phone,speaker,pnmi[,knnvc]")),
+    ),
+    Stage(
+        group="knnvc",
+        name=None,
+        help="kNN voice conversion of a speaker's utterances to another's voice in one layer of a model "
+             "(or MFCC / log-mel), vocoder-free: WAVs, spectrograms and metrics",
+        schema="pretrain.config.probe:KnnvcCommandConfig",
+        run="pretrain.commands.knnvc:knnvc_command",
+        flags=(Flag("--checkpoint", "checkpoint", str, "model.pt, checkpoint folder or transformers folder"),
+               Flag("--shards", "shards", str, "shards with both speakers"),
+               Flag("--source", "source", str, "source speaker"),
+               Flag("--target", "target", str, "target speaker"),
+               Flag("--out", "out", str, "output folder"),
+               Flag("--layer", "layer", str, "layer number or auto")),
     ),
     Stage(
         group="iterate",

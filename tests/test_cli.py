@@ -168,7 +168,7 @@ def test_an_unexpected_exception_is_called_a_bug_with_its_traceback(monkeypatch,
 
 RECORDS = {  # command -> does it leave config.yaml and run.json in its output folder?
     "corpus synth": True, "corpus noise": True, "shards build": True, "features mfcc": True,
-    "features model": True, "kmeans fit": True, "kmeans quality": True, "train": True, "probe": True,
+    "features model": True, "kmeans fit": True, "kmeans quality": True, "train": True, "probe": True, "knnvc": True,
     "iterate": True,
     # Read-only:
     "shards verify": False, "status": False,

@@ -52,3 +52,10 @@ def test_the_demo_config_reports_its_verdict(tmp_path):
     assert (run / "report/verdict.png").stat().st_size > 5000
     # The committed reference curves of the full demo are drawn behind the run's own.
     assert "Faint lines: the reference run 'demo'" in report
+    # kNN-VC runs in every probe stage, between held-out voices, and joins the report's table.
+    probe = json.loads((run / "it2/probe/probe.json").read_text())
+    layer = probe["rows"]["model"]["layers"]["1"]
+    assert 0 < layer["knnvc_content"] <= 100 and layer["knnvc_pairs"] >= 1
+    first = json.loads((run / "it1/probe/probe.json").read_text())
+    assert "knnvc_target_audio" in first["rows"]["mfcc"]["layers"]["0"]
+    assert "kNN-VC same phone (%)" in report

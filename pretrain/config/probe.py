@@ -1,5 +1,6 @@
-"""Configuration of ``pretrain probe``: frozen-feature probes (ABX, phone, speaker, PNMI) of a
-model's layers on held-out evaluation shards, next to the MFCC, log-mel and untrained baselines."""
+"""Configuration of ``pretrain probe``: frozen-feature probes (ABX, phone, speaker, PNMI, kNN-VC)
+of a model's layers on held-out evaluation shards, next to the MFCC, log-mel and untrained
+baselines, and of ``pretrain knnvc``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from omegaconf import MISSING
 
 from pretrain.config.core import ConfigError
 
-PROBES = ("abx", "phone", "speaker", "pnmi")
+PROBES = ("abx", "phone", "speaker", "pnmi", "knnvc")
 BASELINES = ("mfcc", "logmel", "untrained")
 METRICS = {  # name: (label, higher is better)
     "abx_within": ("ABX within (%)", False),
@@ -20,9 +21,18 @@ METRICS = {  # name: (label, higher is better)
     "per": ("PER (%)", False),
     "speaker_acc": ("speaker acc (%)", True),
     "pnmi": ("PNMI", True),
+    "knnvc_content": ("kNN-VC same phone (%)", True),
+    "knnvc_phone_acc": ("kNN-VC phone acc (%)", True),
+    "knnvc_target": ("kNN-VC → target (%)", True),
+    "knnvc_source": ("kNN-VC → source (%)", False),
+    "knnvc_target_audio": ("kNN-VC audio → target (%)", True),
+    "knnvc_source_audio": ("kNN-VC audio → source (%)", False),
+    "knnvc_smooth": ("kNN-VC consecutive (%)", True),
 }
 PROBE_METRICS = {"abx": ("abx_within", "abx_across"), "phone": ("phone_acc", "per"),
-                 "speaker": ("speaker_acc",), "pnmi": ("pnmi",)}
+                 "speaker": ("speaker_acc",), "pnmi": ("pnmi",),
+                 "knnvc": ("knnvc_content", "knnvc_phone_acc", "knnvc_target", "knnvc_source",
+                           "knnvc_target_audio", "knnvc_source_audio", "knnvc_smooth")}
 """Each probe's metrics, as named in ``probe.json``, the tables and the report."""
 
 
@@ -86,6 +96,41 @@ class AbxConfig:
 
 
 @dataclass
+class KnnvcConfig:
+    k: int = 4
+    """Reference frames averaged per source frame (cosine nearest; the paper's k = 4)."""
+
+    window: int = 640
+    """Overlap-add window of the audio, in samples (Hann): 640 is two 20 ms hops, 50 %
+    overlap (docs/probes.md has the windows measured against each other)."""
+
+    max_pairs: int = 8
+    """Ordered (source, target) speaker pairs of the evaluation set to convert, a seeded
+    choice among all pairs; sources are the source speaker's probe-test utterances, the
+    reference the target speaker's probe-train and probe-dev ones."""
+
+    seed: int = 0
+    """Seed of the pair choice."""
+
+    audio: bool = True
+    """Also write the converted audio (in memory) and encode it again, for the speaker probe's
+    decision on what a listener would hear; the costliest part (a forward per layer)."""
+
+    device: str = "auto"
+    """Where FAISS matches: ``auto`` (a GPU when FAISS sees one), ``cpu`` or ``cuda``."""
+
+    def validate(self) -> None:
+        if self.k < 1:
+            raise ConfigError(f"must be >= 1, got {self.k}", field="k")
+        if self.window < 320 or self.window % 2:
+            raise ConfigError(f"must be even and at least one hop (320 samples), got {self.window}", field="window")
+        if self.max_pairs < 1:
+            raise ConfigError(f"must be >= 1, got {self.max_pairs}", field="max_pairs")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"must be auto, cpu or cuda, got '{self.device}'", field="device")
+
+
+@dataclass
 class LinearProbeConfig:
     lrs: list[float] = field(default_factory=lambda: [1e-2, 3e-2, 1e-1])
     """Learning rates tried (Adam); the one with the best probe-dev score is reported on
@@ -135,7 +180,7 @@ class ProbeConfig:
     """Transformer layers to probe: ``all`` or ``1,3,5`` (1-based)."""
 
     probes: str = "abx,phone,speaker,pnmi"
-    """Probes to run: any of abx, phone, speaker, pnmi (comma-separated), or ``all``."""
+    """Probes to run: any of abx, phone, speaker, pnmi, knnvc (comma-separated), or ``all``."""
 
     baselines: str = "mfcc,logmel,untrained"
     """Baseline rows: MFCC-39, 80-bin log-mel and the checkpoint's architecture at random
@@ -177,6 +222,10 @@ class ProbeConfig:
 
     speaker: LinearProbeConfig = field(default_factory=lambda: LinearProbeConfig(epochs=100))
     """Speaker identification from mean-pooled utterance features (linear)."""
+
+    knnvc: KnnvcConfig = field(default_factory=KnnvcConfig)
+    """kNN voice conversion between speakers of the evaluation set (``probes`` knnvc; its phone
+    and speaker figures use the phone and speaker probes, which then run too)."""
 
     device: str = "auto"
     """``auto`` (CUDA when present, bf16 autocast), ``cpu`` or ``cuda``: where features are computed."""
@@ -247,3 +296,78 @@ class TrainProbeConfig:
             raise ConfigError("probe.every > 0 needs probe.eval_shards", field="eval_shards")
         if self.threads < 0:
             raise ConfigError(f"must be >= 0, got {self.threads}", field="threads")
+
+
+@dataclass
+class KnnvcCommandConfig:
+    shards: str = MISSING
+    """Shards holding both speakers, with a ``speaker`` per utterance (phone label sets, when
+    there, add the content figure)."""
+
+    source: str = MISSING
+    """The speaker whose utterances are converted."""
+
+    target: str = MISSING
+    """The speaker they are converted to: all of its utterances form the reference set."""
+
+    out: str = MISSING
+    """Output folder: the WAVs, ``spectrograms.png``, ``knnvc.json``."""
+
+    checkpoint: Optional[str] = None
+    """The model: a ``model.pt``, a training checkpoint folder, or a ``transformers``
+    Hubert/WavLM/Data2VecAudio/Wav2Vec2 folder. Unset: ``features`` must be a baseline."""
+
+    features: str = "model"
+    """``model`` (a layer of ``checkpoint``), or the baselines ``mfcc`` / ``logmel``."""
+
+    layer: str = "6"
+    """The model layer matched in (1-based): the paper's WavLM layer 6 by default, or ``auto``:
+    the best layer on the frame phone probe in ``layer_from``."""
+
+    layer_from: Optional[str] = None
+    """A ``probe.json`` of this model (``pretrain probe``), for ``layer: auto``."""
+
+    source_keys: list[str] = field(default_factory=list)
+    """Utterance keys to convert; empty: the source speaker's first ``max_sources``."""
+
+    max_sources: int = 3
+    """Source utterances converted when ``source_keys`` is empty."""
+
+    max_reference_seconds: Optional[float] = None
+    """Use at most this much of the target's speech as the reference (utterances in shard
+    order); unset: all of it (the paper: the more, the better, saturating near 5 minutes)."""
+
+    k: int = 4
+    """Reference frames averaged per source frame."""
+
+    window: int = 640
+    """Overlap-add window in samples (Hann; 640 = 50 % overlap of the 320-sample hop)."""
+
+    device: str = "auto"
+    """Model forward and FAISS: ``auto`` (CUDA when present), ``cpu`` or ``cuda``."""
+
+    threads: int = 0
+    """CPU threads (model forward, FAISS); 0: every core."""
+
+    def validate(self) -> None:
+        if self.features not in ("model", "mfcc", "logmel"):
+            raise ConfigError(f"must be model, mfcc or logmel, got '{self.features}'", field="features")
+        if self.features == "model" and self.checkpoint is None:
+            raise ConfigError("set checkpoint (or features=mfcc / logmel for a baseline)", field="checkpoint")
+        if self.layer != "auto":
+            try:
+                if int(self.layer) < 1:
+                    raise ValueError
+            except ValueError:
+                raise ConfigError(f"must be a 1-based layer number or 'auto', got '{self.layer}'",
+                                  field="layer") from None
+        elif self.layer_from is None:
+            raise ConfigError("layer: auto reads the best layer from a probe.json; set layer_from", field="layer")
+        if self.source == self.target:
+            raise ConfigError(f"source and target are the same speaker '{self.source}'", field="target")
+        if self.k < 1 or self.max_sources < 1:
+            raise ConfigError("k and max_sources must be >= 1", field="k")
+        if self.window < 320 or self.window % 2:
+            raise ConfigError(f"must be even and at least one hop (320 samples), got {self.window}", field="window")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"must be auto, cpu or cuda, got '{self.device}'", field="device")

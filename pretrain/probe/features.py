@@ -14,6 +14,7 @@ Models (our ``model.pt``, a checkpoint folder, a ``transformers`` folder) are re
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -33,6 +34,9 @@ class Row:
     layers: dict[int, np.ndarray]
     """Layer number (1-based; 0 for a baseline's single representation) -> (frames, dim)."""
     description: str
+    encode: Optional[Callable[[list[np.ndarray], int], list[np.ndarray]]] = None
+    """New waveforms and a layer -> that layer's frames per waveform (kNN-VC encodes its audio
+    again with it)."""
 
 
 def offsets_of(waves: list[np.ndarray]) -> np.ndarray:
@@ -48,22 +52,31 @@ def _fit(x: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([x, np.repeat(x[-1:], n - len(x), axis=0)])
 
 
+def mfcc_frames(waves: list[np.ndarray], layer: int = 0) -> list[np.ndarray]:
+    return [_fit(mfcc_39(w)[::2], conv_num_frames(len(w))).astype(np.float32) for w in waves]
+
+
 def mfcc_row(waves: list[np.ndarray]) -> Row:
-    feats = [_fit(mfcc_39(w)[::2], conv_num_frames(len(w))) for w in waves]
-    return Row("mfcc", "baseline", {0: np.concatenate(feats).astype(np.float32)},
-               "MFCC-39 (13 + deltas + delta-deltas), 100 Hz frame 2i for 50 Hz frame i")
+    return Row("mfcc", "baseline", {0: np.concatenate(mfcc_frames(waves))},
+               "MFCC-39 (13 + deltas + delta-deltas), 100 Hz frame 2i for 50 Hz frame i", mfcc_frames)
 
 
-def logmel_row(waves: list[np.ndarray], bins: int = 80) -> Row:
+def logmel_frames(waves: list[np.ndarray], layer: int = 0, bins: int = 80) -> list[np.ndarray]:
     # The Fbank front end without context or normalization: plain Kaldi log-mel energies on
     # the 50 Hz grid, exactly the frames the models see.
     fbank = FbankFrontEnd(bins, 0, "none")
-    feats = []
     with torch.no_grad():
-        for w in waves:
-            feats.append(fbank(torch.from_numpy(w)[None], torch.tensor([len(w)]))[0].numpy())
-    return Row("logmel", "baseline", {0: np.concatenate(feats).astype(np.float32)},
-               f"{bins}-bin Kaldi log-mel, 50 Hz")
+        return [fbank(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))[None],
+                      torch.tensor([len(w)]))[0].numpy().astype(np.float32) for w in waves]
+
+
+def logmel_row(waves: list[np.ndarray], bins: int = 80) -> Row:
+    return Row("logmel", "baseline", {0: np.concatenate(logmel_frames(waves, 0, bins))},
+               f"{bins}-bin Kaldi log-mel, 50 Hz", lambda w, layer: logmel_frames(w, layer, bins))
+
+
+def model_encoder(states: LayerStates) -> Callable[[list[np.ndarray], int], list[np.ndarray]]:
+    return lambda waves, layer: states(waves, [layer])[layer]
 
 
 def model_layers(states: LayerStates, waves: list[np.ndarray], layers: list[int], progress: bool = False,

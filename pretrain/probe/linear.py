@@ -90,7 +90,8 @@ def frame_probe(layers: list[np.ndarray], phones: np.ndarray, split: np.ndarray,
     """``layers``: one or more (frames, dim) arrays; ``phones`` (frames,); ``split`` (frames,)
     of 0/1/2 for train/dev/test."""
     train_rows = np.flatnonzero(split == 0)
-    x = torch.from_numpy(_stack(_standardize(layers, train_rows)))
+    standardizers = [Standardizer.fit(layer[train_rows]) for layer in layers]
+    x = torch.from_numpy(_stack([st(layer).astype(np.float32) for st, layer in zip(standardizers, layers)]))
     y = torch.from_numpy(phones.astype(np.int64))
     dev_rows, test_rows = np.flatnonzero(split == 1), np.flatnonzero(split == 2)
 
@@ -113,9 +114,15 @@ def frame_probe(layers: list[np.ndarray], phones: np.ndarray, split: np.ndarray,
         return head, accuracy(head, dev_rows)
 
     (dev, lr, head), by_lr = _sweep(train_one, lrs, higher_is_better=True)
+
+    def predict(frames: np.ndarray) -> np.ndarray:
+        """Phone ids of new frames of the (single) probed representation."""
+        with torch.no_grad():
+            return head(torch.from_numpy(standardizers[0](frames).astype(np.float32))).argmax(-1).numpy()
+
     return {"phone_acc": 100 * accuracy(head, test_rows), "phone_acc_dev": 100 * dev, "phone_lr": lr,
             "phone_acc_dev_by_lr": {k: 100 * v for k, v in by_lr.items()}, "layer_weights": head.layer_weights(),
-            "_head": head}
+            "_head": head, "_predict": predict if len(layers) == 1 else None}
 
 
 # --------------------------------------------------------------------------- CTC phone recognizer
@@ -217,7 +224,9 @@ def speaker_probe(layers: list[np.ndarray], offsets: np.ndarray, speakers: list[
     names = sorted(set(speakers))
     y = torch.tensor([names.index(s) for s in speakers])
     rows = {s: np.array([i for i, sp in enumerate(split) if sp == s]) for s in ("train", "dev", "test")}
-    x = torch.from_numpy(_stack(_standardize([pooled(layer, offsets) for layer in layers], rows["train"])))
+    means = [pooled(layer, offsets) for layer in layers]
+    standardizers = [Standardizer.fit(m[rows["train"]]) for m in means]
+    x = torch.from_numpy(_stack([st(m).astype(np.float32) for st, m in zip(standardizers, means)]))
 
     def accuracy(head, r):
         with torch.no_grad():
@@ -236,6 +245,13 @@ def speaker_probe(layers: list[np.ndarray], offsets: np.ndarray, speakers: list[
         return head, accuracy(head, rows["dev"])
 
     (dev, lr, head), by_lr = _sweep(train_one, lrs, higher_is_better=True)
+
+    def predict(utterance_means: np.ndarray) -> np.ndarray:
+        """Speaker names of new utterances, given their mean frames (single representation)."""
+        with torch.no_grad():
+            ids = head(torch.from_numpy(standardizers[0](utterance_means).astype(np.float32))).argmax(-1)
+        return np.array([names[i] for i in ids.tolist()])
+
     return {"speaker_acc": 100 * accuracy(head, rows["test"]), "speaker_acc_dev": 100 * dev, "speaker_lr": lr,
             "speaker_acc_dev_by_lr": {k: 100 * v for k, v in by_lr.items()}, "speakers": len(names),
-            "speaker_layer_weights": head.layer_weights()}
+            "speaker_layer_weights": head.layer_weights(), "_predict": predict if len(layers) == 1 else None}

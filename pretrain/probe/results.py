@@ -68,8 +68,8 @@ def markdown(record: dict) -> str:
 
 
 def plot(record: dict, path: Path) -> None:
-    """One panel per metric: the model's (and untrained twin's) curve over layers, baselines as
-    horizontal lines, the weighted sum as a dashed line."""
+    """One panel per metric (six to a row): the model's (and untrained twin's) curve over
+    layers, baselines as horizontal lines, the weighted sum as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,9 +78,13 @@ def plot(record: dict, path: Path) -> None:
     metrics = [m for p in record["probes"] if p not in record["skipped"] for m in PROBE_METRICS[p]]
     if not metrics:
         return
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 3.2), squeeze=False)
+    cols = min(len(metrics), 6)
+    rows = -(-len(metrics) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(metrics):]:
+        ax.axis("off")
     colors = {"model": "C0", "untrained": "C1", "mfcc": "k", "logmel": "grey"}
-    for ax, metric in zip(axes[0], metrics):
+    for ax, metric in zip(axes.flat, metrics):
         for name, row in record["rows"].items():
             color = colors.get(name, None)
             numbered = sorted((int(k), v.get(metric)) for k, v in row["layers"].items() if k.isdigit())

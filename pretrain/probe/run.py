@@ -30,8 +30,9 @@ from pretrain.config.probe import BASELINES, PROBES, ProbeConfig, parse_layers, 
 from pretrain.model.states import LayerStates
 from pretrain.probe import linear
 from pretrain.probe.abx import abx_errors, build_items, read_item_file
+from pretrain.probe.knnvc import KnnvcProbe
 from pretrain.probe.data import load_eval_set
-from pretrain.probe.features import Row, logmel_row, mfcc_row, model_layers, offsets_of
+from pretrain.probe.features import Row, logmel_row, mfcc_row, model_encoder, model_layers, offsets_of
 from pretrain.probe.results import FORMAT_VERSION, best_layers, markdown, plot
 from pretrain.utils import PretrainError, atomic_write_json, atomic_write_text
 
@@ -72,22 +73,30 @@ class Prober:
             self.items = build_items([u.phones for u in utts], self.offsets, [speakers[u.speaker] for u in utts],
                                      es.silence, cfg.abx.max_per_group, cfg.abx.seed)
 
+        self.knnvc = None
+        if "knnvc" in probes:
+            kc = cfg.knnvc
+            self.knnvc = KnnvcProbe(es, self.offsets, kc.k, kc.window, kc.max_pairs, kc.seed, kc.audio, kc.device)
+
     def _timed(self, name, fn, *args, **kwargs):
         t = time.perf_counter()
         out = fn(*args, **kwargs)
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
         return out
 
-    def layer(self, layers: list[np.ndarray]) -> dict:
+    def layer(self, layers: list[np.ndarray], encode=None) -> dict:
         """Every probe on one representation (``layers`` of one entry) or on the weighted sum of
-        several (the frame probe's weights then define the sum ABX and PNMI see)."""
+        several (the frame probe's weights then define the sum ABX and PNMI see; kNN-VC runs on
+        single representations only). ``encode`` turns new audio into this representation."""
         cfg, es, out = self.cfg, self.es, {}
         combined = layers[0]
+        phone_predict = speaker_predict = None
         if "phone" in self.probes:
             pc = cfg.phone
             res = self._timed("phone", linear.frame_probe, layers, self.phones, self.frame_split, es.num_phones,
                               pc.lrs, pc.epochs, pc.batch, pc.seed)
             head = res.pop("_head")
+            phone_predict = res.pop("_predict")
             out.update(res)
             # CTC starts from the frame classifier probe-dev chose, at its learning rate.
             out.update(self._timed("ctc", linear.ctc_probe, layers, self.offsets,
@@ -101,12 +110,16 @@ class Prober:
             raise PretrainError("the weighted sum needs the phone probe (its weights come from it)")
         if "speaker" in self.probes:
             sc = cfg.speaker
-            out.update(self._timed("speaker", linear.speaker_probe, layers, self.offsets,
-                                   [u.speaker for u in es.utterances], self.utt_split, sc.lrs, sc.epochs, sc.seed))
+            res = self._timed("speaker", linear.speaker_probe, layers, self.offsets,
+                              [u.speaker for u in es.utterances], self.utt_split, sc.lrs, sc.epochs, sc.seed)
+            speaker_predict = res.pop("_predict")
+            out.update(res)
         if "abx" in self.probes:
             out.update(self._timed("abx", abx_errors, combined, self.items, cfg.abx.min_triplets))
         if "pnmi" in self.probes:
             out.update(self._timed("pnmi", self._pnmi, combined))
+        if self.knnvc is not None and len(layers) == 1:
+            out.update(self._timed("knnvc", self.knnvc, layers[0], phone_predict, speaker_predict, encode))
         return out
 
     def _pnmi(self, x: np.ndarray) -> dict:
@@ -125,6 +138,8 @@ def probe(cfg: ProbeConfig, progress: bool = True, argv: list[str] | None = None
     threads = _threads(cfg.threads)
     out = Path(cfg.out)
     probes = parse_list(cfg.probes, PROBES, "probes")
+    if "knnvc" in probes:  # its content and speaker figures are those probes' decisions
+        probes += [p for p in ("phone", "speaker") if p not in probes]
     baselines = parse_list(cfg.baselines, BASELINES, "baselines")
     wanted_layers = parse_layers(cfg.layers)
 
@@ -145,12 +160,20 @@ def probe(cfg: ProbeConfig, progress: bool = True, argv: list[str] | None = None
     write_run_record(out, cfg, argv)
     if cfg.abx.item_file is not None:
         es.skipped.pop("abx", None)  # the item file brings the phones and speakers ABX needs
+    if "knnvc" in probes and "speaker" in es.skipped:
+        es.skipped["knnvc"] = f"converts between speakers: {es.skipped['speaker']}"
     skipped = {p: es.skipped[p] for p in probes if p in es.skipped}
     if "abx" in probes and "abx" not in skipped and len(es.speakers) < 2:
         log.warning("ABX across speakers needs two speakers; %s has one", cfg.eval_shards)
     for p, reason in skipped.items():
         log.warning("probe %s skipped: %s", p, reason)
     run_probes = [p for p in probes if p not in skipped]
+    if "knnvc" in run_probes and not KnnvcProbe(es, offsets_of([u.audio for u in es.utterances]), 1, 640, 1, 0,
+                                                 False).pairs:
+        skipped["knnvc"] = ("no speaker has a probe-test utterance while another has probe-train/dev ones "
+                            "(kNN-VC converts the first to the second)")
+        log.warning("probe knnvc skipped: %s", skipped["knnvc"])
+        run_probes.remove("knnvc")
     prober = Prober(cfg, es, run_probes)
 
     waves = [u.audio for u in es.utterances]
@@ -162,12 +185,13 @@ def probe(cfg: ProbeConfig, progress: bool = True, argv: list[str] | None = None
         rows.append(logmel_row(waves))
     if source is not None:
         rows.append(Row("model", "model", model_layers(source, waves, layers, progress, "model forward"),
-                        source.describe()))
+                        source.describe(), model_encoder(source)))
         if "untrained" in baselines:
             twin = source.untrained(cfg.untrained_seed)
             rows.append(Row("untrained", "baseline",
                             model_layers(twin, waves, layers, progress, "untrained forward"),
-                            f"the same architecture at random initialization (seed {cfg.untrained_seed})"))
+                            f"the same architecture at random initialization (seed {cfg.untrained_seed})",
+                            model_encoder(twin)))
     feature_seconds = time.perf_counter() - t
 
     # The probes' matrices are small: a second torch thread only adds synchronization, and on a
@@ -183,7 +207,9 @@ def probe(cfg: ProbeConfig, progress: bool = True, argv: list[str] | None = None
         for row, layer in todo:
             entry = results.setdefault(row.name, {"kind": row.kind, "description": row.description, "layers": {}})
             reps = list(row.layers.values()) if layer == "weighted" else [row.layers[layer]]
-            entry["layers"][str(layer)] = prober.layer(reps) if run_probes else {}
+            encode = None if layer == "weighted" or row.encode is None else (
+                lambda w, row=row, layer=layer: row.encode(w, layer))
+            entry["layers"][str(layer)] = prober.layer(reps, encode) if run_probes else {}
             bar.set_postfix_str(f"{row.name} {layer}")
             bar.update()
 
