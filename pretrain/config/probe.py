@@ -321,8 +321,9 @@ class KnnvcCommandConfig:
     """``model`` (a layer of ``checkpoint``), or the baselines ``mfcc`` / ``logmel``."""
 
     layer: str = "6"
-    """The model layer matched in (1-based): the paper's WavLM layer 6 by default, or ``auto``:
-    the best layer on the frame phone probe in ``layer_from``."""
+    """The model layer matched in (1-based): the paper's WavLM layer 6 by default (a model with
+    fewer layers: its last, with a warning), or ``auto``: the best layer on the frame phone
+    probe in ``layer_from``."""
 
     layer_from: Optional[str] = None
     """A ``probe.json`` of this model (``pretrain probe``), for ``layer: auto``."""

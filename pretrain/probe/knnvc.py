@@ -34,6 +34,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+PAPER_LAYER = "6"
+"""The paper's WavLM layer, ``pretrain knnvc``'s default."""
 HOP = 320
 CENTRE = 200
 """Frame ``i`` of the 50 Hz grid is centred on sample ``320 i + 200``."""
@@ -266,11 +268,17 @@ def run_knnvc(cfg, progress: bool = True, argv: list[str] | None = None) -> dict
     torch.set_num_threads(threads)
     out = Path(cfg.out)
 
-    layer = None
+    layer, layer_note = None, None
     if cfg.features == "model":
         device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         states = LayerStates(cfg.checkpoint, device)
         layer = chosen_layer(cfg.layer_from, "phone_acc") if cfg.layer == "auto" else int(cfg.layer)
+        if cfg.layer == PAPER_LAYER and layer > states.num_layers:
+            # The default is the paper's WavLM layer; a smaller model gets its last layer, said so.
+            layer_note = (f"layer {layer} (the paper's) is beyond {cfg.checkpoint}'s {states.num_layers} layers: "
+                          f"matching in its last layer, {states.num_layers}")
+            log.warning(layer_note)
+            layer = states.num_layers
         if layer > states.num_layers:
             raise PretrainError(f"layer {layer} is out of range: {cfg.checkpoint} has {states.num_layers} "
                                 "Transformer layers (layers are 1-based; set layer=...)")
@@ -370,7 +378,8 @@ def run_knnvc(cfg, progress: bool = True, argv: list[str] | None = None) -> dict
     summary = {k: float(np.mean([e[k] for e in entries])) for k in
                ("smoothness", "cosine_to_target_mean", "cosine_to_source_mean", "source_cosine_to_target_mean",
                 "reencoded_cosine", *(("content",) if has_phones else ()))}
-    record = {"features": cfg.features, "what": what, "layer": layer, "k": cfg.k, "window": cfg.window,
+    record = {"features": cfg.features, "what": what, "layer": layer, "layer_note": layer_note, "k": cfg.k,
+              "window": cfg.window,
               "source": cfg.source, "target": cfg.target, "reference_seconds": round(ref.seconds, 2),
               "reference_utterances": len(refs), "utterances": entries, "mean": summary,
               "seconds": {"total": round(time.perf_counter() - started, 2), "encode": round(encode_seconds, 2),

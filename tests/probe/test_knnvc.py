@@ -30,6 +30,14 @@ def test_knn_equals_brute_force_cosine_neighbours():
         knn(query, ref[:3], 4)
 
 
+@pytest.mark.gpu
+def test_knn_on_the_gpu_equals_the_cpu():
+    rng = np.random.default_rng(1)
+    ref, query = rng.normal(size=(20000, 256)).astype(np.float32), rng.normal(size=(3000, 256)).astype(np.float32)
+    gpu, cpu = knn(query, ref, 4, device="cuda"), knn(query, ref, 4, device="cpu")
+    assert np.mean(gpu == cpu) > 0.999  # float32 sums in another order may swap near-ties
+
+
 def test_an_utterance_converted_to_itself_comes_back(small_shards):
     """With the reference made of the source utterance itself and k = 1, every frame matches
     itself: content and smoothness are 100 % and the overlap-add rebuilds the waveform."""
@@ -112,6 +120,12 @@ def test_the_knnvc_command_writes_audio_pictures_and_metrics(fbank_model, small_
     assert code == 1 and "source speaker 'nobody' is not in" in msg and target in msg
     code, msg = err("--checkpoint", str(fbank_model), "--source", source, "--target", target, "--layer", "3")
     assert code == 1 and "layer 3 is out of range" in msg
+    # The default, the paper's layer 6, falls back to a 2-layer model's last, with a warning.
+    assert main(["knnvc", "--checkpoint", str(fbank_model), "--shards", str(small_shards), "--source", source,
+                 "--target", target, "--out", str(tmp_path / "default"), "max_sources=1"]) == 0
+    record = json.loads((tmp_path / "default" / "knnvc.json").read_text())
+    assert record["layer"] == 2 and "layer 6 (the paper's) is beyond" in record["layer_note"]
+    capsys.readouterr()
     code, msg = err("--checkpoint", str(fbank_model), "--source", source, "--target", source)
     assert code == 2 and "same speaker" in msg
     code, msg = err("--source", source, "--target", target)
