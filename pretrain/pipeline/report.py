@@ -277,9 +277,13 @@ def _probe_plot(path: Path, records: list, metrics: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 3.2), squeeze=False)
+    cols = min(len(metrics), 6)
+    rows = -(-len(metrics) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(metrics):]:
+        ax.axis("off")
     first = records[0][1]
-    for ax, metric in zip(axes[0], metrics):
+    for ax, metric in zip(axes.flat, metrics):
         curves = [(f"it{i}", r["rows"]["model"]) for i, r in records if "model" in r["rows"]]
         if "untrained" in first["rows"]:
             curves.insert(0, ("untrained", first["rows"]["untrained"]))
