@@ -133,3 +133,29 @@ def test_the_knnvc_command_writes_audio_pictures_and_metrics(fbank_model, small_
     code, msg = err("--checkpoint", str(fbank_model), "--source", source, "--target", target, "--layer", "1",
                     "source_keys=[not/a-key]")
     assert code == 1 and "source key 'not/a-key'" in msg
+
+
+@pytest.mark.slow
+def test_knnvc_reads_a_transformers_folder_like_our_model_file(small_shards, tmp_path):
+    """Our export of a conv-front-end HuBERT in transformers' HubertModel gives the same
+    conversion as the model file it came from (hidden states agree within 1e-4)."""
+    import torch
+
+    from pretrain.model.checkpoint import save_model
+    from pretrain.model.hubert import HubertPretrain, LabelSpec
+    from tests.model.test_model import model_config
+
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    save_model(tmp_path / "ckpt" / "model.pt", HubertPretrain(model_config("tiny"), [LabelSpec("km", 100, 50)]))
+    assert main(["export", "hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
+    es = load_eval_set(small_shards)
+    records = {}
+    for name, checkpoint in (("ours", tmp_path / "ckpt" / "model.pt"), ("hf", tmp_path / "hf")):
+        assert main(["knnvc", "--checkpoint", str(checkpoint), "--shards", str(small_shards), "--source",
+                     es.speakers[2], "--target", es.speakers[3], "--out", str(tmp_path / name), "--layer", "2",
+                     "max_sources=2", "threads=1"]) == 0
+        records[name] = json.loads((tmp_path / name / "knnvc.json").read_text())
+    assert records["hf"]["what"].startswith("hf hubert") and records["ours"]["what"].startswith("pretrain hubert")
+    for a, b in zip(records["ours"]["utterances"], records["hf"]["utterances"]):
+        assert a["key"] == b["key"] and abs(a["content"] - b["content"]) < 1 and abs(a["smoothness"] - b["smoothness"]) < 1
