@@ -34,6 +34,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from pretrain.cluster.kmeans import faiss_gpus
+from pretrain.probe.abx import unit_rows
+
 PAPER_LAYER = "6"
 """The paper's WavLM layer, ``pretrain knnvc``'s default."""
 HOP = 320
@@ -42,18 +45,8 @@ CENTRE = 200
 
 
 def unit(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
-
-
-def _gpu() -> bool:
-    try:
-        import faiss
-
-        return faiss.get_num_gpus() > 0
-    except (ImportError, AttributeError):
-        return False
+    """Rows scaled to unit length (zero rows stay zero), float32 for FAISS."""
+    return unit_rows(x).astype(np.float32)
 
 
 def knn(query: np.ndarray, reference: np.ndarray, k: int, device: str = "auto") -> np.ndarray:
@@ -64,7 +57,7 @@ def knn(query: np.ndarray, reference: np.ndarray, k: int, device: str = "auto") 
     if len(reference) < k:
         raise ValueError(f"the reference has {len(reference)} frames; k = {k} needs at least as many")
     index = faiss.IndexFlatIP(reference.shape[1])
-    if device == "cuda" or (device == "auto" and _gpu()):
+    if device == "cuda" or (device == "auto" and faiss_gpus() > 0):
         index = faiss.index_cpu_to_all_gpus(index)
     index.add(unit(reference))
     _, idx = index.search(unit(query), k)

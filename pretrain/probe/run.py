@@ -168,13 +168,13 @@ def probe(cfg: ProbeConfig, progress: bool = True, argv: list[str] | None = None
     for p, reason in skipped.items():
         log.warning("probe %s skipped: %s", p, reason)
     run_probes = [p for p in probes if p not in skipped]
-    if "knnvc" in run_probes and not KnnvcProbe(es, offsets_of([u.audio for u in es.utterances]), 1, 640, 1, 0,
-                                                 False).pairs:
+    prober = Prober(cfg, es, run_probes)
+    if prober.knnvc is not None and not prober.knnvc.pairs:
         skipped["knnvc"] = ("no speaker has a probe-test utterance while another has probe-train/dev ones "
                             "(kNN-VC converts the first to the second)")
         log.warning("probe knnvc skipped: %s", skipped["knnvc"])
-        run_probes.remove("knnvc")
-    prober = Prober(cfg, es, run_probes)
+        run_probes.remove("knnvc")  # the prober's own list
+        prober.knnvc = None
 
     waves = [u.audio for u in es.utterances]
     rows: list[Row] = []
@@ -225,7 +225,7 @@ def probe(cfg: ProbeConfig, progress: bool = True, argv: list[str] | None = None
         "settings": {"split_seed": cfg.split_seed, "train_fraction": cfg.train_fraction,
                      "dev_fraction": cfg.dev_fraction, "abx": {**vars(cfg.abx), "items": prober.item_stats},
                      "phone": vars(cfg.phone),
-                     "speaker": vars(cfg.speaker), "pnmi_k": cfg.pnmi_k, "untrained_seed": cfg.untrained_seed,
+                     "speaker": vars(cfg.speaker), "knnvc": vars(cfg.knnvc), "pnmi_k": cfg.pnmi_k, "untrained_seed": cfg.untrained_seed,
                      "threads": threads},
         "rows": results,
         "best": best_layers(results),
