@@ -36,6 +36,16 @@ PROBE_METRICS = {"abx": ("abx_within", "abx_across"), "phone": ("phone_acc", "pe
 """Each probe's metrics, as named in ``probe.json``, the tables and the report."""
 
 
+def check_device(device: str) -> None:
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"must be auto, cpu or cuda, got '{device}'", field="device")
+
+
+def check_window(window: int) -> None:
+    """kNN-VC's overlap-add window: whole hops' worth of Hann, centred on a frame."""
+    if window < 320 or window % 2:
+        raise ConfigError(f"must be even and at least one hop (320 samples), got {window}", field="window")
+
 def parse_list(value: str, allowed: tuple[str, ...], field_name: str) -> list[str]:
     """``"a,b"`` -> ``["a", "b"]``; ``"all"`` -> every allowed name; ``"none"`` or empty -> []."""
     value = value.strip()
@@ -122,12 +132,10 @@ class KnnvcConfig:
     def validate(self) -> None:
         if self.k < 1:
             raise ConfigError(f"must be >= 1, got {self.k}", field="k")
-        if self.window < 320 or self.window % 2:
-            raise ConfigError(f"must be even and at least one hop (320 samples), got {self.window}", field="window")
+        check_window(self.window)
         if self.max_pairs < 1:
             raise ConfigError(f"must be >= 1, got {self.max_pairs}", field="max_pairs")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"must be auto, cpu or cuda, got '{self.device}'", field="device")
+        check_device(self.device)
 
 
 @dataclass
@@ -252,8 +260,7 @@ class ProbeConfig:
             raise ConfigError(f"must be >= 3, got {self.max_utterances}", field="max_utterances")
         if self.pnmi_k < 2:
             raise ConfigError(f"must be >= 2, got {self.pnmi_k}", field="pnmi_k")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"must be auto, cpu or cuda, got '{self.device}'", field="device")
+        check_device(self.device)
         if self.threads < 0:
             raise ConfigError(f"must be >= 0, got {self.threads}", field="threads")
         if "untrained" in parse_list(self.baselines, BASELINES, "baselines") and self.checkpoint is None:
@@ -368,7 +375,5 @@ class KnnvcCommandConfig:
             raise ConfigError(f"source and target are the same speaker '{self.source}'", field="target")
         if self.k < 1 or self.max_sources < 1:
             raise ConfigError("k and max_sources must be >= 1", field="k")
-        if self.window < 320 or self.window % 2:
-            raise ConfigError(f"must be even and at least one hop (320 samples), got {self.window}", field="window")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"must be auto, cpu or cuda, got '{self.device}'", field="device")
+        check_window(self.window)
+        check_device(self.device)
