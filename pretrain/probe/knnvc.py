@@ -277,7 +277,8 @@ def run_knnvc(cfg, progress: bool = True, argv: list[str] | None = None) -> dict
                                 "Transformer layers (layers are 1-based; set layer=...)")
 
         def frames(waves):
-            return states(waves, [layer])[layer]
+            # Minutes of reference speech take a while on a CPU: show it.
+            return states(waves, [layer], progress, f"layer {layer} forward")[layer]
         what = f"{states.describe()}, layer {layer}"
     else:
         frames = mfcc_frames if cfg.features == "mfcc" else logmel_frames
